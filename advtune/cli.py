@@ -1,15 +1,424 @@
-"""Command-line interface (placeholder until the end-to-end CLI lands)."""
+"""The ``advtune`` command line: ``generate``, ``evaluate``, ``list`` and ``bench``.
+
+A thin layer over :mod:`advtune.evaluate`: it parses arguments, resolves the attack
+(presets < flags), loads the model and the data, and prints the summary. Errors a user
+can fix (:class:`advtune.errors.UserError`) become one line ``advtune: error: ...`` on
+stderr and exit code 2; Ctrl-C exits with 130 and says how to resume. See ``docs/cli.md``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 from advtune._version import __version__
+from advtune.errors import UserError
+
+__all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
+
+#: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
+#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all).
+STOP_HOOK_ENV = "ADVTUNE_TEST_STOP_AFTER_BATCHES"
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="advtune", description=__doc__)
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``advtune: error: ...``, exit 2) like UserError."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"advtune: error: {message}\n")
+
+
+# --------------------------------------------------------------------------- value types
+
+
+def _number(text: str) -> float:
+    from advtune.presets import parse_number
+
+    try:
+        return parse_number(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive_int(text: str) -> int:
+    from advtune.presets import parse_int
+
+    try:
+        value = parse_int(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_int(text: str) -> int:
+    from advtune.presets import parse_int
+
+    try:
+        value = parse_int(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _int(text: str) -> int:
+    # Range checks happen later, where the message can name the setting (steps >= 1...).
+    from advtune.presets import parse_int
+
+    try:
+        return parse_int(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _eps_list(text: str) -> list[float]:
+    from advtune.presets import parse_number_list
+
+    try:
+        return parse_number_list(text, what="eps")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    from advtune.presets import parse_value
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key.strip().replace("-", "_"), parse_value(value)
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--model", required=True, help="torchvision model name or pkg.module:factory"
+    )
+    model.add_argument(
+        "--weights",
+        default="DEFAULT",
+        help="DEFAULT, a torchvision weights name, a local checkpoint file, or 'random'",
+    )
+    model.add_argument(
+        "--convbn",
+        default=None,
+        help="ConvBN mode: eval, tune, deploy or frozen (default: advtune.models.DEFAULT_CONVBN)",
+    )
+    attack = p.add_argument_group("attack (flags override --preset)")
+    attack.add_argument("--attack", help="attack name (advtune list attacks)")
+    attack.add_argument("--preset", help="preset name (advtune list presets) or a .toml file")
+    if several_eps:
+        attack.add_argument(
+            "--eps", type=_eps_list, help="budget(s), comma-separated: 1/255,2/255,4/255"
+        )
+    else:
+        attack.add_argument("--eps", type=_eps_list, help="budget, e.g. 4/255 (L∞) or 0.5 (L2)")
+    attack.add_argument("--steps", type=_int, help="iterations")
+    attack.add_argument("--step-size", type=_number, help="step size, e.g. 1/255")
+    attack.add_argument("--norm", choices=("linf", "l2"), help="threat model (pgd)")
+    attack.add_argument(
+        "--targeted", choices=("random", "least-likely"), help="targeted attack and target choice"
+    )
+    attack.add_argument(
+        "-p",
+        "--param",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other attack setting, e.g. -p restarts=2 -p loss=margin",
+    )
+    attack.add_argument(
+        "--seed", type=_nonneg_int, default=0, help="run seed (per-sample seeds derive from it)"
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data", help="image folder or ImageNet val (default: the bundled sample)")
+    data.add_argument("--limit", type=_positive_int, help="use the first N images")
+    data.add_argument("--subset", help="file of relative paths to use, one per line")
+    data.add_argument("--shuffle-seed", type=_int, help="shuffle the order with this seed")
+    data.add_argument("--labels", help="LOC_val_solution.csv or devkit ground truth elsewhere")
+    data.add_argument(
+        "--image-size",
+        type=_positive_int,
+        help="advanced: resize+crop to this side instead of the model's preprocessing",
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--out", help="output folder")
+    run.add_argument("--batch-size", type=_positive_int, default=32)
+    run.add_argument("--workers", type=_nonneg_int, default=2, help="data-loading processes")
+    run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    run.add_argument(
+        "--amp", choices=("bf16", "fp16"), help="mixed precision (autocast; float32 logits)"
+    )
+    run.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    run.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out")
+    run.add_argument("--overwrite", action="store_true", help="replace results in --out")
+    run.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no summary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``advtune`` argument parser."""
+    parser = _Parser(
+        prog="advtune",
+        description="Adversarial examples against frozen ImageNet classifiers.",
+    )
     parser.add_argument("--version", action="version", version=f"advtune {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="attack images and save the adversarial PNGs",
+        description="Attack images; write OUT/adv/*.png, OUT/manifest.csv, OUT/report.json.",
+    )
+    _add_run_arguments(gen, several_eps=False)
+    gen.set_defaults(handler=_generate, default_out="advtune-out")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="measure robust accuracy (several eps give a curve)",
+        description="Attack images and report metrics only (no PNGs); several --eps "
+        "values give a robust-accuracy curve and OUT/robust_accuracy.png.",
+    )
+    _add_run_arguments(ev, several_eps=True)
+    ev.set_defaults(handler=_evaluate, default_out="advtune-eval")
+
+    ls = sub.add_parser("list", help="list models, attacks or presets")
+    ls.add_argument("what", choices=("models", "attacks", "presets"))
+    ls.set_defaults(handler=_list)
+
+    try:
+        from advtune.bench import register_cli
+    except ImportError:
+        pass
+    else:
+        register_cli(sub)
+    return parser
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+def _resolve_device(text: str) -> str:
+    import torch
+
+    text = text.strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {text} asked for, but CUDA is not available "
+                f"(torch {torch.__version__}); use --device cpu"
+            )
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return text
+    raise UserError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+
+
+def _stop_hook() -> Callable[[int], None] | None:
+    value = os.environ.get(STOP_HOOK_ENV)
+    if not value:
+        return None
+    count, _, mode = value.partition(":")
+    try:
+        after = int(count)
+    except ValueError:
+        raise UserError(f"{STOP_HOOK_ENV} must be N or N:kill, got {value!r}") from None
+
+    def hook(batches: int) -> None:
+        if batches >= after:
+            if mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def _run(args: argparse.Namespace, *, command: str) -> int:
+    import torch
+
+    from advtune import evaluate, models
+    from advtune.data import build_dataset
+    from advtune.models import Preprocess, load_model
+    from advtune.presets import resolve_attack
+
+    # Cheap checks first: a typo should not cost a model load.
+    overrides: dict[str, Any] = dict(args.param)
+    for key, value in (("steps", args.steps), ("step_size", args.step_size), ("norm", args.norm)):
+        if value is not None:
+            overrides[key] = value
+    config = resolve_attack(
+        args.attack,
+        preset=args.preset,
+        eps=args.eps,
+        targeted=args.targeted,
+        overrides=overrides,
+        seed=args.seed,
+    )
+    save_images = command == "generate"
+    if save_images and config.eps is not None and len(config.eps) > 1:
+        raise UserError(
+            f"generate takes one eps, got {len(config.eps)}; use 'advtune evaluate' for a curve"
+        )
+    device = _resolve_device(args.device)
+    convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
+    out_dir = Path(args.out or args.default_out)
+    output = evaluate.OutputDir(out_dir)  # fails early if the folder is not writable
+    del output
+    if args.subset is not None and not Path(args.subset).expanduser().is_file():
+        raise UserError(f"subset file {args.subset!r} not found")
+    # List the images (and report data errors) before the slow model load; the transform
+    # is the model's, set once the model is known (decoding is lazy).
+    dataset = build_dataset(
+        args.data,
+        transform=_unset_transform,
+        limit=args.limit,
+        subset=args.subset,
+        shuffle_seed=args.shuffle_seed,
+        labels=args.labels,
+    )
+    model = load_model(
+        args.model, weights=args.weights, convbn=convbn, device=device, progress=not args.quiet
+    )
+    transform = model.preprocess
+    if args.image_size is not None:
+        interpolation = getattr(transform, "interpolation", None)
+        kwargs = {"interpolation": interpolation} if interpolation is not None else {}
+        transform = Preprocess(
+            crop_size=args.image_size, resize_size=round(args.image_size * 256 / 224), **kwargs
+        )
+    dataset.transform = transform
+    weights_used = model.weights
+    if args.amp or args.channels_last or args.compile:
+        from advtune.runtime import prepare
+
+        model = prepare(model, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
+    if len(dataset) == 0:
+        raise UserError(f"no images found in {str(dataset.root)!r}")
+    context = {
+        "model": {"name": args.model, "weights": weights_used, "convbn": convbn},
+        "preprocess": repr(transform),
+        "dtype": str(torch.get_default_dtype()),
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+    }
+    settings = {"device": device, "compile": args.compile}
+    report = evaluate.run(
+        model,
+        dataset,
+        config,
+        out_dir=out_dir,
+        command=command,
+        save_images=save_images,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        device=device,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        context=context,
+        settings=settings,
+        on_batch_done=_stop_hook(),
+    )
+    if not args.quiet:
+        print(evaluate.format_summary(report))
     return 0
+
+
+def _unset_transform(image: Any) -> Any:
+    raise RuntimeError("the dataset transform is set after the model is loaded")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    return _run(args, command="generate")
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    return _run(args, command="evaluate")
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.what == "models":
+        from advtune.models import list_models
+
+        print("\n".join(list_models()))
+    elif args.what == "attacks":
+        from advtune import attacks
+
+        for name in attacks.names():
+            spec = attacks.spec(name)
+            budget = "eps" if spec.uses_eps else "no eps"
+            print(f"{name:<12} {spec.norm:<5} {budget:<7} {spec.summary}")
+    else:
+        from advtune.evaluate import format_eps
+        from advtune.presets import list_presets
+
+        for preset in list_presets():
+            eps = ",".join(format_eps(e) for e in preset.eps) if preset.eps else "-"
+            print(f"{preset.name:<18} {preset.attack:<8} eps={eps:<8} {preset.description}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # Warnings are for the user here: one line, no source location.
+    text = " ".join(str(message).split())
+    print(f"advtune: warning: {text}", file=file if file is not None else sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``advtune`` command line; returns the exit code.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, 2 for a user error (one line on stderr), 130 when interrupted.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 0
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(handler(args) or 0)
+    except UserError as e:
+        message = " ".join(str(e).split())  # always one line
+        print(f"advtune: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print(
+            "advtune: interrupted; finished batches are saved. Run the same command "
+            "with --resume to continue.",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED

@@ -217,7 +217,7 @@ class _TuneConvMixin:
 
     _advtune_kind = "tune-conv"
 
-    def forward(self, input: torch.Tensor, *args: Any) -> torch.Tensor:  # noqa: D401
+    def forward(self, input: torch.Tensor, *args: Any) -> torch.Tensor:
         bn: _BatchNorm = self.__dict__["_advtune_bn"]
         if bn.training:
             # BN normalises with batch statistics: fold is not valid, run conv -> BN.
@@ -336,7 +336,8 @@ def _trace_graphs(
         first_line = (str(exc).strip().splitlines() or [""])[0]
         untraced.append(UntracedModule(prefix, f"{type(exc).__name__}: {first_line}"[:200]))
         for name, child in module.named_children():
-            _trace_graphs(child, _join(prefix, name), out, untraced)
+            if next(child.children(), None) is not None:  # a leaf cannot hold a pair
+                _trace_graphs(child, _join(prefix, name), out, untraced)
         return
     out.append((prefix, module, graph))
 
@@ -489,7 +490,7 @@ def tune(model: nn.Module, mode: Mode = "tune", *, inplace: bool = False) -> nn.
     elif mode in ("deploy", "frozen"):
         _apply_deploy(model, analysis.pairs)
     if mode == "frozen":
-        from advtune.frozen import freeze  # noqa: PLC0415  (frozen builds on this module)
+        from advtune.frozen import freeze  # frozen builds on this module
 
         freeze(model)
     if mode != "eval":  # "eval" leaves the model exactly as it was

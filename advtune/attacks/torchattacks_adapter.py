@@ -1,0 +1,198 @@
+"""Run any `torchattacks <https://github.com/Harry24k/adversarial-attacks-pytorch>`_ attack
+as an advtune attack returning :class:`~advtune.attacks.AttackResult`.
+
+torchattacks is optional (``pip install 'advtune[torchattacks]'``). Its attacks differ
+from advtune's in ways the adapter smooths over:
+
+* They call ``model.eval()`` (and ``model.train()`` afterwards if the model was
+  training): the adapter restores every submodule's flag exactly, like every attack.
+* They draw from the *global* RNGs: the adapter seeds them inside a fork of the torch,
+  NumPy and Python RNG states and restores those states afterwards, so the caller's
+  global RNGs are untouched. Randomness is per batch, not per sample: with ``seeds``
+  the batch seed is a hash of all of them, so a randomized torchattacks attack still
+  depends on batch composition (advtune's own attacks do not).
+* They ``print``: the output goes to the ``advtune.attacks`` logger at debug level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import logging
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from advtune.attacks._random import _splitmix64, resolve_seeds
+from advtune.attacks._result import AttackResult, ModelGuard, check_inputs, finish
+from advtune.errors import UserError, suggest
+
+__all__ = ["MissingDependencyError", "TorchattacksAttack", "torchattacks"]
+
+logger = logging.getLogger("advtune.attacks")
+
+_INSTALL_HINT = "pip install 'advtune[torchattacks]'"
+
+
+class MissingDependencyError(UserError, ImportError):
+    """An optional dependency is not installed (the message says which extra to install)."""
+
+
+def _import_torchattacks() -> Any:
+    try:
+        import torchattacks as ta  # noqa: PLC0415  (optional dependency)
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"torchattacks is not installed; install the extra with: {_INSTALL_HINT}"
+        ) from exc
+    return ta
+
+
+def _attack_classes(ta: Any) -> dict[str, type]:
+    base = ta.attack.Attack
+    return {
+        name: obj
+        for name, obj in vars(ta).items()
+        if isinstance(obj, type) and issubclass(obj, base) and obj is not base
+    }
+
+
+class _Counting(nn.Module):
+    """Wraps the model to count forward passes and check the label range once."""
+
+    def __init__(self, model: nn.Module, guard: ModelGuard) -> None:
+        super().__init__()
+        self.model = model
+        # torchattacks reads model.training to decide whether to call .train() afterwards;
+        # a fresh Module says True, which would put the wrapped model in training mode.
+        self.training = model.training
+        self.__dict__["_guard"] = guard  # plain attribute: not a submodule
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.model(x)
+        if self.calls == 1:
+            self.__dict__["_guard"].check_logits(out, x.shape[0])
+        return out
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int, device: torch.device) -> Iterator[None]:
+    """Seed torch/NumPy/Python global RNGs inside, restore their states on exit."""
+    cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+    py_state = random.getstate()
+    try:
+        import numpy as np  # noqa: PLC0415
+
+        np_state: Any = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy is a dependency
+        np, np_state = None, None
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            torch.manual_seed(seed)
+            random.seed(seed)
+            if np is not None:
+                np.random.seed(seed % 2**32)
+            yield
+        finally:
+            random.setstate(py_state)
+            if np is not None:
+                np.random.set_state(np_state)
+
+
+class TorchattacksAttack:
+    """A torchattacks attack class plus its keyword arguments, callable like any attack.
+
+    Call as ``attack(model, x, y, *, target=None, generator=None, seeds=None)``; returns
+    an :class:`AttackResult`. ``model_calls`` counts torchattacks' forward passes plus
+    the final evaluation.
+
+    Attributes:
+        name: The torchattacks class name (``"PGD"``, ``"CW"``, ...).
+        kwargs: Keyword arguments for the class (besides the model).
+    """
+
+    def __init__(self, cls: type, kwargs: dict[str, Any]) -> None:
+        self.cls = cls
+        self.name = cls.__name__
+        self.kwargs = dict(kwargs)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"advtune.attacks.torchattacks({self.name!r}{', ' if args else ''}{args})"
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+    ) -> AttackResult:
+        """Run the attack on ``(N, C, H, W)`` images ``x`` in [0, 1] with labels ``y``."""
+        y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
+        seed = 0
+        for s in resolve_seeds(x.shape[0], generator=generator, seeds=seeds).tolist():
+            seed = _splitmix64(seed ^ (s & (2**64 - 1)))
+        with ModelGuard(model, y=y, target=target) as guard:
+            counting = _Counting(model, guard)
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                attack = self.cls(counting, **self.kwargs)
+                attack.set_device(x.device)
+                labels = y
+                if target is not None:
+                    if "targeted" not in getattr(attack, "supported_mode", ()):
+                        raise ValueError(f"torchattacks {self.name} has no targeted mode")
+                    attack.set_mode_targeted_by_label(quiet=True)
+                    labels = target
+                try:
+                    with _seeded_global_rngs(seed, x.device), torch.enable_grad():
+                        x_adv = attack(x.detach().clone(), labels)
+                finally:
+                    # Before the final evaluation: torchattacks may leave modes changed.
+                    guard.restore_modes()
+            if out.getvalue().strip():
+                logger.debug("torchattacks %s: %s", self.name, out.getvalue().strip())
+            guard.calls = counting.calls
+            with torch.no_grad():
+                return finish(guard, x, x_adv.detach(), y, target)
+
+
+def torchattacks(name: str, **kwargs: Any) -> TorchattacksAttack:
+    """Wrap the torchattacks attack class ``name`` as an advtune attack.
+
+    Args:
+        name: A torchattacks class name, e.g. ``"PGD"``, ``"PGDL2"``, ``"CW"``,
+            ``"AutoAttack"`` (case-insensitive).
+        **kwargs: Arguments of that class besides the model (``eps=8/255``, ...).
+
+    Returns:
+        A callable ``fn(model, x, y, *, target=None, generator=None, seeds=None)``
+        returning an :class:`AttackResult`, usable on Eval-, Tune- or Deploy-mode models.
+
+    Raises:
+        MissingDependencyError: torchattacks is not installed (an ``ImportError`` and a
+            ``UserError``; the message names the extra to install).
+        UserError: Unknown attack name, or keyword arguments the class does not take.
+    """
+    ta = _import_torchattacks()
+    classes = _attack_classes(ta)
+    cls = classes.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str):
+        folded = {k.lower(): v for k, v in classes.items()}
+        cls = folded.get(name.lower())
+    if cls is None:
+        raise UserError(suggest(str(name), classes, what="torchattacks attack"))
+    try:
+        inspect.signature(cls.__init__).bind(None, None, **kwargs)
+    except TypeError as exc:
+        raise UserError(f"bad arguments for torchattacks {cls.__name__}: {exc}") from None
+    return TorchattacksAttack(cls, kwargs)

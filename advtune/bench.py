@@ -1,0 +1,532 @@
+"""``advtune bench``: what each ConvBN mode costs an attack, measured.
+
+Per mode (``eval``, ``tune``, ``deploy``, ``frozen``) and configuration (AMP,
+channels_last, compile):
+
+``saved MiB/img``
+    Bytes autograd saves for backward per image, counted with
+    ``torch.autograd.graph.saved_tensors_hooks`` during the forward of the attack's loss.
+    Tensors sharing a storage are counted once (by storage). Marginal per image: the
+    difference between two batch sizes divided by the difference of the sizes, so the
+    weights (saved by every layer, batch-independent) cancel. Deterministic on CPU;
+    measured eagerly (without ``torch.compile``).
+``peak MiB/img`` (CUDA only)
+    ``torch.cuda.max_memory_allocated`` during a PGD loop, minus the memory allocated
+    before it (model, images, labels), divided by the batch size.
+``img·steps/s``
+    Images × gradient steps per second of a PGD-style loop (L∞, random start), after one
+    warm-up step (which also compiles when ``--compile`` is on).
+``max batch`` (CUDA only)
+    The largest batch whose PGD step fits in GPU memory (:func:`advtune.runtime.find_max_batch`).
+
+Models are torchvision architectures with random weights (``weights=None``) and BN
+statistics calibrated by a few train-mode forwards on random images: a benchmark measures
+cost, not accuracy, and must not need downloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from advtune.convbn import MODES, tune
+from advtune.errors import UserError, suggest
+from advtune.runtime import amp_dtype, find_max_batch, is_oom_error, prepare
+
+__all__ = [
+    "ATTACKS",
+    "BenchResult",
+    "ModeResult",
+    "build_model",
+    "count_saved_bytes",
+    "pgd_throughput",
+    "register_cli",
+    "run_bench",
+    "saved_bytes_per_image",
+]
+
+log = logging.getLogger(__name__)
+
+MIB = 2**20
+#: Attacks the benchmark loop knows: name -> number of gradient steps (None: ``--steps``).
+ATTACKS: dict[str, int | None] = {"pgd": None, "fgsm": 1}
+# torchvision builders that need arguments to build with random weights at any size.
+_BUILD_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": True},
+    "inception_v3": {"aux_logits": False, "init_weights": True},
+}
+_MIN_SIZE = {"inception_v3": 75}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def build_model(name: str, *, size: int = 224, seed: int = 0, calib_batch: int = 4) -> nn.Module:
+    """A torchvision classifier with random weights and calibrated BN statistics (eval mode).
+
+    The global RNG is restored afterwards (torchvision's initialisers draw from it).
+
+    Args:
+        name: A torchvision classification model name (``resnet50``...).
+        size: Side of the random calibration images.
+        seed: Seed for the weights and calibration images.
+        calib_batch: Images per calibration forward.
+
+    Raises:
+        UserError: Unknown model name.
+    """
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise UserError(suggest(name, names, what="model"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.get_model(name, weights=None, **_BUILD_KWARGS.get(name, {}))
+        bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+        for bn in bns:
+            bn.momentum = None  # cumulative average over the calibration passes
+        model.train()
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.rand(calib_batch, 3, size, size))
+        for bn in bns:
+            bn.momentum = 0.1
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def count_saved_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes of the distinct storages autograd saves while ``fn()`` builds its graph.
+
+    ``fn``'s result is kept alive until the count is done, so no saved storage is freed
+    and reused in between (which would merge two storages into one address).
+    """
+    sizes: dict[tuple[str, int], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        try:
+            storage = t.untyped_storage()
+            key = (str(t.device), storage.data_ptr())
+            sizes[key] = max(sizes.get(key, 0), storage.nbytes())
+        except (RuntimeError, NotImplementedError):  # tensors without a plain storage
+            sizes[("id", id(t))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    total = sum(sizes.values())
+    del result
+    return total
+
+
+def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).float(), y)
+
+
+def saved_bytes_per_image(
+    model: nn.Module,
+    *,
+    size: int,
+    batches: tuple[int, int] = (2, 4),
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> float:
+    """Marginal bytes saved for backward per image by ``CE(model(x), y)`` w.r.t. ``x``.
+
+    Args:
+        model: The (prepared) classifier.
+        size: Image side in pixels.
+        batches: Two batch sizes; the result is ``(saved(b2) - saved(b1)) / (b2 - b1)``.
+        device: Where to run.
+        seed: Seed of the random images.
+    """
+    b1, b2 = batches
+    if not 0 < b1 < b2:
+        raise ValueError(f"batches must be two increasing sizes, got {batches}")
+    gen = torch.Generator().manual_seed(seed)
+    counts = []
+    for b in (b1, b2):
+        x = torch.rand(b, 3, size, size, generator=gen).to(device).requires_grad_(True)
+        y = torch.zeros(b, dtype=torch.long, device=device)
+        counts.append(count_saved_bytes(lambda x=x, y=y: _loss(model, x, y)))
+    return (counts[1] - counts[0]) / (b2 - b1)
+
+
+def _pgd_steps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, delta: torch.Tensor
+) -> torch.Tensor:
+    eps, alpha = 4 / 255, 1 / 255
+    for _ in range(steps):
+        xa = (x + delta).clamp(0, 1).requires_grad_(True)
+        (grad,) = torch.autograd.grad(_loss(model, xa, y), xa)
+        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+    return delta
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def pgd_throughput(
+    model: nn.Module,
+    *,
+    batch: int,
+    size: int,
+    steps: int,
+    device: torch.device,
+    seed: int = 0,
+    measure_peak: bool = False,
+) -> tuple[float, float | None]:
+    """Images·steps per second of a PGD loop (and CUDA peak MiB per image if asked).
+
+    One warm-up step runs first (it compiles a ``torch.compile`` model).
+
+    Returns:
+        ``(images_steps_per_s, peak_mib_per_image or None)``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    with torch.no_grad():  # attack the model's own predictions (works for any class count)
+        y = model(x).argmax(1)
+    delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * (4 / 255)).to(device)
+    _pgd_steps(model, x, y, 1, delta)  # warm-up / compile
+    _sync(device)
+    peak = None
+    if measure_peak and device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    _pgd_steps(model, x, y, steps, delta)
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if measure_peak and device.type == "cuda":
+        peak = (torch.cuda.max_memory_allocated(device) - base) / batch / MIB
+    return batch * steps / elapsed, peak
+
+
+def _largest_batch(model: nn.Module, *, size: int, device: torch.device, limit: int) -> int:
+    def probe(batch: int) -> None:
+        x = torch.rand(batch, 3, size, size, device=device)
+        y = torch.zeros(batch, dtype=torch.long, device=device)
+        _pgd_steps(model, x, y, 1, torch.zeros_like(x))
+        _sync(device)
+
+    return find_max_batch(probe, start=64, limit=limit)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclasses.dataclass
+class ModeResult:
+    """One row of the benchmark: a ConvBN mode under the run's options."""
+
+    mode: str
+    saved_mib_per_image: float | None = None
+    peak_mib_per_image: float | None = None
+    images_steps_per_s: float | None = None
+    max_batch: int | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class BenchResult:
+    """All rows plus the configuration they were measured under."""
+
+    model: str
+    attack: str
+    size: int
+    device: str
+    device_name: str
+    batch_size: int
+    steps: int
+    saved_batches: tuple[int, int]
+    amp: str | None
+    channels_last: bool
+    compile: bool
+    torch_version: str
+    date: str
+    note: str
+    rows: list[ModeResult]
+
+    def ratios(self) -> dict[str, dict[str, float | None]]:
+        """Per mode, each figure divided by Eval mode's (``None`` where unavailable)."""
+        ref = next((r for r in self.rows if r.mode == "eval"), None)
+        out: dict[str, dict[str, float | None]] = {}
+        for r in self.rows:
+            out[r.mode] = {}
+            for f in ("saved_mib_per_image", "peak_mib_per_image", "images_steps_per_s"):
+                a, b = getattr(r, f), getattr(ref, f) if ref else None
+                out[r.mode][f] = a / b if a is not None and b else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ratios_vs_eval"] = self.ratios()
+        return d
+
+    def table(self) -> str:
+        """A readable table (what ``advtune bench`` prints)."""
+        ratios = self.ratios()
+
+        def fmt(v: float | None, spec: str) -> str:
+            width = int(spec.split(".")[0].rstrip("df"))
+            return f"{'n/a':>{width}s}" if v is None else format(v, spec)
+
+        head = (
+            f"{'mode':8s} {'saved MiB/img':>14s} {'x eval':>7s} {'peak MiB/img':>13s} "
+            f"{'x eval':>7s} {'img*steps/s':>12s} {'x eval':>7s} {'max batch':>10s}"
+        )
+        lines = [
+            f"advtune bench: {self.model}, {self.attack}, {self.size}px, device {self.device} "
+            f"({self.device_name}), batch {self.batch_size}, {self.steps} steps, "
+            f"amp={self.amp}, channels_last={self.channels_last}, compile={self.compile}",
+            f"saved bytes: marginal over batches {self.saved_batches[0]} -> "
+            f"{self.saved_batches[1]}; {self.note}",
+            head,
+        ]
+        for r in self.rows:
+            rr = ratios[r.mode]
+            if r.error:
+                lines.append(f"{r.mode:8s} failed: {r.error}")
+                continue
+            lines.append(
+                f"{r.mode:8s} {fmt(r.saved_mib_per_image, '14.2f')} "
+                f"{fmt(rr['saved_mib_per_image'], '7.3f')} "
+                f"{fmt(r.peak_mib_per_image, '13.2f')} {fmt(rr['peak_mib_per_image'], '7.3f')} "
+                f"{fmt(r.images_steps_per_s, '12.1f')} {fmt(rr['images_steps_per_s'], '7.2f')} "
+                f"{fmt(r.max_batch, '10d')}"
+            )
+        if self.device == "cpu":
+            lines.append("peak memory and max batch: CUDA only (not measured on CPU)")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def run_bench(
+    model_name: str = "resnet50",
+    *,
+    attack: str = "pgd",
+    modes: Sequence[str] = ("eval", "tune", "deploy", "frozen"),
+    batch_size: int | None = None,
+    size: int = 224,
+    steps: int = 10,
+    device: str = "auto",
+    amp: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+    saved_batches: tuple[int, int] = (2, 4),
+    max_batch_limit: int = 16384,
+    seed: int = 0,
+    model_factory: Callable[[], nn.Module] | None = None,
+) -> BenchResult:
+    """Measure every mode of ``modes`` (see the module docs for the figures).
+
+    Args:
+        model_name: torchvision model name (used for building unless ``model_factory``).
+        attack: ``"pgd"`` (``steps`` steps) or ``"fgsm"`` (1 step).
+        modes: ConvBN modes to compare.
+        batch_size: Batch of the throughput loop (default: 128 on CUDA, 4 on CPU).
+        size: Image side in pixels.
+        steps: PGD steps timed (0: skip the throughput loop).
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        amp, channels_last, compile: Run-time options (:func:`advtune.runtime.prepare`).
+        saved_batches: The two batch sizes of the saved-bytes measurement.
+        max_batch_limit: Largest batch probed for "max batch" (CUDA only).
+        seed: Seed for weights and images.
+        model_factory: Builds the eval-mode model instead of :func:`build_model`.
+
+    Raises:
+        UserError: Unknown model, mode, attack or device; bad sizes.
+    """
+    if attack not in ATTACKS:
+        raise UserError(suggest(attack, ATTACKS, what="bench attack"))
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UserError(f"--modes must be a comma list of {', '.join(MODES)}; got {modes!r}")
+    try:
+        amp_dtype(amp)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    dev = _resolve_device(device)
+    if size < _MIN_SIZE.get(model_name, 1):
+        raise UserError(f"--size {size} is too small for {model_name}")
+    if steps < 0:
+        raise UserError(f"--steps must be >= 0, got {steps}")
+    if ATTACKS[attack] is not None:
+        steps = min(steps, ATTACKS[attack]) if steps else 0
+    batch = batch_size or (128 if dev.type == "cuda" else 4)
+    if batch < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch}")
+
+    base = model_factory() if model_factory else build_model(model_name, size=size, seed=seed)
+    base = base.eval()
+    rows = []
+    for mode in modes:
+        row = ModeResult(mode)
+        try:
+            converted = tune(base, mode).to(dev)
+            eager = prepare(converted, channels_last=channels_last, amp=amp)
+            row.saved_mib_per_image = (
+                saved_bytes_per_image(eager, size=size, batches=saved_batches, device=dev) / MIB
+            )
+            run_model = prepare(converted, channels_last=channels_last, amp=amp, compile=compile)
+            if steps:
+                row.images_steps_per_s, row.peak_mib_per_image = pgd_throughput(
+                    run_model,
+                    batch=batch,
+                    size=size,
+                    steps=steps,
+                    device=dev,
+                    seed=seed,
+                    measure_peak=True,
+                )
+            if dev.type == "cuda":
+                row.max_batch = _largest_batch(
+                    run_model, size=size, device=dev, limit=max_batch_limit
+                )
+        except Exception as exc:
+            if not is_oom_error(exc):
+                raise
+            row.error = f"out of memory ({type(exc).__name__})"
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+
+    device_name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    return BenchResult(
+        model=model_name,
+        attack=attack,
+        size=size,
+        device=dev.type,
+        device_name=device_name,
+        batch_size=batch,
+        steps=steps,
+        saved_batches=tuple(saved_batches),
+        amp=amp,
+        channels_last=channels_last,
+        compile=compile,
+        torch_version=torch.__version__,
+        date=_dt.date.today().isoformat(),
+        note="random weights (weights=None), BN statistics calibrated on random images: "
+        "cost, not accuracy",
+        rows=rows,
+    )
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _parse_pair(text: str) -> tuple[int, int]:
+    try:
+        a, b = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two sizes like 2,4, got {text!r}") from None
+    return a, b
+
+
+def register_cli(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` sub-command to an ``argparse`` subparsers object.
+
+    The parser gets ``set_defaults(handler=fn)`` with ``fn(args) -> int``.
+    """
+    p = subparsers.add_parser(
+        "bench",
+        help="measure memory and speed of each ConvBN mode",
+        description="Per ConvBN mode: bytes saved for backward per image, peak GPU MiB "
+        "per image, images*steps/s of a PGD loop, the largest batch that fits, and "
+        "ratios against Eval mode. Models have random weights with calibrated BN "
+        "statistics: this measures cost, not accuracy. On CPU it reports saved bytes "
+        "and throughput.",
+    )
+    p.add_argument("--model", default="resnet50", help="torchvision model (default resnet50)")
+    p.add_argument("--attack", default="pgd", choices=sorted(ATTACKS))
+    p.add_argument("--batch-size", type=int, default=None, help="throughput batch size")
+    p.add_argument("--size", type=int, default=224, help="image side in pixels (224)")
+    p.add_argument("--modes", default=",".join(MODES), help="comma list (all modes)")
+    p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--steps", type=int, default=10, help="timed PGD steps (0: skip)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument(
+        "--saved-batches",
+        type=_parse_pair,
+        default=(2, 4),
+        metavar="B1,B2",
+        help="batch sizes of the marginal saved-bytes measurement (2,4)",
+    )
+    p.add_argument("--max-batch-limit", type=int, default=16384, metavar="N")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write results")
+    p.set_defaults(handler=_cli_main)
+    return p
+
+
+def _cli_main(args: argparse.Namespace) -> int:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    result = run_bench(
+        args.model,
+        attack=args.attack,
+        modes=modes,
+        batch_size=args.batch_size,
+        size=args.size,
+        steps=args.steps,
+        device=args.device,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+        saved_batches=args.saved_batches,
+        max_batch_limit=args.max_batch_limit,
+    )
+    sys.stdout.write(result.table() + "\n")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``advtune bench`` on its own (``scripts/bench_convbn.py`` calls this)."""
+    parser = argparse.ArgumentParser(prog="advtune bench")
+    sub = parser.add_subparsers()
+    register_cli(sub)
+    args = parser.parse_args(["bench", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        sys.stderr.write(f"advtune bench: error: {exc}\n")
+        return 2

@@ -1,0 +1,818 @@
+"""Lean layers: autograd Functions that save only what the *input* gradient needs.
+
+An attack differentiates the loss with respect to the image, never the weights. Eager
+PyTorch still saves, for every layer, what a weight gradient would need:
+
+* a conv or linear layer saves its input (pytorch/pytorch#133566);
+* ReLU saves its whole output, MaxPool2d its input and int64 indices, an eval-mode
+  BatchNorm its input, average pools their input (only its shape is used).
+
+The layers here keep exactly what the input gradient needs:
+
+=============================  ============================================================
+layer                          saved for backward
+=============================  ============================================================
+Conv1d/2d/3d, ConvTranspose*    the weight (backward is the transposed op)
+Linear                          the weight
+ReLU, ReLU6, LeakyReLU,         the derivative mask, bit-packed: 1 bit per element
+Hardtanh, Hardsigmoid
+MaxPool2d                       the argmax as a uint8 offset inside its window
+AvgPool2d, AdaptiveAvgPool2d    nothing (the op is linear; only shapes are kept)
+BatchNorm (eval, not folded)    the per-channel scale
+=============================  ============================================================
+
+Smooth activations (SiLU, GELU, Hardswish, Sigmoid, ...) already save exactly one tensor
+their exact derivative needs, so :func:`advtune.frozen.freeze` leaves them alone.
+
+Each lean module is a subclass of the ``torch.nn`` class it replaces, so parameters,
+buffers, ``state_dict`` keys and ``repr`` stay the same; :func:`advtune.frozen.freeze`
+swaps the class of existing modules. Their parameters must not require gradients: a
+frozen layer computes no weight gradient, and says so with :class:`FrozenParameterError`
+instead of silently returning ``None``.
+
+Every tensor a Function keeps is stored with ``ctx.save_for_backward`` (never as a
+``ctx`` attribute), so ``torch.autograd.graph.saved_tensors_hooks`` — and therefore
+``advtune bench`` — sees all of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "LEAN_TYPES",
+    "FrozenParameterError",
+    "LeanAdaptiveAvgPool2d",
+    "LeanAvgPool2d",
+    "LeanBatchNorm1d",
+    "LeanBatchNorm2d",
+    "LeanBatchNorm3d",
+    "LeanConv1d",
+    "LeanConv2d",
+    "LeanConv3d",
+    "LeanConvTranspose1d",
+    "LeanConvTranspose2d",
+    "LeanConvTranspose3d",
+    "LeanHardsigmoid",
+    "LeanHardtanh",
+    "LeanLeakyReLU",
+    "LeanLinear",
+    "LeanMaxPool2d",
+    "LeanReLU",
+    "LeanReLU6",
+    "pack_bits",
+    "unpack_bits",
+]
+
+
+class FrozenParameterError(RuntimeError):
+    """A weight gradient was asked of a frozen layer (they give input gradients only)."""
+
+
+# --------------------------------------------------------------------------- bit packing
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+        _BIT_WEIGHTS[device] = w
+    return w
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a boolean tensor into bytes, 8 elements per byte (little-endian bit order).
+
+    Args:
+        mask: Boolean tensor of any shape; flattened in row-major (``reshape(-1)``) order.
+
+    Returns:
+        ``uint8`` tensor of shape ``(ceil(mask.numel() / 8),)``. Element ``i`` of the
+        flattened mask is bit ``i % 8`` of byte ``i // 8``; padding bits are 0.
+    """
+    if mask.dtype != torch.bool:
+        raise ValueError(f"pack_bits expects a bool tensor, got {mask.dtype}")
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    # bool -> uint8 times 2**bit, summed over each group of 8: no carries, fits in a byte.
+    return (flat.view(-1, 8).to(torch.uint8) * _bit_weights(flat.device)).sum(
+        dim=1, dtype=torch.uint8
+    )
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`.
+
+    Args:
+        packed: ``uint8`` tensor of shape ``(ceil(numel / 8),)``.
+        numel: Number of elements to recover.
+
+    Returns:
+        Boolean tensor of shape ``(numel,)``.
+    """
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"unpack_bits expects a uint8 tensor, got {packed.dtype}")
+    if numel < 0 or packed.numel() * 8 < numel or packed.numel() != (numel + 7) // 8:
+        raise ValueError(f"numel={numel} does not match {packed.numel()} packed bytes")
+    bits = torch.bitwise_and(packed.unsqueeze(1), _bit_weights(packed.device)) != 0
+    return bits.reshape(-1)[:numel]
+
+
+def _dense_order(t: torch.Tensor) -> tuple[int, ...] | None:
+    """A dim permutation under which ``t`` is contiguous (``None``: already contiguous).
+
+    Masks are packed in memory order, so channels_last activations pack without a copy.
+    """
+    if t.is_contiguous():
+        return None
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return (0, 2, 3, 1)
+    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
+        return (0, 2, 3, 4, 1)
+    return None  # anything else packs in row-major order (reshape copies)
+
+
+def _pack_mask(mask: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    order = _dense_order(mask)
+    return pack_bits(mask if order is None else mask.permute(order)), order
+
+
+def _unpack_mask(
+    packed: torch.Tensor, shape: torch.Size, order: tuple[int, ...] | None
+) -> torch.Tensor:
+    numel = 1
+    for s in shape:
+        numel *= s
+    if order is None:
+        return unpack_bits(packed, numel).view(shape)
+    permuted = [shape[i] for i in order]
+    inverse = [order.index(i) for i in range(len(order))]
+    return unpack_bits(packed, numel).view(permuted).permute(inverse)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _wants_graph(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _check_frozen(module: nn.Module, *names: str) -> None:
+    """Raise if a parameter of ``module`` requires grad while autograd records."""
+    if not torch.is_grad_enabled():
+        return
+    for name in names:
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and p.requires_grad:
+            where = module.__dict__.get("_advtune_name") or type(module).__name__
+            raise FrozenParameterError(
+                f"parameter {where}.{name} requires grad, but frozen layers compute input "
+                "gradients only; call model.requires_grad_(False), or convert with "
+                "advtune.tune(model, 'tune') to get weight gradients"
+            )
+
+
+def _weight_grad_error(ctx: Any) -> FrozenParameterError:
+    return FrozenParameterError(
+        f"{getattr(ctx, 'where', 'a frozen layer')}: a weight gradient was requested, but "
+        "frozen layers compute input gradients only"
+    )
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast compute dtype for ``x``'s device, or ``None`` if autocast is off."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = (
+            torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        )
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return (
+        torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    )
+
+
+def _amp_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """Cast like autocast would for conv/linear; the cast of ``x`` stays in the graph.
+
+    Returns ``(x, weight, bias, autocast_was_on)``. The Function then runs with
+    autocast off, so its backward sees the same dtypes as its forward, and the
+    differentiable ``x.to(dtype)`` casts the input gradient back to ``x``'s dtype.
+    """
+    dtype = _autocast_dtype(x)
+    if dtype is None or x.dtype == torch.float64 or not x.is_floating_point():
+        return x, weight, bias, dtype is not None
+    x = x.to(dtype)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return x, weight, bias, True
+
+
+class _AutocastOff:
+    """``torch.autocast(device, enabled=False)`` only when autocast is on (cheap otherwise)."""
+
+    def __init__(self, device_type: str, active: bool) -> None:
+        self._ctx = torch.autocast(device_type=device_type, enabled=False) if active else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- conv / linear
+
+
+class _ConvFn(torch.autograd.Function):
+    """Convolution (plain or transposed) that saves only its weight.
+
+    ``spec`` = (stride, padding, dilation, transposed, output_padding, groups, where).
+    ``padding`` is numeric; ``pre_pad`` = ``(F.pad amounts, mode)`` or ``None`` covers
+    non-zero padding modes and asymmetric ``"same"`` padding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec, pre_pad):  # type: ignore[override]
+        stride, padding, dilation, transposed, output_padding, groups, where = spec
+        ctx.input_shape = x.shape
+        if pre_pad is not None:
+            # Inside the Function: a reflect/replicate F.pad would save its input.
+            x = F.pad(x, pre_pad[0], mode=pre_pad[1])
+        out = torch.ops.aten.convolution(
+            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+        )
+        ctx.save_for_backward(weight)
+        ctx.spec = spec
+        ctx.where = where
+        ctx.pre_pad = pre_pad
+        ctx.padded_shape = x.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise _weight_grad_error(ctx)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        (weight,) = ctx.saved_tensors
+        stride, padding, dilation, transposed, output_padding, groups, _ = ctx.spec
+        # The input is only needed for its shape when no weight gradient is asked
+        # (torch.nn.grad.conv2d_input does the same); an expanded scalar costs nothing.
+        shape_only = grad.new_empty(1).expand(ctx.padded_shape)
+        grad_input = torch.ops.aten.convolution_backward(
+            grad,
+            shape_only,
+            weight,
+            None,
+            stride,
+            padding,
+            dilation,
+            transposed,
+            output_padding,
+            groups,
+            (True, False, False),
+        )[0]
+        if ctx.pre_pad is not None:
+            # Padding is linear: its vector-Jacobian product at any point (zeros) is exact.
+            with torch.enable_grad():
+                z = grad_input.new_zeros(ctx.input_shape, requires_grad=True)
+                padded = F.pad(z, ctx.pre_pad[0], mode=ctx.pre_pad[1])
+                (grad_input,) = torch.autograd.grad(padded, z, grad_input)
+        return grad_input, None, None, None, None
+
+
+class _LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, where):  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        ctx.where = where
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise _weight_grad_error(ctx)
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        (weight,) = ctx.saved_tensors
+        return grad.matmul(weight), None, None, None
+
+
+def _where(module: nn.Module) -> str:
+    return module.__dict__.get("_advtune_name") or type(module).__name__
+
+
+class _LeanConvMixin:
+    """Conv subclass mix-in: autograd keeps the weight, not the input."""
+
+    _advtune_kind = "lean-conv"
+
+    def _pre_pad(self) -> tuple[tuple[int, ...] | None, str, list[int]]:
+        """Explicit padding done before the conv (``None``: the conv pads with zeros)."""
+        padding = self.padding  # type: ignore[attr-defined]
+        nd = len(self.kernel_size)  # type: ignore[attr-defined]
+        mode = self.padding_mode  # type: ignore[attr-defined]
+        if isinstance(padding, str):
+            # "valid" / "same": torch stores the exact F.pad amounts (left, right per dim,
+            # last dim first); "same" can be asymmetric for even kernels.
+            pads = list(self._reversed_padding_repeated_twice)  # type: ignore[attr-defined]
+            symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
+            if mode == "zeros" and symmetric:
+                result = (None, mode, [pads[2 * (nd - 1 - i)] for i in range(nd)])
+            else:
+                result = (tuple(pads), mode, [0] * nd)
+        elif mode != "zeros":
+            result = (tuple(self._reversed_padding_repeated_twice), mode, [0] * nd)  # type: ignore[attr-defined]
+        else:
+            result = (None, mode, list(padding))
+        return result
+
+    def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
+        if not torch.is_grad_enabled():  # inference: the native layer is the same op
+            if output_size is None:
+                return super().forward(input)  # type: ignore[misc]
+            return super().forward(input, output_size)  # type: ignore[misc]
+        _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
+        x, weight, bias, amp = _amp_operands(input, self.weight, self.bias)  # type: ignore[attr-defined]
+        nd = weight.dim() - 2
+        unbatched = x.dim() == nd + 1
+        if unbatched:
+            x = x.unsqueeze(0)
+        pre_pad = None
+        if transposed:
+            if self.padding_mode != "zeros":  # type: ignore[attr-defined]
+                raise ValueError(
+                    f"only 'zeros' padding_mode is supported for ConvTranspose, got "
+                    f"{self.padding_mode!r}"  # type: ignore[attr-defined]
+                )
+            output_padding = self._output_padding(  # type: ignore[attr-defined]
+                x,
+                output_size,
+                list(self.stride),  # type: ignore[attr-defined]
+                list(self.padding),  # type: ignore[attr-defined]
+                list(self.kernel_size),  # type: ignore[attr-defined]
+                nd,
+                list(self.dilation),  # type: ignore[attr-defined]
+            )
+            padding = list(self.padding)  # type: ignore[attr-defined]
+        else:
+            pads, mode, padding = self._pre_pad()
+            if pads is not None:
+                pre_pad = (list(pads), "constant" if mode == "zeros" else mode)
+            output_padding = [0] * nd
+        spec = (
+            list(self.stride),  # type: ignore[attr-defined]
+            padding,
+            list(self.dilation),  # type: ignore[attr-defined]
+            transposed,
+            list(output_padding),
+            self.groups,  # type: ignore[attr-defined]
+            _where(self),  # type: ignore[arg-type]
+        )
+        with _AutocastOff(x.device.type, amp):
+            out = _ConvFn.apply(x, weight, bias, spec, pre_pad)
+        return out.squeeze(0) if unbatched else out
+
+
+class LeanConv1d(_LeanConvMixin, nn.Conv1d):
+    """``nn.Conv1d`` whose autograd saves only the weight."""
+
+
+class LeanConv2d(_LeanConvMixin, nn.Conv2d):
+    """``nn.Conv2d`` whose autograd saves only the weight."""
+
+
+class LeanConv3d(_LeanConvMixin, nn.Conv3d):
+    """``nn.Conv3d`` whose autograd saves only the weight."""
+
+
+class LeanConvTranspose1d(_LeanConvMixin, nn.ConvTranspose1d):
+    """``nn.ConvTranspose1d`` whose autograd saves only the weight."""
+
+
+class LeanConvTranspose2d(_LeanConvMixin, nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` whose autograd saves only the weight."""
+
+
+class LeanConvTranspose3d(_LeanConvMixin, nn.ConvTranspose3d):
+    """``nn.ConvTranspose3d`` whose autograd saves only the weight."""
+
+
+class LeanLinear(nn.Linear):
+    """``nn.Linear`` whose autograd saves only the weight."""
+
+    _advtune_kind = "lean-linear"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return super().forward(input)
+        _check_frozen(self, "weight", "bias")
+        x, weight, bias, amp = _amp_operands(input, self.weight, self.bias)
+        with _AutocastOff(x.device.type, amp):
+            return _LinearFn.apply(x, weight, bias, _where(self))
+
+
+# --------------------------------------------------------------------------- activations
+
+
+# The native hardsigmoid backward multiplies by 1/6 rounded to float32 (``1.0f / 6.0f``),
+# even for float64; using the same constant keeps frozen gradients equal to Eval mode's.
+_ONE_SIXTH = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+
+class _MaskedFn(torch.autograd.Function):
+    """Piecewise-linear activation whose derivative is a mask (saved as 1 bit/element).
+
+    ``spec`` = (kind, a, b, inplace):
+
+    * ``"relu"``: ``max(x, 0)``; derivative ``x > 0`` (threshold_backward).
+    * ``"leaky"``: slope ``a`` below 0; derivative 1 where ``x > 0`` else ``a``.
+    * ``"hardtanh"``: clamp to ``[a, b]``; derivative ``a < x < b`` (hardtanh_backward).
+    * ``"hardsigmoid"``: derivative ``1/6`` where ``-3 < x < 3`` (hardsigmoid_backward).
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec):  # type: ignore[override]
+        kind, a, b, inplace = spec
+        if kind in ("relu", "leaky"):
+            mask = x > 0
+        elif kind == "hardtanh":
+            mask = (x > a) & (x < b)
+        else:
+            mask = (x > -3.0) & (x < 3.0)
+        packed, order = _pack_mask(mask)
+        del mask
+        if kind == "relu":
+            out = torch.relu_(x) if inplace else torch.relu(x)
+        elif kind == "leaky":
+            out = F.leaky_relu(x, a, inplace=inplace)
+        elif kind == "hardtanh":
+            out = F.hardtanh(x, a, b, inplace=inplace)
+        else:
+            out = F.hardsigmoid(x, inplace=inplace)
+        if inplace:
+            # Return ``x`` itself: dynamo requires each dirty input to be returned as is.
+            ctx.mark_dirty(x)
+            out = x
+        ctx.save_for_backward(packed)
+        ctx.spec = spec
+        ctx.shape = x.shape
+        ctx.order = order
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        (packed,) = ctx.saved_tensors
+        mask = _unpack_mask(packed, ctx.shape, ctx.order)
+        kind, a, _, _ = ctx.spec
+        # torch.where, not grad * mask: identical to the native kernels, inf/nan included.
+        if kind == "leaky":
+            return torch.where(mask, grad, grad * a), None
+        if kind == "hardsigmoid":
+            return torch.where(mask, grad * _ONE_SIXTH, 0.0), None
+        return torch.where(mask, grad, 0.0), None
+
+
+class LeanReLU(nn.ReLU):
+    """``nn.ReLU`` saving a 1-bit mask instead of its output."""
+
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input):
+            return super().forward(input)
+        return _MaskedFn.apply(input, ("relu", 0.0, 0.0, self.inplace))
+
+
+class LeanLeakyReLU(nn.LeakyReLU):
+    """``nn.LeakyReLU`` saving a 1-bit mask instead of its input."""
+
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input):
+            return super().forward(input)
+        return _MaskedFn.apply(input, ("leaky", float(self.negative_slope), 0.0, self.inplace))
+
+
+class LeanHardtanh(nn.Hardtanh):
+    """``nn.Hardtanh`` saving a 1-bit mask instead of its input."""
+
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input):
+            return super().forward(input)
+        spec = ("hardtanh", float(self.min_val), float(self.max_val), self.inplace)
+        return _MaskedFn.apply(input, spec)
+
+
+class LeanReLU6(nn.ReLU6):
+    """``nn.ReLU6`` saving a 1-bit mask instead of its input."""
+
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input):
+            return super().forward(input)
+        spec = ("hardtanh", float(self.min_val), float(self.max_val), self.inplace)
+        return _MaskedFn.apply(input, spec)
+
+
+class LeanHardsigmoid(nn.Hardsigmoid):
+    """``nn.Hardsigmoid`` saving a 1-bit mask instead of its input."""
+
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input):
+            return super().forward(input)
+        return _MaskedFn.apply(input, ("hardsigmoid", 0.0, 0.0, self.inplace))
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+class _MaxPool2dFn(torch.autograd.Function):
+    """Max pooling that saves the argmax as a uint8 offset inside its window.
+
+    ``spec`` = (kernel, stride, padding, dilation, ceil_mode), each a 2-list but ceil.
+    """
+
+    @staticmethod
+    def forward(ctx, x, spec):  # type: ignore[override]
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode = spec
+        out, indices = torch.ops.aten.max_pool2d_with_indices(
+            x, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode
+        )
+        width = x.shape[-1]
+        ho, wo = out.shape[-2:]
+        # Window origin of each output position (may be negative with padding).
+        h0 = (torch.arange(ho, device=x.device) * sh - ph).view(ho, 1)
+        w0 = (torch.arange(wo, device=x.device) * sw - pw).view(1, wo)
+        row = torch.div(indices, width, rounding_mode="floor")
+        col = indices - row * width
+        offset = torch.div(row - h0, dh, rounding_mode="floor") * kw + torch.div(
+            col - w0, dw, rounding_mode="floor"
+        )
+        del indices, row, col
+        ctx.save_for_backward(offset.to(torch.uint8))
+        ctx.spec = spec
+        ctx.input_shape = x.shape
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        (offset,) = ctx.saved_tensors
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode = ctx.spec
+        width = ctx.input_shape[-1]
+        ho, wo = offset.shape[-2:]
+        h0 = (torch.arange(ho, device=grad.device) * sh - ph).view(ho, 1)
+        w0 = (torch.arange(wo, device=grad.device) * sw - pw).view(1, wo)
+        off = offset.long()
+        wi = torch.div(off, kw, rounding_mode="floor")
+        indices = (h0 + wi * dh) * width + (w0 + (off - wi * kw) * dw)
+        del off, wi
+        # The native backward kernel reads only the indices; the "input" argument is used
+        # for its shape and layout, so the result buffer stands in for it (no copy).
+        fmt = torch.channels_last if _dense_order(grad) == (0, 2, 3, 1) else None
+        grad_input = (
+            grad.new_empty(ctx.input_shape)
+            if fmt is None
+            else grad.new_empty(ctx.input_shape).contiguous(memory_format=fmt)
+        )
+        torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
+            grad,
+            grad_input,
+            [kh, kw],
+            [sh, sw],
+            [ph, pw],
+            [dh, dw],
+            ceil_mode,
+            indices,
+            grad_input=grad_input,
+        )
+        return grad_input, None
+
+
+class LeanMaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` saving a uint8 argmax offset instead of input + int64 indices.
+
+    Needs ``kernel_size[0] * kernel_size[1] <= 256`` and ``return_indices=False``
+    (:func:`advtune.frozen.freeze` converts only such pools).
+    """
+
+    _advtune_kind = "lean-pool"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input) or self.return_indices:
+            return super().forward(input)
+        kernel = _pair(self.kernel_size)
+        stride = _pair(self.stride) if self.stride not in (None, (), []) else kernel
+        spec = (kernel, stride, _pair(self.padding), _pair(self.dilation), bool(self.ceil_mode))
+        if input.dim() == 3:
+            return _MaxPool2dFn.apply(input.unsqueeze(0), spec).squeeze(0)
+        return _MaxPool2dFn.apply(input, spec)
+
+
+class _AvgPool2dFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec):  # type: ignore[override]
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor = spec
+        ctx.spec = spec
+        ctx.input_shape = x.shape
+        return F.avg_pool2d(x, kernel, stride, padding, ceil_mode, count_include_pad, divisor)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.spec
+        fmt = torch.channels_last if _dense_order(grad) == (0, 2, 3, 1) else None
+        grad_input = grad.new_empty(ctx.input_shape)
+        if fmt is not None:
+            grad_input = grad_input.contiguous(memory_format=fmt)
+        # As for max pooling: the kernel uses its "input" for shape and layout only.
+        torch.ops.aten.avg_pool2d_backward.grad_input(
+            grad,
+            grad_input,
+            kernel,
+            stride,
+            padding,
+            ceil_mode,
+            count_include_pad,
+            divisor,
+            grad_input=grad_input,
+        )
+        return grad_input, None
+
+
+class LeanAvgPool2d(nn.AvgPool2d):
+    """``nn.AvgPool2d`` that keeps no activation for backward (it is linear)."""
+
+    _advtune_kind = "lean-pool"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input) or input.dim() != 4:
+            return super().forward(input)
+        kernel = _pair(self.kernel_size)
+        stride = _pair(self.stride) if self.stride not in (None, (), []) else kernel
+        spec = (
+            kernel,
+            stride,
+            _pair(self.padding),
+            bool(self.ceil_mode),
+            bool(self.count_include_pad),
+            self.divisor_override,
+        )
+        return _AvgPool2dFn.apply(input, spec)
+
+
+class _GlobalAvgPoolFn(torch.autograd.Function):
+    """``adaptive_avg_pool2d(x, 1)``: the backward spreads ``grad / (H·W)`` evenly."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.input_shape = x.shape
+        return F.adaptive_avg_pool2d(x, 1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        h, w = ctx.input_shape[-2:]
+        # Same arithmetic as the native CPU kernel: grad / kh / kw per position.
+        return (grad / h / w).expand(ctx.input_shape).contiguous(), None
+
+
+class LeanAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d`` that keeps no activation for backward.
+
+    Only global pooling (output ``1×1``) takes the lean path; other output sizes run
+    natively.
+    """
+
+    _advtune_kind = "lean-pool"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        size = self.output_size
+        is_global = size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1))
+        if not _wants_graph(input) or not is_global or input.dim() != 4:
+            return super().forward(input)
+        return _GlobalAvgPoolFn.apply(input)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+class _ChannelAffineFn(torch.autograd.Function):
+    """``x * scale + shift`` per channel; backward needs only ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, where):  # type: ignore[override]
+        ctx.save_for_backward(scale)
+        ctx.where = where
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            raise _weight_grad_error(ctx)
+        (scale,) = ctx.saved_tensors
+        return grad * scale, None, None, None
+
+
+class _LeanBatchNormMixin:
+    """Eval-mode BatchNorm (not folded into a conv) as a per-channel affine map.
+
+    Native eval-mode batch norm saves its input; the affine map needs only the scale.
+    In training mode, or without running statistics, it is the native BatchNorm.
+    """
+
+    _advtune_kind = "lean-bn"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (
+            self.training  # type: ignore[attr-defined]
+            or self.running_mean is None  # type: ignore[attr-defined]
+            or not _wants_graph(input)
+        ):
+            return super().forward(input)  # type: ignore[misc]
+        self._check_input_dim(input)  # type: ignore[attr-defined]
+        _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
+        dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+        with _AutocastOff(input.device.type, _autocast_dtype(input) is not None):
+            # Same arithmetic as the native CPU kernel: alpha = w·invstd, beta = b − μ·alpha.
+            alpha = torch.rsqrt(self.running_var.to(dtype) + self.eps)  # type: ignore[attr-defined]
+            if self.weight is not None:  # type: ignore[attr-defined]
+                alpha = alpha * self.weight.to(dtype)  # type: ignore[attr-defined]
+            beta = -self.running_mean.to(dtype) * alpha  # type: ignore[attr-defined]
+            if self.bias is not None:  # type: ignore[attr-defined]
+                beta = self.bias.to(dtype) + beta  # type: ignore[attr-defined]
+            view = (-1,) + (1,) * (input.dim() - 2)
+            alpha = alpha.to(input.dtype).view(view)
+            beta = beta.to(input.dtype).view(view)
+            return _ChannelAffineFn.apply(input, alpha, beta, _where(self))  # type: ignore[arg-type]
+
+
+class LeanBatchNorm1d(_LeanBatchNormMixin, nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that, in eval mode, saves only its per-channel scale."""
+
+
+class LeanBatchNorm2d(_LeanBatchNormMixin, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that, in eval mode, saves only its per-channel scale."""
+
+
+class LeanBatchNorm3d(_LeanBatchNormMixin, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that, in eval mode, saves only its per-channel scale."""
+
+
+#: ``torch.nn`` class -> lean subclass. Conversion requires the exact ``torch.nn`` type:
+#: a user subclass may override ``forward``.
+LEAN_TYPES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: LeanConv1d,
+    nn.Conv2d: LeanConv2d,
+    nn.Conv3d: LeanConv3d,
+    nn.ConvTranspose1d: LeanConvTranspose1d,
+    nn.ConvTranspose2d: LeanConvTranspose2d,
+    nn.ConvTranspose3d: LeanConvTranspose3d,
+    nn.Linear: LeanLinear,
+    nn.ReLU: LeanReLU,
+    nn.ReLU6: LeanReLU6,
+    nn.LeakyReLU: LeanLeakyReLU,
+    nn.Hardtanh: LeanHardtanh,
+    nn.Hardsigmoid: LeanHardsigmoid,
+    nn.MaxPool2d: LeanMaxPool2d,
+    nn.AvgPool2d: LeanAvgPool2d,
+    nn.AdaptiveAvgPool2d: LeanAdaptiveAvgPool2d,
+    nn.BatchNorm1d: LeanBatchNorm1d,
+    nn.BatchNorm2d: LeanBatchNorm2d,
+    nn.BatchNorm3d: LeanBatchNorm3d,
+}

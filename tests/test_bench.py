@@ -1,0 +1,121 @@
+"""advtune.bench: the saved-bytes counter, the benchmark driver and its CLI on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import advtune
+from advtune import cli
+from advtune.bench import count_saved_bytes, main, run_bench, saved_bytes_per_image
+from advtune.errors import UserError
+
+
+def _tiny_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, 2, 1),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    )
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(4, 3, 16, 16))
+    return model.eval()
+
+
+def test_count_saved_bytes_deduplicates_shared_storage():
+    x = torch.rand(1000, requires_grad=True)
+    # x * x saves x twice; x[:500] * 2 saves nothing; the view shares x's storage.
+    assert count_saved_bytes(lambda: (x * x).sum()) == 4000
+    assert count_saved_bytes(lambda: (x[:10] * x[10:20]).sum()) == 4000
+    y = torch.rand(1000, dtype=torch.float64, requires_grad=True)
+    assert count_saved_bytes(lambda: (x * y.float()).sum()) == 8000  # x, and y.float()
+
+
+def test_saved_bytes_per_image_is_marginal_and_exact_for_a_tiny_model():
+    model = _tiny_model()
+    size = 16
+    per_image = {
+        mode: saved_bytes_per_image(advtune.tune(model, mode), size=size, batches=(2, 4))
+        for mode in ("eval", "frozen")
+    }
+    # Frozen by hand: ReLU masks (8·16·16 and 16·8·8 bits), MaxPool offsets (8·8·8 bytes),
+    # the log-softmax and the int64 target of the loss. Packed masks round per batch, not per
+    # image; 16·8·8 and 8·16·16 bits are whole bytes, so the marginal is exact.
+    expected = 8 * 16 * 16 / 8 + 16 * 8 * 8 / 8 + 8 * 8 * 8 + 10 * 4 + 8
+    assert per_image["frozen"] == expected
+    # Eval: input image, conv1 out (BN input), ReLU out (also the maxpool input), maxpool
+    # indices (int64), maxpool out (conv2 input), conv2 out, ReLU out, the pooled vector
+    # (linear input), the log-softmax and the target.
+    eval_expected = (
+        3 * 16 * 16 * 4
+        + 2 * 8 * 16 * 16 * 4
+        + 8 * 8 * 8 * 8
+        + 8 * 8 * 8 * 4
+        + 2 * 16 * 8 * 8 * 4
+        + 16 * 4
+        + 10 * 4
+        + 8
+    )
+    assert per_image["eval"] == eval_expected
+
+
+def test_run_bench_cpu_reports_what_it_can():
+    result = run_bench(
+        "tiny",
+        modes=("eval", "deploy", "frozen"),
+        size=16,
+        steps=1,
+        batch_size=2,
+        device="cpu",
+        model_factory=_tiny_model,
+    )
+    assert [r.mode for r in result.rows] == ["eval", "deploy", "frozen"]
+    for row in result.rows:
+        assert row.saved_mib_per_image > 0 and row.images_steps_per_s > 0
+        assert row.peak_mib_per_image is None and row.max_batch is None  # CUDA only
+    ratios = result.ratios()
+    assert ratios["eval"]["saved_mib_per_image"] == 1.0
+    assert ratios["frozen"]["saved_mib_per_image"] < 0.2
+    text = result.table()
+    assert "frozen" in text and "not measured on CPU" in text and "cost, not accuracy" in text
+    assert json.loads(json.dumps(result.to_dict()))["rows"][2]["mode"] == "frozen"
+
+
+def test_bench_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "r18.json"
+    argv = ["bench", "--model", "resnet18", "--size", "32", "--steps", "1", "--batch-size", "2"]
+    argv += ["--device", "cpu", "--modes", "eval,frozen", "--json", str(out)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "resnet18" in printed and "frozen" in printed
+    data = json.loads(out.read_text())
+    assert data["model"] == "resnet18" and data["device"] == "cpu"
+    assert [r["mode"] for r in data["rows"]] == ["eval", "frozen"]
+    frozen = data["ratios_vs_eval"]["frozen"]["saved_mib_per_image"]
+    assert 0 < frozen < 0.1
+
+
+def test_bench_user_errors(capsys):
+    with pytest.raises(UserError, match="resnt50"):
+        run_bench("resnt50", device="cpu")
+    with pytest.raises(UserError, match="modes"):
+        run_bench("resnet18", modes=("fast",), device="cpu", size=32)
+    with pytest.raises(UserError, match="attack"):
+        run_bench("resnet18", attack="cw", device="cpu", size=32)
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="CUDA is not available"):
+            run_bench("resnet18", device="cuda", size=32)
+    assert main(["--model", "resnt50", "--device", "cpu"]) == 2
+    assert "did you mean" in capsys.readouterr().err

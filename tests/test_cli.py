@@ -1,0 +1,290 @@
+"""``advtune`` through ``main([...])`` on a tiny ImageNet-layout folder of real JPEGs.
+
+The model is a randomly initialised resnet18 saved as a local checkpoint (so the test can
+load the very same weights again to re-check the saved PNGs), run at 32×32 via the
+advanced ``--image-size`` flag to keep the tests fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from advtune.cli import main
+from advtune.data import build_dataset, imagenet_wnids
+from advtune.io import read_manifest
+from advtune.models import Preprocess, load_model
+
+SIZE = 32
+
+
+def write_imagenet_folder(root, *, classes=3, per_class=2, seed=0):
+    """``root/<wnid>/<name>.JPEG`` real JPEGs with smooth random content."""
+    rng = np.random.default_rng(seed)
+    wnids = imagenet_wnids()[:classes]
+    for c, wnid in enumerate(wnids):
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+            img = Image.fromarray(base).resize((44, 38), Image.BILINEAR)
+            img.save(root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90)
+    return root
+
+
+def write_checkpoint(path, seed=0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = torchvision.models.resnet18()
+    torch.save(net.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    return write_imagenet_folder(tmp_path_factory.mktemp("data") / "val")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_checkpoint(tmp_path_factory.mktemp("ckpt") / "resnet18.pt")
+
+
+def base_args(data, ckpt, out, *more):
+    return [
+        "--model", "resnet18", "--weights", str(ckpt), "--data", str(data), "--out", str(out),
+        "--image-size", str(SIZE), "--batch-size", "4", "--workers", "0", *more,
+    ]  # fmt: skip
+
+
+def test_generate_end_to_end_and_png_faithfulness(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    eps = 2 / 255
+    rc = main(
+        ["generate", *base_args(imagenet, checkpoint, out), "--attack", "pgd", "--eps", "2/255",
+         "--steps", "2", "--step-size", "1/255"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "robust acc" in captured.out and "2/255" in captured.out  # the summary table
+    rows = read_manifest(out / "manifest.csv")
+    assert [r["index"] for r in rows] == list(range(6))
+    assert (
+        (out / "manifest.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("path,label,clean_pred,adv_pred,success,linf,l2")
+    )
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert report["config"]["attack"]["params"] == {"steps": 2, "step_size": 1 / 255}
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["versions"]["torchvision"] == torchvision.__version__
+    assert report["device"]["type"] == "cpu"
+    assert report["convbn"]["mode"] == "tune" and report["convbn"]["folded"]
+    assert report["data"]["layout"] == "imagenet-folders"
+    assert report["data"]["label_source"] == "dataset"
+    assert report["peak_memory_bytes"] is None  # CPU
+    assert report["timings"]["images_per_s"] > 0
+    metrics = report["metrics"]
+    assert metrics["num_images"] == 6
+    assert metrics["robust_accuracy"] == sum(r["adv_pred"] == r["label"] for r in rows) / 6
+
+    # Faithful PNGs: within eps of the 8-bit clean image, and the model's verdict on the
+    # saved file is what the manifest says.
+    dataset = build_dataset(imagenet, transform=Preprocess(SIZE, round(SIZE * 256 / 224)))
+    model = load_model("resnet18", weights=str(checkpoint), convbn="tune")
+    saved = []
+    for row in rows:
+        png = np.asarray(Image.open(out / "adv" / row["adv_path"]).convert("RGB"))
+        x_adv = torch.from_numpy(png.copy()).permute(2, 0, 1).double() / 255
+        # The dataset's float32 image holds 8-bit values; compare them exactly.
+        clean = torch.round(dataset[row["index"]]["image"].double() * 255) / 255
+        assert float((x_adv - clean).abs().max()) <= eps + 1e-12
+        assert float((x_adv - clean).abs().max()) == pytest.approx(row["linf"])
+        saved.append(x_adv.float())
+    preds = model(torch.stack(saved)).argmax(1).tolist()
+    assert preds == [r["adv_pred"] for r in rows]
+    assert [r["success"] for r in rows] == [p != r["label"] for p, r in zip(preds, rows)]
+
+
+@pytest.mark.xfail(
+    raises=RuntimeError,
+    strict=True,
+    reason="advtune.attacks._result._per_sample does not broadcast (N,) over (N, C, H, W), "
+    "so PGD-L2's projection fails; remove this mark once the attacks module is fixed",
+)
+def test_generate_l2_pngs_within_eps(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "l2"
+    argv = ["generate", *base_args(imagenet, checkpoint, out), "--preset", "imagenet-l2-pgd",
+            "--eps", "0.3", "--steps", "2", "--limit", "4", "-q"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    dataset = build_dataset(imagenet, transform=Preprocess(SIZE, round(SIZE * 256 / 224)))
+    for row in read_manifest(out / "manifest.csv"):
+        png = np.asarray(Image.open(out / "adv" / row["adv_path"]).convert("RGB"))
+        x_adv = torch.from_numpy(png.copy()).permute(2, 0, 1).double()
+        clean = torch.round(dataset[row["index"]]["image"].double() * 255)
+        l2 = float((x_adv - clean).norm()) / 255
+        assert l2 <= 0.3 * (1 + 1e-12)
+        assert l2 == pytest.approx(row["l2"])
+
+
+def test_evaluate_curve_plot_and_quiet(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "ev"
+    rc = main(
+        ["evaluate", *base_args(imagenet, checkpoint, out), "--attack", "fgsm",
+         "--eps", "1/255,4/255", "--limit", "4", "--quiet", "--amp", "bf16", "--channels-last"]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert captured.out == ""  # --quiet: no summary
+    assert "img/s" not in captured.err  # and no progress bar
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["amp"] == "bf16" and report["config"]["channels_last"] is True
+    assert report["model"]["name"] == "resnet18" and report["model"]["wrapper"] == "AmpModel"
+    per_eps = report["metrics"]["per_eps"]
+    assert [e["eps"] for e in per_eps] == [1 / 255, 4 / 255]
+    assert all(e["per_class"] for e in per_eps)
+    assert report["outputs"]["plot"].endswith("robust_accuracy.png")
+    assert (out / "robust_accuracy.png").stat().st_size > 1000
+    assert not (out / "adv").exists()
+    assert len(read_manifest(out / "manifest.csv")) == 8
+
+
+def test_preset_and_unlabeled_folder(checkpoint, tmp_path, capsys):
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(flat / f"{i}.png")
+    (flat / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "o"
+    rc = main(["generate", *base_args(flat, checkpoint, out), "--preset", "fgsm", "-q"])
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert "advtune: warning: skipping broken.jpg" in err
+    report = json.loads((out / "report.json").read_text())
+    assert [s["path"] for s in report["data"]["skipped"]] == ["broken.jpg"]
+    assert report["metrics"]["num_images"] == 3
+    assert report["data"]["label_source"] == "model clean predictions"
+    assert report["metrics"]["clean_accuracy"] == 1.0
+    assert report["config"]["attack"]["eps"] == [4 / 255]  # from the preset
+    assert sorted(p.name for p in (out / "adv").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_list_version_and_help(capsys):
+    assert main(["list", "attacks"]) == 0
+    assert "pgd" in capsys.readouterr().out
+    assert main(["list", "presets"]) == 0
+    assert "imagenet-linf-pgd" in capsys.readouterr().out
+    assert main(["list", "models"]) == 0
+    assert "resnet50" in capsys.readouterr().out.split()
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("advtune ")
+    assert main([]) == 0
+    assert "generate" in capsys.readouterr().out
+    assert main(["generate", "--help"]) == 0
+    assert "--resume" in capsys.readouterr().out
+    pytest.importorskip("advtune.bench")
+    assert main(["bench", "--help"]) == 0  # wired in through advtune.bench.register_cli
+    assert "ConvBN" in capsys.readouterr().out
+
+
+def _one_line_error(capsys, rc, *names):
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("advtune: error: ")
+    assert "Traceback" not in err
+    for name in names:
+        assert name in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("extra", "names"),
+    [
+        (["--attack", "pgdd"], ["'pgdd'", "did you mean: pgd"]),
+        (["--attack", "pgd", "--eps=-1/255"], ["eps must be >= 0", "-0.0039"]),
+        (["--attack", "pgd", "--eps", "2"], ["eps 2.0 is out of range"]),
+        (["--attack", "pgd", "--eps", "4/0"], ["'4/0'"]),
+        (["--attack", "pgd", "--steps", "0"], ["steps must be >= 1, got 0"]),
+        (["--attack", "pgd", "-p", "stepz=3"], ["'stepz'", "did you mean: steps"]),
+        (["--preset", "imagenet-linf-pdg"], ["'imagenet-linf-pdg'", "did you mean"]),
+        (["--attack", "pgd", "--eps", "1/255,2/255"], ["generate takes one eps"]),
+        (["--attack", "pgd", "--device", "tpu"], ["'tpu'"]),
+        (["--attack", "pgd", "--convbn", "tunee"], ["'tunee'"]),
+        (["--attack", "pgd", "--batch-size", "0"], ["batch-size", "0"]),
+    ],
+)
+def test_bad_inputs_before_model_load(extra, names, imagenet, tmp_path, capsys):
+    argv = ["generate", "--model", "resnet18", "--weights", "random", "--data", str(imagenet),
+            "--out", str(tmp_path / "o"), *extra]  # fmt: skip
+    _one_line_error(capsys, main(argv), *names)
+
+
+def test_unknown_model(imagenet, tmp_path, capsys):
+    argv = ["generate", "--model", "resnet1888", "--attack", "fgsm", "--data", str(imagenet),
+            "--out", str(tmp_path / "o")]  # fmt: skip
+    _one_line_error(capsys, main(argv), "'resnet1888'", "resnet18")
+
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    common = ["generate", "--model", "resnet18", "--weights", "random", "--attack", "fgsm"]
+    missing = tmp_path / "nowhere"
+    rc = main([*common, "--data", str(missing), "--out", str(tmp_path / "o")])
+    _one_line_error(capsys, rc, str(missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    rc = main([*common, "--data", str(empty), "--out", str(tmp_path / "o"), "--image-size", "32"])
+    _one_line_error(capsys, rc, str(empty.name))
+
+
+def test_unwritable_output(imagenet, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    argv = ["generate", "--model", "resnet18", "--weights", "random", "--attack", "fgsm",
+            "--data", str(imagenet), "--out", str(blocker / "out")]  # fmt: skip
+    _one_line_error(capsys, main(argv), str(blocker / "out"), "not writable")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_absent(imagenet, tmp_path, capsys):
+    argv = ["generate", "--model", "resnet18", "--weights", "random", "--attack", "fgsm",
+            "--data", str(imagenet), "--out", str(tmp_path / "o"), "--device", "cuda"]  # fmt: skip
+    _one_line_error(capsys, main(argv), "--device cuda", "CUDA is not available")
+
+
+def test_checkpoint_that_does_not_fit(imagenet, tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    torch.save({"fc.weight": torch.zeros(3, 3), "extra.bias": torch.zeros(1)}, bad)
+    argv = ["generate", "--model", "resnet18", "--weights", str(bad), "--attack", "fgsm",
+            "--data", str(imagenet), "--out", str(tmp_path / "o")]  # fmt: skip
+    _one_line_error(capsys, main(argv), "bad.pt")
+
+
+def test_existing_results_need_resume_or_overwrite(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = ["generate", *base_args(imagenet, checkpoint, out), "--attack", "fgsm", "--limit", "2",
+            "-q"]  # fmt: skip
+    assert main(args) == 0
+    _one_line_error(capsys, main(args), "already holds results", "--resume")
+    assert main([*args, "--overwrite"]) == 0
+    assert len(read_manifest(out / "manifest.csv")) == 2
+    # The stored run's settings are checked on resume.
+    rc = main([*args, "--resume", "--eps", "8/255"])
+    _one_line_error(capsys, rc, "settings differ", "attack.eps")
+
+
+def test_python_m_entry_point_exists():
+    # ``python -m advtune`` (and so ``torchrun -m advtune``) goes through main().
+    import advtune.__main__ as entry
+
+    assert entry.main is main
+    assert sys.modules["advtune.cli"].main is main

@@ -1,0 +1,434 @@
+"""The evaluator's pieces: seeds, faithful quantisation, batches, metrics, outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from advtune.errors import UserError
+from advtune.evaluate import (
+    AttackConfig,
+    OutputDir,
+    adv_relpaths,
+    attack_batch,
+    compute_metrics,
+    config_differences,
+    format_eps,
+    format_summary,
+    plot_curve,
+    quantize_adv,
+    run,
+    run_attack,
+    sample_seeds,
+)
+from advtune.io import (
+    ManifestWriter,
+    atomic_write_text,
+    format_manifest,
+    merge_manifests,
+    parse_manifest,
+    read_manifest,
+    save_png,
+)
+
+SIZE = 8
+CLASSES = 5
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """An in-memory stand-in for ImageDataset: 8-bit images, labels, relative paths."""
+
+    def __init__(self, n: int, *, seed: int = 0, labeled: bool = True) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g).float() / 255
+        self.labels = torch.randint(0, CLASSES, (n,), generator=g).tolist()
+        self.paths = [f"c{i % 2}/img{i:02d}.jpg" for i in range(n)]
+        self.labeled = labeled
+        self.skipped: list[tuple[str, str]] = []
+        self.root = Path("fake-root")
+        self.layout = "fake"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        label = self.labels[i] if self.labeled else -1
+        return {"image": self.images[i], "label": label, "index": i, "path": self.paths[i]}
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(3 * SIZE * SIZE, CLASSES)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.5)
+        linear.bias.zero_()
+    net = nn.Sequential(nn.Flatten(), linear).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    net.name = "tiny"
+    net.categories = [f"class{i}" for i in range(CLASSES)]
+    net.num_classes = CLASSES
+    return net
+
+
+def batch_of(ds: TensorImages, idx: list[int]) -> dict:
+    return {
+        "image": ds.images[idx],
+        "label": torch.tensor([ds[i]["label"] for i in idx]),
+        "index": torch.tensor(idx),
+        "path": [ds.paths[i] for i in idx],
+    }
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def test_sample_seeds_depend_only_on_run_seed_and_index():
+    a = sample_seeds(7, [0, 1, 2, 3])
+    assert a.dtype == torch.int64 and (a >= 0).all()
+    assert torch.equal(a, sample_seeds(7, torch.tensor([0, 1, 2, 3])))
+    # Order/batch composition does not matter.
+    assert torch.equal(sample_seeds(7, [3, 1]), a[[3, 1]])
+    assert len(set(a.tolist())) == 4
+    assert not torch.equal(a, sample_seeds(8, [0, 1, 2, 3]))
+
+
+# --------------------------------------------------------------------------- quantisation
+
+
+def _clean_and_adv(n=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, 3, 6, 6), generator=g).to(dtype) / 255
+    return x, g
+
+
+@pytest.mark.parametrize("eps", [4 / 255, 2.5 / 255, 1 / 255])
+def test_quantize_linf_stays_within_eps(eps):
+    x, g = _clean_and_adv()
+    x_adv = (x + (torch.rand(x.shape, generator=g, dtype=x.dtype) * 2 - 1) * eps).clamp(0, 1)
+    q = quantize_adv(x_adv, x, norm="linf", eps=eps)
+    assert q.dtype == torch.uint8
+    delta = (q.double() - x.double() * 255).abs() / 255
+    assert float(delta.max()) <= eps + 1e-12
+    # Nothing moves further than rounding would: within half a level of x_adv.
+    assert float((q.double() - x_adv * 255).abs().max()) <= 1.0 + 1e-9
+    # The budget is used: some pixels sit at the largest whole level inside eps.
+    assert float(delta.max()) == pytest.approx(math.floor(eps * 255 + 1e-6) / 255)
+
+
+def test_quantize_l2_projects_when_rounding_overshoots():
+    eps = 0.05
+    x, g = _clean_and_adv(n=32)
+    direction = torch.randn(x.shape, generator=g, dtype=x.dtype)
+    direction /= direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    # On the sphere: rounding overshoots the budget for many samples.
+    x_adv = x + eps * direction
+    inside = (x_adv >= 0) & (x_adv <= 1)
+    x_adv = torch.where(inside, x_adv, x)  # keep the perturbation norm at most eps
+    rounded = torch.round(x_adv * 255)
+    overshoot = (rounded - x * 255).flatten(1).norm(dim=1) / 255 > eps
+    assert overshoot.any(), "test input should exercise the projection"
+    q = quantize_adv(x_adv, x, norm="l2", eps=eps)
+    l2 = (q.double() - x * 255).flatten(1).norm(dim=1) / 255
+    assert float(l2.max()) <= eps * (1 + 1e-12)
+    # Each pixel is the rounding or the truncation of the float perturbation.
+    assert float((q.double() - x_adv * 255).abs().max()) < 1.0
+    # Where rounding fitted, the result is plain rounding.
+    fits = ~overshoot
+    assert torch.equal(q[fits].double(), rounded[fits])
+
+
+def test_quantize_without_budget_rounds():
+    x, g = _clean_and_adv(n=4)
+    x_adv = torch.rand(x.shape, generator=g, dtype=x.dtype)
+    q = quantize_adv(x_adv, x, norm="l2", eps=None)
+    assert torch.equal(q, torch.round(x_adv * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="norm"):
+        quantize_adv(x_adv, x, norm="l1", eps=0.1)
+
+
+# --------------------------------------------------------------------------- one batch
+
+
+def test_attack_batch_rows_describe_saved_images():
+    ds = TensorImages(6)
+    model = tiny_model()
+    config = AttackConfig(attack="pgd", norm="linf", eps=(2 / 255, 8 / 255), params={"steps": 3})
+    out = attack_batch(
+        model, ds.images, torch.tensor(ds.labels), list(range(6)), ds.paths, config,
+        adv_paths=adv_relpaths(ds.paths),
+    )  # fmt: skip
+    assert len(out.rows) == 12 and len(out.images) == 2
+    assert [r["eps"] for r in out.rows[:2]] == [2 / 255, 8 / 255]
+    for e, eps in enumerate(config.eps):
+        rows = out.rows[e::2]
+        saved = out.images[e].double() / 255
+        logits = model(saved.float())
+        assert [r["adv_pred"] for r in rows] == logits.argmax(1).tolist()
+        for i, r in enumerate(rows):
+            assert r["success"] == (r["adv_pred"] != r["label"])
+            assert r["linf"] <= eps + 1e-9
+            clean = torch.round(ds.images[i].double() * 255) / 255
+            assert r["linf"] == pytest.approx(float((saved[i] - clean).abs().max()), abs=1e-12)
+            assert r["adv_path"] == ds.paths[i].replace(".jpg", ".png")
+    assert out.model_calls > 2
+
+
+def test_attack_batch_unlabeled_and_targets():
+    ds = TensorImages(5, labeled=False)
+    model = tiny_model()
+    labels = torch.full((5,), -1)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,), targeted="random", seed=3)
+    out = attack_batch(model, ds.images, labels, list(range(5)), ds.paths, config)
+    clean = model(ds.images).argmax(1).tolist()
+    assert [r["label"] for r in out.rows] == clean  # labels are the clean predictions
+    assert all(r["target"] is not None and r["target"] != r["label"] for r in out.rows)
+    assert all(r["success"] == (r["adv_pred"] == r["target"]) for r in out.rows)
+    # A sample's target depends on its index and the seed, not on its batch.
+    alone = attack_batch(model, ds.images[3:4], labels[3:4], [3], ds.paths[3:4], config)
+    assert alone.rows[0]["target"] == out.rows[3]["target"]
+    ll = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,), targeted="least-likely")
+    out = attack_batch(model, ds.images, labels, list(range(5)), ds.paths, ll)
+    assert [r["target"] for r in out.rows] == model(ds.images).argmin(1).tolist()
+
+
+def test_attack_batch_label_out_of_range():
+    ds = TensorImages(2)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    with pytest.raises(UserError, match="label 7 is out of range"):
+        attack_batch(tiny_model(), ds.images[:2], torch.tensor([0, 7]), [0, 1], ds.paths, config)
+
+
+def test_config_norm_reaches_the_attack():
+    ds = TensorImages(2)
+    labels = torch.tensor(ds.labels[:2])
+    seen = {}
+
+    def fake(model, x, y, *, target=None, generator=None, seeds=None, **kwargs):
+        seen.update(kwargs)
+        from advtune.attacks import fgsm
+
+        return fgsm(model, x, y, eps=kwargs["eps"])
+
+    l2 = AttackConfig(attack="pgd", norm="l2", eps=(0.5,), params={"steps": 1})
+    attack_batch(tiny_model(), ds.images[:2], labels, [0, 1], ds.paths, l2, attack_fn=fake)
+    assert seen["norm"] == "l2" and seen["steps"] == 1
+    bad = AttackConfig(attack="pgd", norm="l2", eps=(0.5,), params={"norm": "linf"})
+    with pytest.raises(ValueError, match="disagrees"):
+        attack_batch(tiny_model(), ds.images[:2], labels, [0, 1], ds.paths, bad, attack_fn=fake)
+    with pytest.raises(ValueError, match="'fgsm' is linf"):
+        cfg = AttackConfig(attack="fgsm", norm="l2", eps=(0.5,))
+        attack_batch(tiny_model(), ds.images[:2], labels, [0, 1], ds.paths, cfg)
+
+
+def test_attack_rejecting_settings_is_a_user_error():
+    ds = TensorImages(2)
+    config = AttackConfig(attack="pgd", norm="linf", eps=(1 / 255,), params={"loss": "nope"})
+    with pytest.raises(UserError, match="rejected its settings"):
+        attack_batch(tiny_model(), ds.images[:2], torch.tensor([0, 1]), [0, 1], ds.paths, config)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _rows(ds, model, config, batch_size, skip=(), sampler=None):
+    from advtune.data import make_loader
+
+    rows = []
+    loader = make_loader(ds, batch_size=batch_size, num_workers=0, sampler=sampler)
+    run_attack(model, loader, config, sink=lambda b: rows.extend(b.rows), skip=skip)
+    return rows
+
+
+def test_run_attack_is_independent_of_batch_size_and_skips():
+    ds = TensorImages(7)
+    model = tiny_model()
+    # Random start + random targets: per-sample seeds make this batch-independent.
+    config = AttackConfig(
+        attack="pgd", norm="linf", eps=(8 / 255,), params={"steps": 2}, targeted="random", seed=1
+    )
+    by2 = _rows(ds, model, config, 2)
+    by3 = _rows(ds, model, config, 3)
+    assert by2 == by3
+    assert [r["index"] for r in by2] == list(range(7))
+    # Skipped indices and duplicates (a padded distributed sampler) are attacked once.
+    partial = _rows(ds, model, config, 3, skip=[0, 4], sampler=[0, 1, 2, 3, 4, 5, 6, 1, 2])
+    assert [r["index"] for r in partial] == [1, 2, 3, 5, 6]
+    assert partial == [r for r in by2 if r["index"] in (1, 2, 3, 5, 6)]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _row(index, label, clean, adv, *, eps=0.1, success=None, target=None, linf=0.1, l2=1.0):
+    return {
+        "path": f"p{index}.jpg", "label": label, "clean_pred": clean, "adv_pred": adv,
+        "success": (adv != label) if success is None else success, "linf": linf, "l2": l2,
+        "index": index, "eps": eps, "target": target, "clean_conf": 0.5, "adv_conf": 0.25,
+        "attack_success": (adv != label) if success is None else success, "adv_path": "",
+    }  # fmt: skip
+
+
+def test_compute_metrics_by_hand():
+    rows = [
+        _row(0, 0, 0, 1, linf=0.1, l2=1.0),  # correct, flipped
+        _row(1, 0, 0, 0, linf=0.2, l2=2.0),  # correct, robust
+        _row(2, 1, 1, 2, linf=0.3, l2=3.0),  # correct, flipped
+        _row(3, 1, 0, 0, linf=0.4, l2=5.0),  # wrong from the start
+    ]
+    config = AttackConfig(attack="pgd", norm="linf", eps=(0.1,))
+    m = compute_metrics(list(reversed(rows)), config, categories=["cat", "dog", "emu"])
+    assert m["num_images"] == 4
+    assert m["clean_accuracy"] == 3 / 4
+    assert m["robust_accuracy"] == 1 / 4
+    assert m["success_rate"] == 2 / 3  # over the 3 correctly classified
+    assert m["success_rate_all"] == 3 / 4
+    assert m["linf_mean"] == pytest.approx(0.25)
+    assert m["l2_median"] == statistics.median([1.0, 2.0, 3.0, 5.0])
+    assert m["per_class"]["0"] == {
+        "name": "cat", "num_images": 2, "clean_accuracy": 1.0, "robust_accuracy": 0.5,
+        "success_rate": 0.5,
+    }  # fmt: skip
+    assert m["per_class"]["1"]["success_rate"] == 1.0
+    assert m["per_eps"][0]["eps"] == 0.1 and m["quantization_flips"] == 0
+
+
+def test_compute_metrics_curve_and_targeted():
+    rows = [_row(0, 0, 0, 0, eps=e) for e in (0.1, 0.2)]
+    rows += [_row(1, 1, 1, 2, eps=0.1, target=2, success=True)]
+    rows += [_row(1, 1, 1, 1, eps=0.2, target=2, success=False)]
+    config = AttackConfig(attack="pgd", norm="linf", eps=(0.1, 0.2), targeted="random")
+    m = compute_metrics(rows, config)
+    assert [e["eps"] for e in m["per_eps"]] == [0.1, 0.2]
+    assert [e["success_rate"] for e in m["per_eps"]] == [0.5, 0.0]  # hit rate over all
+    assert "robust_accuracy" not in m  # several eps: only per_eps
+    with pytest.raises(ValueError, match="eps"):
+        compute_metrics([_row(0, 0, 0, 0, eps=0.3)], config)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_manifest_round_trip_and_merge(tmp_path):
+    rows = [_row(i, i % 2, 0, 1, linf=1 / 255 * (i + 1), l2=math.pi * i) for i in range(4)]
+    rows[1]["target"] = 3
+    writer = ManifestWriter(tmp_path / "m.csv")
+    writer.extend(rows[2:])
+    writer.extend(rows[:2])
+    assert read_manifest(tmp_path / "m.csv") == rows  # sorted by index, floats exact
+    with pytest.raises(ValueError, match="duplicate"):
+        writer.extend(rows[:1])
+    assert writer.done_paths() == {r["path"] for r in rows}
+    a, b = tmp_path / "r0.csv", tmp_path / "r1.csv"
+    atomic_write_text(a, format_manifest([rows[0], rows[2]]))
+    atomic_write_text(b, format_manifest([rows[1], rows[3], rows[2]]))  # one duplicate
+    assert merge_manifests([a, b], tmp_path / "all.csv") == rows
+    assert read_manifest(tmp_path / "all.csv") == rows
+    conflict = dict(rows[2], adv_pred=4)
+    atomic_write_text(b, format_manifest([conflict]))
+    with pytest.raises(ValueError, match="conflicting"):
+        merge_manifests([a, b], tmp_path / "bad.csv")
+    with pytest.raises(ValueError, match="missing columns"):
+        parse_manifest("path,label\nx,1\n")
+
+
+def test_atomic_write_keeps_old_content_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old")
+
+    def boom(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_text(path, "new")
+    monkeypatch.undo()
+    assert path.read_text() == "old"
+    assert os.listdir(tmp_path) == ["f.txt"]  # no temporary file left behind
+
+
+def test_save_png_is_lossless(tmp_path):
+    from PIL import Image
+
+    image = torch.randint(0, 256, (3, 5, 7), dtype=torch.uint8)
+    save_png(tmp_path / "a" / "b.png", image)
+    back = torch.from_numpy(np.array(Image.open(tmp_path / "a" / "b.png")))
+    assert torch.equal(back.permute(2, 0, 1), image)
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(tmp_path / "c.png", image.float())
+
+
+def test_adv_relpaths_avoid_collisions():
+    paths = adv_relpaths(["a/x.jpg", "a/x.png", "b/y.JPEG"])
+    assert paths == {"a/x.jpg": "a/x.jpg.png", "a/x.png": "a/x.png.png", "b/y.JPEG": "b/y.png"}
+
+
+def test_output_dir_refuses_and_resumes(tmp_path):
+    config = {"attack": {"eps": [0.1]}, "model": {"name": "m"}}
+    out = OutputDir(tmp_path / "out")
+    out.start(config, resume=False, overwrite=False)
+    out.write_report({"config": config})
+    out.writer.extend([_row(0, 0, 0, 1)])
+    again = OutputDir(tmp_path / "out")
+    with pytest.raises(UserError, match="already holds results; pass --resume"):
+        again.start(config, resume=False, overwrite=False)
+    changed = {"attack": {"eps": [0.2]}, "model": {"name": "m"}}
+    with pytest.raises(UserError, match=r"attack\.eps: \[0\.1\] -> \[0\.2\]"):
+        again.start(changed, resume=True, overwrite=False)
+    again.start(config, resume=True, overwrite=False)
+    assert len(again.writer) == 1
+    fresh = OutputDir(tmp_path / "out")
+    fresh.start(changed, resume=False, overwrite=True)
+    assert not (tmp_path / "out" / "manifest.csv").exists()
+    assert config_differences({"a": {"b": 1}, "c": 2}, {"a": {"b": 2}, "d": 2}) == [
+        "a.b", "c", "d",
+    ]  # fmt: skip
+
+
+def test_output_dir_not_writable(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="is not writable"):
+        OutputDir(blocker / "out")
+
+
+def test_run_writes_outputs_and_curve(tmp_path):
+    ds = TensorImages(5)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255, 4 / 255, 16 / 255))
+    report = run(
+        tiny_model(), ds, config, out_dir=tmp_path / "o", command="evaluate",
+        save_images=False, batch_size=2, num_workers=0,
+    )  # fmt: skip
+    assert report["status"] == "complete"
+    curve = [e["robust_accuracy"] for e in report["metrics"]["per_eps"]]
+    assert len(curve) == 3 and curve[0] >= curve[-1]
+    assert (tmp_path / "o" / "robust_accuracy.png").stat().st_size > 1000
+    assert len(read_manifest(tmp_path / "o" / "manifest.csv")) == 15
+    summary = format_summary(report)
+    assert "16/255" in summary and "robust acc" in summary
+    with pytest.raises(UserError, match="single eps"):
+        run(tiny_model(), ds, config, out_dir=tmp_path / "p", save_images=True)
+
+
+def test_plot_without_matplotlib_warns(tmp_path, monkeypatch):
+    metrics = {"clean_accuracy": 1.0, "per_eps": [{"eps": 0.1, "robust_accuracy": 0.5}]}
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes the import fail
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert plot_curve(metrics, tmp_path / "p.png") is False
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_format_eps():
+    assert format_eps(4 / 255) == "4/255"
+    assert format_eps(0.5) == "0.5"
+    assert format_eps(None) == "-"

@@ -1,0 +1,307 @@
+"""Lean layers (advtune.lean): bit packing, and each layer against its torch.nn original
+in float64 (outputs and input gradients), plus what each one saves for backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from advtune import lean
+from advtune.lean import LEAN_TYPES, FrozenParameterError, pack_bits, unpack_bits
+
+
+def _lean_copy(module: nn.Module) -> nn.Module:
+    m = copy.deepcopy(module)
+    m.__class__ = LEAN_TYPES[type(module)]
+    m.requires_grad_(False)
+    return m
+
+
+def _saved(fn):
+    """(result, list of saved tensors) while fn() builds its graph."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def _compare(module: nn.Module, x: torch.Tensor, *, tol: float = 1e-12):
+    """Forward + input gradient of module vs its lean copy; returns the lean saved tensors."""
+    module = module.double().requires_grad_(False)
+    lean_module = _lean_copy(module)
+    gen = torch.Generator().manual_seed(1)
+    x = x.double()
+    xr = x.clone().requires_grad_(True)
+    # Inplace layers modify their input: feed a non-leaf.
+    ref = module(xr * 1.0)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (ref_grad,) = torch.autograd.grad(ref, xr, g)
+    xl = x.clone().requires_grad_(True)
+    out, saved = _saved(lambda: lean_module(xl * 1.0))
+    (grad,) = torch.autograd.grad(out, xl, g)
+    torch.testing.assert_close(out, ref, rtol=tol, atol=0)
+    torch.testing.assert_close(grad, ref_grad, rtol=tol, atol=tol * ref_grad.abs().max().item())
+    # No tensor may hide on the ctx (bench counts saved tensors through the hooks).
+    node = out.grad_fn
+    while node is not None and not hasattr(node, "__dict__"):  # skip C++ nodes (squeeze)
+        node = node.next_functions[0][0] if node.next_functions else None
+    if node is not None:
+        assert not [k for k, v in vars(node).items() if isinstance(v, torch.Tensor)]
+    return saved
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize("n", [0, 1, 3, 7, 8, 9, 15, 17, 63, 64, 65, 1001])
+def test_pack_unpack_round_trip(n):
+    gen = torch.Generator().manual_seed(n)
+    mask = torch.rand(n, generator=gen) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8
+    assert packed.shape == ((n + 7) // 8,)
+    assert torch.equal(unpack_bits(packed, n), mask)
+
+
+def test_pack_bit_order_and_shapes():
+    mask = torch.zeros(3, 5, 7, dtype=torch.bool)
+    mask.view(-1)[0] = True
+    mask.view(-1)[9] = True
+    packed = pack_bits(mask)
+    assert packed[0].item() == 1 and packed[1].item() == 2
+    assert torch.equal(unpack_bits(packed, mask.numel()).view(3, 5, 7), mask)
+    all_ones = pack_bits(torch.ones(13, dtype=torch.bool))
+    assert all_ones.tolist() == [255, 31]  # padding bits are zero
+
+
+def test_pack_unpack_reject_bad_input():
+    with pytest.raises(ValueError, match="bool"):
+        pack_bits(torch.zeros(4))
+    with pytest.raises(ValueError, match="uint8"):
+        unpack_bits(torch.zeros(1, dtype=torch.int64), 8)
+    with pytest.raises(ValueError, match="numel=17"):
+        unpack_bits(torch.zeros(2, dtype=torch.uint8), 17)
+
+
+def test_mask_round_trip_channels_last():
+    x = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
+    mask = x > 0
+    packed, order = lean._pack_mask(mask)
+    assert order == (0, 2, 3, 1)
+    assert torch.equal(lean._unpack_mask(packed, mask.shape, order), mask)
+
+
+# --------------------------------------------------------------------------- conv / linear
+
+
+_CONVS = [
+    (nn.Conv1d(4, 6, 3, stride=2, padding=1), (2, 4, 11)),
+    (nn.Conv2d(4, 6, 3, padding=1, bias=False), (2, 4, 9, 7)),
+    (nn.Conv2d(4, 8, 3, stride=2, dilation=2, padding=2, groups=2), (2, 4, 11, 10)),
+    (nn.Conv2d(6, 6, 3, padding=1, groups=6), (2, 6, 8, 8)),  # depthwise
+    (nn.Conv2d(4, 6, 4, padding="same"), (2, 4, 9, 8)),  # asymmetric "same"
+    (nn.Conv2d(4, 6, 3, padding="valid"), (2, 4, 9, 8)),
+    (nn.Conv2d(4, 6, 3, padding=2, padding_mode="reflect"), (2, 4, 9, 8)),
+    (nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), (2, 4, 9, 8)),
+    (nn.Conv2d(4, 6, 3, padding=(1, 2), padding_mode="replicate"), (2, 4, 9, 8)),
+    (nn.Conv2d(4, 6, 3, padding=1), (4, 9, 8)),  # unbatched
+    (nn.Conv3d(3, 4, 3, padding=1, stride=(1, 2, 2)), (2, 3, 5, 6, 6)),
+    (nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1), (2, 4, 7)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 6)),
+    (nn.ConvTranspose2d(4, 6, 3, stride=2, dilation=2), (2, 4, 5, 6)),
+    (nn.ConvTranspose3d(2, 4, 3, stride=2), (1, 2, 3, 4, 4)),
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same.")
+@pytest.mark.parametrize(("conv", "shape"), _CONVS, ids=lambda v: repr(v)[:60])
+def test_conv_matches_native_and_saves_only_weight(conv, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    saved = _compare(conv, x)
+    lean_weight = [t for t in saved if t.shape == conv.weight.shape]
+    assert len(saved) == 1 and lean_weight, [t.shape for t in saved]
+
+
+def test_conv_transpose_output_size():
+    torch.manual_seed(0)
+    conv = nn.ConvTranspose2d(3, 4, 3, stride=2).double().requires_grad_(False)
+    lean_conv = _lean_copy(conv)
+    x = torch.randn(1, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    ref = conv(x, output_size=[12, 12])
+    out = lean_conv(x, output_size=[12, 12])
+    assert out.shape == ref.shape == (1, 4, 12, 12)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=0)
+
+
+def test_linear_matches_native_and_saves_only_weight():
+    torch.manual_seed(0)
+    saved = _compare(nn.Linear(5, 3), torch.randn(2, 4, 5))
+    assert len(saved) == 1 and saved[0].shape == (3, 5)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        nn.ReLU(),
+        nn.ReLU(inplace=True),
+        nn.ReLU6(inplace=True),
+        nn.ReLU6(),
+        nn.LeakyReLU(0.1),
+        nn.LeakyReLU(0.2, inplace=True),
+        nn.Hardtanh(-0.5, 1.5),
+        nn.Hardsigmoid(),
+        nn.Hardsigmoid(inplace=True),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_masked_activations_match_native_with_one_bit(act, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 7, 9) * 4
+    x[0, 0, 0, :3] = torch.tensor([0.0, -3.0, 3.0])  # boundaries of every mask
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    saved = _compare(act, x, tol=0)
+    assert len(saved) == 1
+    assert saved[0].dtype == torch.uint8 and saved[0].numel() == (x.numel() + 7) // 8
+
+
+def test_inplace_relu_modifies_input_like_native():
+    relu = _lean_copy(nn.ReLU(inplace=True))
+    x = torch.randn(4, 6, requires_grad=True)
+    h = x * 2
+    out = relu(h)
+    assert out.data_ptr() == h.data_ptr()
+    assert (h >= 0).all()
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, 2.0 * (x > 0))
+
+
+def test_inplace_relu_on_leaf_raises_like_native():
+    relu = _lean_copy(nn.ReLU(inplace=True))
+    with pytest.raises(RuntimeError, match="leaf"):
+        relu(torch.randn(3, requires_grad=True))
+
+
+# --------------------------------------------------------------------------- pooling / BN
+
+
+@pytest.mark.parametrize(
+    ("pool", "shape"),
+    [
+        (nn.MaxPool2d(3, 2, 1), (2, 3, 11, 12)),
+        (nn.MaxPool2d(2), (2, 3, 8, 8)),
+        (nn.MaxPool2d(3, 2, ceil_mode=True), (2, 3, 10, 9)),
+        (nn.MaxPool2d((3, 2), (2, 1), (1, 0), dilation=(1, 2)), (2, 3, 9, 9)),
+        (nn.MaxPool2d(3, 1, 1), (3, 6, 6)),  # unbatched
+    ],
+    ids=repr,
+)
+def test_maxpool_matches_native_with_uint8_offsets(pool, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    x[..., 2, 2:5] = 5.0  # ties: the same argmax as native must be picked
+    saved = _compare(pool, x, tol=0)
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8
+
+
+def test_maxpool_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 9).contiguous(memory_format=torch.channels_last)
+    _compare(nn.MaxPool2d(3, 2, 1), x, tol=0)
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        nn.AvgPool2d(2),
+        nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+        nn.AvgPool2d(3, 1, divisor_override=4),
+        nn.AdaptiveAvgPool2d(1),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.AdaptiveAvgPool2d((2, 3)),  # not global: runs natively
+    ],
+    ids=repr,
+)
+def test_average_pools_match_native(pool):
+    torch.manual_seed(0)
+    saved = _compare(pool, torch.randn(2, 3, 8, 9))
+    if not isinstance(pool, nn.AdaptiveAvgPool2d) or pool.output_size in (1, (1, 1)):
+        assert saved == []
+
+
+@pytest.mark.parametrize(
+    ("bn", "shape"),
+    [
+        (nn.BatchNorm1d(4), (3, 4)),
+        (nn.BatchNorm1d(4, affine=False), (3, 4, 5)),
+        (nn.BatchNorm2d(4), (3, 4, 5, 6)),
+        (nn.BatchNorm3d(4), (2, 4, 3, 3, 3)),
+    ],
+    ids=repr,
+)
+def test_eval_batchnorm_matches_native_and_saves_only_scale(bn, shape):
+    torch.manual_seed(0)
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    saved = _compare(bn.eval(), torch.randn(shape))
+    assert len(saved) == 1 and saved[0].numel() == 4
+
+
+def test_batchnorm_in_training_mode_is_native():
+    bn = _lean_copy(nn.BatchNorm2d(3)).train()
+    x = torch.randn(4, 3, 2, 2, requires_grad=True)
+    out = bn(x * 1.0)
+    torch.testing.assert_close(out.mean((0, 2, 3)), torch.zeros(3), atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- frozen params
+
+
+def test_weight_requiring_grad_raises_naming_parameter():
+    conv = _lean_copy(nn.Conv2d(3, 4, 3))
+    conv.__dict__["_advtune_name"] = "features.0"
+    conv.weight.requires_grad_(True)
+    with pytest.raises(FrozenParameterError, match=r"features\.0\.weight.*input gradients only"):
+        conv(torch.randn(1, 3, 5, 5, requires_grad=True))
+    with torch.no_grad():  # inference does not record anything: fine
+        conv(torch.randn(1, 3, 5, 5))
+    lin = _lean_copy(nn.Linear(3, 2))
+    lin.bias.requires_grad_(True)
+    with pytest.raises(FrozenParameterError, match=r"Linear\.bias"):
+        lin(torch.randn(2, 3))
+
+
+def test_lean_layers_under_bf16_autocast():
+    torch.manual_seed(0)
+    conv, lin = nn.Conv2d(3, 4, 3).requires_grad_(False), nn.Linear(4, 2).requires_grad_(False)
+    lean_conv, lean_lin = _lean_copy(conv), _lean_copy(lin)
+    x = torch.randn(2, 3, 6, 6)
+    results = []
+    for c, li in ((conv, lin), (lean_conv, lean_lin)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = c(xi)
+            out = li(h.mean((2, 3)))
+        assert h.dtype == out.dtype == torch.bfloat16
+        (g,) = torch.autograd.grad(out.float().sum(), xi)
+        assert g.dtype == torch.float32
+        results.append((out, g))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
