@@ -372,10 +372,6 @@ def success_of(
 # --------------------------------------------------------------------------- geometry
 
 
-def _per_sample(v: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *([1] * (v.dim() - 1))) if v.dim() else v
-
-
 def norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linf, l2)`` per sample of ``delta`` ``(N, ...)``; each ``(N,)``."""
     flat = delta.flatten(1)
@@ -406,9 +402,9 @@ def project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor
     """
     delta = x_adv - x
     l2 = delta.flatten(1).norm(p=2, dim=1)
-    # eps / 0 = inf and min(inf, 1) = 1: a zero perturbation stays zero.
-    factor = (eps / l2).clamp(max=1.0)
-    return clip_unit(x + delta * _per_sample(factor))
+    # Only perturbations outside the ball are scaled (also avoids 0/0 when eps = 0).
+    factor = torch.where(l2 > eps, eps / l2, torch.ones_like(l2))
+    return clip_unit(x + delta * factor.reshape(-1, *([1] * (delta.dim() - 1))))
 
 
 def finish(
