@@ -9,6 +9,7 @@ stderr and exit code 2; Ctrl-C exits with 130 and says how to resume. See ``docs
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import sys
@@ -23,9 +24,11 @@ from advtune.errors import UserError
 __all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
 
 #: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
-#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all).
+#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all);
+#: ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R`` only (the other ranks keep going).
 STOP_HOOK_ENV = "ADVTUNE_TEST_STOP_AFTER_BATCHES"
 
+EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
@@ -240,11 +243,16 @@ def _stop_hook() -> Callable[[int], None] | None:
     value = os.environ.get(STOP_HOOK_ENV)
     if not value:
         return None
-    count, _, mode = value.partition(":")
+    spec, _, only_rank = value.partition("@")
+    count, _, mode = spec.partition(":")
     try:
         after = int(count)
+        if only_rank and int(only_rank) != int(os.environ.get("RANK", "0")):
+            return None
     except ValueError:
-        raise UserError(f"{STOP_HOOK_ENV} must be N or N:kill, got {value!r}") from None
+        raise UserError(
+            f"{STOP_HOOK_ENV} must be N, N:kill, N@RANK or N:kill@RANK, got {value!r}"
+        ) from None
 
     def hook(batches: int) -> None:
         if batches >= after:
@@ -258,7 +266,7 @@ def _stop_hook() -> Callable[[int], None] | None:
 def _run(args: argparse.Namespace, *, command: str) -> int:
     import torch
 
-    from advtune import evaluate, models
+    from advtune import distributed, evaluate, models
     from advtune.data import build_dataset
     from advtune.models import Preprocess, load_model
     from advtune.presets import resolve_attack
@@ -281,7 +289,10 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         raise UserError(
             f"generate takes one eps, got {len(config.eps)}; use 'advtune evaluate' for a curve"
         )
-    device = _resolve_device(args.device)
+    # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
+    ctx = distributed.init(args.device)
+    device = ctx.device if ctx.is_distributed else _resolve_device(args.device)
+    ctx = dataclasses.replace(ctx, device=device)
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
     out_dir = Path(args.out or args.default_out)
     output = evaluate.OutputDir(out_dir)  # fails early if the folder is not writable
@@ -324,7 +335,10 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         "channels_last": args.channels_last,
     }
     settings = {"device": device, "compile": args.compile}
-    report = evaluate.run(
+    # distributed.run is evaluate.run for a single process (after folding in partial
+    # manifests a torchrun run left behind), and shards + merges under torchrun.
+    report = distributed.run(
+        ctx,
         model,
         dataset,
         config,
@@ -333,7 +347,6 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         save_images=save_images,
         batch_size=args.batch_size,
         num_workers=args.workers,
-        device=device,
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.quiet,
@@ -341,7 +354,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         settings=settings,
         on_batch_done=_stop_hook(),
     )
-    if not args.quiet:
+    if report is not None and not args.quiet:  # rank 0 prints the merged summary
         print(evaluate.format_summary(report))
     return 0
 
@@ -396,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 for a user error (one line on stderr), 130 when interrupted.
+        0 on success, 2 for a user error (one line on stderr), 130 when interrupted,
+        1 when another torchrun rank failed (one line on stderr).
     """
     parser = build_parser()
     try:
@@ -407,10 +421,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 0
+    from advtune import distributed
+
+    try:
+        return _recorded(_dispatch)(handler, args)
+    finally:
+        distributed.shutdown()
+
+
+def _dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a sub-command; expected failures become one line on stderr and an exit code."""
+    from advtune.distributed import DistributedRunError
+
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(handler(args) or 0)
+    except DistributedRunError as e:
+        print(f"advtune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_FAILED
     except UserError as e:
         message = " ".join(str(e).split())  # always one line
         print(f"advtune: error: {message}", file=sys.stderr)
@@ -422,3 +451,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+
+
+def _recorded(fn: Callable[..., int]) -> Callable[..., int]:
+    # Under torchrun, an unexpected exception's traceback also goes to the error file
+    # torchrun's agent reads, so its failure summary names the root cause (expected
+    # failures are handled in _dispatch and write none: they are not the root cause).
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(fn)
+    return fn

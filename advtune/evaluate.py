@@ -25,9 +25,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -58,6 +60,7 @@ __all__ = [
     "quantize_adv",
     "run",
     "run_attack",
+    "run_config",
     "sample_seeds",
     "unwrap_model",
 ]
@@ -465,7 +468,10 @@ def run_attack(
             twice (a padded distributed sampler) are attacked once.
         adv_paths: forwarded to :func:`attack_batch`.
         progress: ``True`` for a tqdm bar on stderr, or a tqdm-like object with
-            ``update(n)`` and ``set_postfix_str(s)`` (e.g. a rank-0 global bar).
+            ``update(n)`` and ``set_postfix_str(s)``, or an object with
+            ``batch_done(*, images, rows, successes)`` that gets each batch's counts
+            (``advtune.distributed.GlobalProgress``: the global bar of a torchrun run,
+            which may raise to stop this rank when another rank failed).
         total: number of images expected (for the bar).
         device: where images go (default: the model's device).
         on_batch_done: called with the number of batches finished after each sink call
@@ -537,7 +543,13 @@ def run_attack(
             stats.model_calls += out.model_calls
             successes += sum(row["success"] for row in out.rows)
             rows_done += len(out.rows)
-            if bar is not None:
+            if bar is not None and hasattr(bar, "batch_done"):
+                bar.batch_done(
+                    images=len(indices),
+                    rows=len(out.rows),
+                    successes=sum(row["success"] for row in out.rows),
+                )
+            elif bar is not None:
                 bar.update(len(indices))
                 bar.set_postfix_str(f"success {100 * successes / max(rows_done, 1):.1f}%")
             if on_batch_done is not None:
@@ -704,8 +716,11 @@ class OutputDir:
 
     Args:
         root: the folder (created if needed).
-        manifest_name, report_name: file names; torchrun ranks use per-rank names (each
-            rank checks and resumes its own pair) and rank 0 merges them.
+        manifest_name, report_name: file names; torchrun ranks use per-rank names and
+            rank 0 merges them (:mod:`advtune.distributed`).
+        plot_name: the robust-accuracy plot's file name; ``None`` for a folder view
+            that owns no plot (a torchrun rank's partial files: clearing them must not
+            delete the merged plot).
 
     Raises:
         UserError: the folder cannot be created or written.
@@ -717,20 +732,22 @@ class OutputDir:
         *,
         manifest_name: str = MANIFEST_NAME,
         report_name: str = REPORT_NAME,
+        plot_name: str | None = PLOT_NAME,
     ) -> None:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".advtune-write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            # A unique probe name: torchrun ranks probe the same folder at the same time.
+            fd, probe = tempfile.mkstemp(prefix=".advtune-write-test.", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
         except OSError as e:
             reason = e.strerror or type(e).__name__
             raise UserError(f"output folder {str(self.root)!r} is not writable: {reason}") from e
         self.manifest_path = self.root / manifest_name
         self.report_path = self.root / report_name
         self.adv_dir = self.root / ADV_DIR
-        self.plot_path = self.root / PLOT_NAME
+        self.plot_path = self.root / plot_name if plot_name is not None else None
         self.writer = ManifestWriter(self.manifest_path)
         self.previous_report: dict[str, Any] | None = None
 
@@ -797,7 +814,8 @@ class OutputDir:
             if row.get("adv_path"):
                 (self.adv_dir / row["adv_path"]).unlink(missing_ok=True)
         for path in (self.manifest_path, self.report_path, self.plot_path):
-            path.unlink(missing_ok=True)
+            if path is not None:
+                path.unlink(missing_ok=True)
 
     def save_batch(self, out: BatchOutput, *, save_images: bool) -> None:
         """Save a batch: PNGs first, then the manifest rows (so a row implies its PNG)."""
@@ -1070,6 +1088,25 @@ def plot_curve(metrics: Mapping[str, Any], path: str | Path, *, title: str = "")
 # --------------------------------------------------------------------------- the whole run
 
 
+def run_config(
+    *,
+    command: str,
+    config: AttackConfig,
+    context: Mapping[str, Any] | None,
+    dataset: Any,
+    save_images: bool,
+) -> dict[str, Any]:
+    """The result-affecting configuration of a run: ``report["config"]``, which
+    ``--resume`` compares against the stored run (see :meth:`OutputDir.start`)."""
+    return {
+        "command": command,
+        "attack": config.to_dict(),
+        **dict(context or {}),
+        "data": dataset_info(dataset),
+        "save_images": save_images,
+    }
+
+
 def run(
     model: nn.Module,
     dataset: Any,
@@ -1089,6 +1126,7 @@ def run(
     indices: Sequence[int] | None = None,
     manifest_name: str = MANIFEST_NAME,
     report_name: str = REPORT_NAME,
+    plot_name: str | None = PLOT_NAME,
     plot: bool | None = None,
     on_batch_done: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -1110,9 +1148,9 @@ def run(
             mode, preprocessing...); stored in ``report["config"]`` and checked on resume.
         settings: other settings (batch size, device...), recorded but not checked.
         indices: dataset indices this process attacks (default all; torchrun shards).
-        manifest_name, report_name: output file names (per-rank names under torchrun,
-            where rank 0 merges the partial manifests with
-            :func:`advtune.io.merge_manifests` and calls :func:`build_report`).
+        manifest_name, report_name, plot_name: output file names (per-rank names and
+            no plot under torchrun, where :func:`advtune.distributed.run` merges the
+            partial manifests and calls :func:`build_report`).
         plot: write the robust-accuracy plot (default: when there are several eps).
         on_batch_done: see :func:`run_attack`.
 
@@ -1127,14 +1165,13 @@ def run(
     if save_images and len(config.eps_values()) > 1:
         raise UserError("saving images takes a single eps; use 'advtune evaluate' for several eps")
     device = torch.device(device) if device is not None else _model_device(model)
-    out = OutputDir(out_dir, manifest_name=manifest_name, report_name=report_name)
-    full_config = {
-        "command": command,
-        "attack": config.to_dict(),
-        **dict(context or {}),
-        "data": dataset_info(dataset),
-        "save_images": save_images,
-    }
+    out = OutputDir(
+        out_dir, manifest_name=manifest_name, report_name=report_name, plot_name=plot_name
+    )
+    full_config = run_config(
+        command=command, config=config, context=context, dataset=dataset,
+        save_images=save_images,
+    )  # fmt: skip
     out.start(full_config, resume=resume, overwrite=overwrite)
     paths = list(dataset.paths)
     adv_paths = adv_relpaths(paths) if save_images else None
@@ -1181,7 +1218,7 @@ def run(
         raise
     final = report("complete", stats)
     want_plot = plot if plot is not None else len(config.eps_values()) > 1
-    if want_plot and final["metrics"]:
+    if want_plot and final["metrics"] and out.plot_path is not None:
         title = f"{getattr(unwrap_model(model), 'name', '')} · {config.attack} {config.norm}"
         if plot_curve(final["metrics"], out.plot_path, title=title):
             final["outputs"]["plot"] = str(out.plot_path)

@@ -286,6 +286,8 @@ def auto_batch_size(
     device = torch.device(device)
     if device.type == "cpu":
         return cpu_batch_size
+    if key is not None and key in _BATCH_CACHE:
+        return _BATCH_CACHE[key]
 
     def default_step(m: nn.Module, x: torch.Tensor) -> object:
         x.requires_grad_(True)

@@ -57,7 +57,7 @@ class DigitsCNN(nn.Module):
 
 @functools.lru_cache(maxsize=1)
 def _dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.datasets import load_digits
 
     digits = load_digits()
     images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N,1,8,8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -436,7 +437,9 @@ def test_random_target():
     # Per-sample: a sub-batch with the same seeds gets the same targets.
     assert torch.equal(attacks.random_target(y[7:20], 10, seeds=seeds[7:20]), t[7:20])
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    assert torch.equal(attacks.random_target(y, 10, generator=g1), attacks.random_target(y, 10, generator=g2))
+    assert torch.equal(
+        attacks.random_target(y, 10, generator=g1), attacks.random_target(y, 10, generator=g2)
+    )
     state = torch.get_rng_state()
     attacks.random_target(y, 10)
     assert torch.equal(state, torch.get_rng_state())
@@ -458,3 +461,14 @@ def test_least_likely_target(net, data):
     assert _same_snapshot(before, _snapshot(model))
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
         attacks.least_likely_target(net, x * 3)
+
+
+# --------------------------------------------------------------------------- torchattacks
+
+
+def test_missing_torchattacks_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # import now raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'advtune\[torchattacks\]'") as info:
+        attacks.torchattacks("PGD")
+    assert isinstance(info.value, attacks.MissingDependencyError)
+    assert isinstance(info.value, ValueError)  # a UserError: the CLI prints it as one line

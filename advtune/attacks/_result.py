@@ -264,9 +264,7 @@ class ModelGuard:
         k = logits.shape[1]
         for name, labels in zip(("y", "target"), self._labels):
             if labels is not None and int(labels.max()) >= k:
-                raise ValueError(
-                    f"{name} must be < num_classes = {k}, got {int(labels.max())}"
-                )
+                raise ValueError(f"{name} must be < num_classes = {k}, got {int(labels.max())}")
         self._checked = True
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -329,9 +327,7 @@ def least_likely_target(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _other_max(logits: torch.Tensor, cls: torch.Tensor) -> torch.Tensor:
     # Max over the classes other than ``cls``. Masking with -inf (not multiplying by
     # 1 - onehot) keeps it right when every other logit is negative.
-    masked = logits.masked_fill(
-        nn.functional.one_hot(cls, logits.shape[1]).bool(), float("-inf")
-    )
+    masked = logits.masked_fill(nn.functional.one_hot(cls, logits.shape[1]).bool(), float("-inf"))
     return masked.amax(dim=1)
 
 
@@ -342,9 +338,7 @@ def ce_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) 
     return -nn.functional.cross_entropy(logits, target, reduction="none")
 
 
-def margin_loss(
-    logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
-) -> torch.Tensor:
+def margin_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """Per-sample CW logit margin to *maximise* ``(N,)``.
 
     Untargeted ``max_{j≠y} z_j − z_y``; targeted ``z_t − max_{j≠t} z_j``. Positive exactly
@@ -361,9 +355,7 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], to
 }
 
 
-def success_of(
-    logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
-) -> torch.Tensor:
+def success_of(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """``(N,)`` bool: argmax ≠ ``y`` (untargeted) or argmax == ``target`` (targeted)."""
     pred = logits.argmax(dim=1)
     return pred != y if target is None else pred == target

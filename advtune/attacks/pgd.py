@@ -134,7 +134,9 @@ def pgd(
             score = objective(logits, ys, ts).to(x0.dtype)
             won = success_of(logits, ys, ts)
             # Success beats failure; among failures the higher loss wins.
-            better = (won & ~best_success[todo]) | ((won == best_success[todo]) & (score > best_score[todo]))
+            better = (won & ~best_success[todo]) | (
+                (won == best_success[todo]) & (score > best_score[todo])
+            )
             keep = todo[better]
             best[keep], best_logits[keep] = xa[better], logits[better]
             best_success[keep], best_score[keep] = won[better], score[better]
@@ -180,7 +182,9 @@ def _run(
             new = project_linf(cur + alpha * g.sign(), clean, eps)
         else:
             gnorm = g.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
-            new = project_l2(cur + alpha * g / gnorm.reshape(-1, *([1] * (g.dim() - 1))), clean, eps)
+            new = project_l2(
+                cur + alpha * g / gnorm.reshape(-1, *([1] * (g.dim() - 1))), clean, eps
+            )
         if active is None:
             xa = new
         else:

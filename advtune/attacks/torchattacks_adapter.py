@@ -43,8 +43,8 @@ class MissingDependencyError(UserError, ImportError):
 
 
 def _import_torchattacks() -> Any:
-    try:
-        import torchattacks as ta  # noqa: PLC0415  (optional dependency)
+    try:  # optional dependency, imported on first use
+        import torchattacks as ta
     except ImportError as exc:
         raise MissingDependencyError(
             f"torchattacks is not installed; install the extra with: {_INSTALL_HINT}"
@@ -87,7 +87,7 @@ def _seeded_global_rngs(seed: int, device: torch.device) -> Iterator[None]:
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     py_state = random.getstate()
     try:
-        import numpy as np  # noqa: PLC0415
+        import numpy as np
 
         np_state: Any = np.random.get_state()
     except ImportError:  # pragma: no cover - numpy is a dependency

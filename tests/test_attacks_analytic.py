@@ -1,0 +1,270 @@
+"""Attacks on linear models, where the right answer is known in closed form (float64).
+
+For logits ``z = W x + b`` with two classes the decision boundary is the hyperplane
+``w·x + c = 0`` with ``w = W₁ − W₀``, ``c = b₁ − b₀``: the smallest L2 perturbation that
+flips the prediction has norm ``|w·x + c| / ‖w‖₂`` and the smallest L∞ one
+``|w·x + c| / ‖w‖₁`` (when the box [0, 1] does not get in the way, as arranged here).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from advtune import attacks
+from advtune.attacks._random import sample_generators, uniform_l2_ball, uniform_linf_ball
+from advtune.attacks._result import margin_loss, project_l2, project_linf
+
+F64 = torch.float64
+SHAPE = (1, 4, 4)
+D = 16
+
+
+def linear_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    lin = nn.Linear(weight.shape[1], weight.shape[0]).to(F64)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        lin.bias.copy_(bias)
+    return nn.Sequential(nn.Flatten(), lin).eval()
+
+
+@pytest.fixture(scope="module")
+def binary():
+    """A two-class linear model and points at known distances from its boundary."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(2, D, generator=gen, dtype=F64)
+    w = weight[1] - weight[0]
+    x = 0.35 + 0.3 * torch.rand(6, *SHAPE, generator=gen, dtype=F64)
+    # Put each point at signed distance s from the boundary: class 0 when s < 0.
+    s = torch.tensor([-0.05, -0.1, -0.02, 0.04, 0.08, 0.12], dtype=F64)
+    c = (s * w.norm() - x.flatten(1) @ w).mean()
+    x = x + ((s * w.norm() - x.flatten(1) @ w - c) / w.norm() ** 2).reshape(
+        -1, 1, 1, 1
+    ) * w.reshape(1, *SHAPE)
+    bias = torch.tensor([0.0, float(c)], dtype=F64)
+    model = linear_model(weight, bias)
+    margin = x.flatten(1) @ w + c
+    y = (margin > 0).long()
+    assert float(x.min()) > 0.2 and float(x.max()) < 0.8  # the box never binds
+    return model, x, y, w, margin
+
+
+def test_fgsm_moves_exactly_eps_sign_w(binary):
+    model, x, y, w, _ = binary
+    eps = 0.01
+    res = attacks.fgsm(model, x, y, eps=eps)
+    # Untargeted CE ascent pushes class-0 points along +w and class-1 points along −w.
+    direction = torch.where(y[:, None] == 0, 1.0, -1.0).to(F64) * w.sign()
+    torch.testing.assert_close(
+        res.x_adv.flatten(1) - x.flatten(1), eps * direction, rtol=0, atol=1e-15
+    )
+    assert torch.allclose(res.linf, torch.full_like(res.linf, eps), rtol=0, atol=1e-15)
+    assert res.model_calls == 2
+
+
+def test_fgsm_targeted_follows_target_gradient():
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(4, D, generator=gen, dtype=F64)
+    bias = torch.randn(4, generator=gen, dtype=F64)
+    model = linear_model(weight, bias)
+    x = 0.3 + 0.4 * torch.rand(5, *SHAPE, generator=gen, dtype=F64)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    target = torch.tensor([1, 2, 3, 0, 2])
+    eps = 0.02
+    res = attacks.fgsm(model, x, y, eps=eps, target=target)
+    p = torch.softmax(x.flatten(1) @ weight.T + bias, dim=1)
+    # d(−CE_t)/dx = Wᵀ(e_t − p)
+    grad = (nn.functional.one_hot(target, 4).to(F64) - p) @ weight
+    torch.testing.assert_close(
+        res.x_adv.flatten(1), x.flatten(1) + eps * grad.sign(), rtol=0, atol=1e-15
+    )
+
+
+def test_cw_l2_within_5_percent_of_minimal_distance(binary):
+    model, x, y, w, margin = binary
+    dist = margin.abs() / w.norm()
+    res = attacks.cw_l2(model, x, y)  # default hyperparameters
+    assert bool(res.success.all())
+    ratio = res.l2 / dist
+    # No perturbation can be shorter than the distance to the boundary...
+    assert float(ratio.min()) >= 1 - 1e-9
+    # ...and CW-L2 finds nearly the shortest one.
+    assert float(ratio.max()) <= 1.05, ratio
+
+
+def test_cw_l2_all_negative_logits():
+    """The f-term masks the true class with −inf: right even when every logit is < 0.
+
+    torchattacks' ``max((1 − onehot)·z)`` returns 0 for the "other" logit here, so its
+    loss sees a margin that is not there.
+    """
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(3, D, generator=gen, dtype=F64) * 0.5
+    bias = torch.tensor([-50.0, -50.5, -51.0], dtype=F64)
+    model = linear_model(weight, bias)
+    x = 0.4 + 0.2 * torch.rand(4, *SHAPE, generator=gen, dtype=F64)
+    with torch.no_grad():
+        logits = model(x)
+    assert bool((logits < 0).all())
+    y = logits.argmax(1)
+    res = attacks.cw_l2(model, x, y, steps=200, binary_search_steps=12)
+    assert bool(res.success.all())
+    # Distance to the nearest pairwise boundary lower-bounds the true distance; with
+    # three classes the nearest one is reached first here.
+    wy = weight[y]
+    gaps = torch.stack(
+        [
+            (logits.gather(1, y[:, None])[:, 0] - logits[:, j]) / (wy - weight[j]).norm(dim=1)
+            for j in range(3)
+        ],
+        dim=1,
+    )
+    gaps[torch.arange(4), y] = float("inf")
+    dist = gaps.min(dim=1).values
+    assert float((res.l2 / dist).max()) <= 1.05
+
+
+def test_cw_l2_moves_pixels_at_exactly_0_and_1():
+    """Pixels at 0 or 1 must move (atanh(±1) = ±inf would pin them)."""
+    weight = torch.zeros(2, D, dtype=F64)
+    weight[1, :8] = 1.0  # only the first 8 pixels matter; raising them flips the class
+    weight[1, 8:] = -1.0  # ...and lowering the last 8 does too
+    x = torch.cat([torch.zeros(8), torch.ones(8)]).to(F64).reshape(1, *SHAPE)
+    bias = torch.tensor([0.0, 8.0 - 1.0], dtype=F64)  # z1 − z0 = −1 at x
+    model = linear_model(weight, bias)
+    y = torch.tensor([0])
+    res = attacks.cw_l2(model, x, y, steps=200, binary_search_steps=10)
+    dist = 1.0 / weight[1].norm()
+    assert bool(res.success.all())
+    moved = (res.x_adv - x).flatten().abs()
+    assert bool((moved > 0.01).all())  # every pixel at the boundary moved inwards
+    assert float(res.l2[0] / dist) <= 1.05
+
+
+def test_cw_l2_clean_image_maps_back():
+    """With an already misclassified input CW returns x itself (L2 = 0, success)."""
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(2, D, generator=gen, dtype=F64)
+    model = linear_model(weight, torch.zeros(2, dtype=F64))
+    x = torch.rand(3, *SHAPE, generator=gen, dtype=F64)
+    x[0, 0, 0] = 0.0
+    x[1, 0, 0] = 1.0
+    with torch.no_grad():
+        wrong = 1 - model(x).argmax(1)
+    res = attacks.cw_l2(model, x, wrong, steps=10, binary_search_steps=1)
+    assert bool(res.success.all())
+    assert float(res.l2.max()) <= 1e-12
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_pgd_succeeds_just_above_minimal_distance_and_fails_below(binary, norm):
+    model, x, y, w, margin = binary
+    dual = w.norm() if norm == "l2" else w.abs().sum()
+    dist = margin.abs() / dual
+    for scale, expect in ((1 + 1e-6, True), (1 - 1e-3, False)):
+        for i in range(x.shape[0]):
+            res = attacks.pgd(
+                model,
+                x[i : i + 1],
+                y[i : i + 1],
+                eps=float(dist[i]) * scale,
+                norm=norm,
+                steps=20,
+                random_start=False,
+            )
+            assert bool(res.success[0]) is expect, (norm, scale, i)
+
+
+def test_mifgsm_reaches_linf_boundary(binary):
+    model, x, y, w, margin = binary
+    dist = margin.abs() / w.abs().sum()
+    for i in range(x.shape[0]):
+        eps = float(dist[i]) * (1 + 1e-6)
+        res = attacks.mifgsm(model, x[i : i + 1], y[i : i + 1], eps=eps, steps=10)
+        assert bool(res.success[0])
+        # Constant gradient sign: every pixel moves the full eps along ±sign(w).
+        torch.testing.assert_close(res.linf[0], torch.tensor(eps, dtype=F64), rtol=1e-12, atol=0)
+
+
+def test_pgd_margin_loss_and_early_stop(binary):
+    model, x, y, w, margin = binary
+    dist = margin.abs() / w.norm()
+    eps = float(dist.max()) * 1.5
+    full = attacks.pgd(model, x, y, eps=eps, norm="l2", loss="margin", random_start=False)
+    early = attacks.pgd(
+        model, x, y, eps=eps, norm="l2", loss="margin", random_start=False, early_stop=True
+    )
+    assert bool(full.success.all()) and bool(early.success.all())
+    # Early stop leaves successful samples where they first succeeded: no farther away.
+    assert bool((early.l2 <= full.l2 + 1e-12).all())
+    assert bool((early.l2 < full.l2).any())
+    assert early.model_calls < full.model_calls
+
+
+def test_pgd_restarts_keep_successes():
+    gen = torch.Generator().manual_seed(4)
+    weight = torch.randn(5, D, generator=gen, dtype=F64)
+    model = linear_model(weight, torch.zeros(5, dtype=F64))
+    x = torch.rand(32, *SHAPE, generator=gen, dtype=F64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    seeds = torch.arange(32)
+    one = attacks.pgd(model, x, y, eps=0.02, steps=2, seeds=seeds)
+    three = attacks.pgd(model, x, y, eps=0.02, steps=2, seeds=seeds, restarts=3)
+    # The first restart is the same run; later ones only add successes.
+    assert bool((three.success >= one.success).all())
+    assert torch.equal(three.x_adv[one.success], one.x_adv[one.success])
+    assert three.model_calls > one.model_calls
+
+
+def test_random_start_is_inside_the_ball(binary):
+    model, x, y, _, _ = binary
+    seeds = torch.arange(6)
+    for norm, eps in (("linf", 0.05), ("l2", 0.2)):
+        # A negligible step: x_adv is (almost) the random start itself.
+        res = attacks.pgd(model, x, y, eps=eps, norm=norm, steps=1, step_size=1e-12, seeds=seeds)
+        size = res.linf if norm == "linf" else res.l2
+        assert float(size.max()) <= eps * (1 + 1e-12) and float(size.min()) > 0
+
+
+def test_uniform_ball_samplers():
+    gens = sample_generators(torch.arange(4000), stream=1)
+    like = torch.zeros(1, dtype=F64)
+    d = 3
+    l2 = uniform_l2_ball(gens, (d,), 2.0, like)
+    r = l2.norm(dim=1) / 2.0
+    assert float(r.max()) <= 1.0
+    # Uniform in volume: (r)^d is uniform on [0, 1] (mean 1/2, sd ≈ 0.0046 here).
+    assert abs(float((r**d).mean()) - 0.5) < 0.02
+    linf = uniform_linf_ball(sample_generators(torch.arange(4000), 1), (d,), 0.5, like)
+    assert float(linf.abs().max()) <= 0.5
+    assert abs(float(linf.mean())) < 0.02 and abs(float(linf.abs().mean()) - 0.25) < 0.02
+    # Per-sample: a generator depends only on its own seed.
+    again = uniform_linf_ball(sample_generators(torch.arange(10, 20), 1), (d,), 0.5, like)
+    torch.testing.assert_close(again, linf[10:20], rtol=0, atol=0)
+
+
+def test_projections():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(50, *SHAPE, generator=gen, dtype=F64)
+    x_adv = x + torch.randn(50, *SHAPE, generator=gen, dtype=F64)
+    p = project_linf(x_adv, x, 0.1)
+    assert float((p - x).abs().max()) <= 0.1 + 1e-15 and float(p.min()) >= 0 and float(p.max()) <= 1
+    # Exact projection onto the intersection of two boxes: coordinate-wise clamp.
+    lo, hi = (x - 0.1).clamp(min=0), (x + 0.1).clamp(max=1)
+    torch.testing.assert_close(p, torch.maximum(torch.minimum(x_adv, hi), lo))
+    q = project_l2(x_adv, x, 0.5)
+    assert float((q - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-12
+    assert float(q.min()) >= 0 and float(q.max()) <= 1
+    inside = x + 0.01 * (x_adv - x) / (x_adv - x).flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(project_l2(inside.clamp(0, 1), x, 0.5), inside.clamp(0, 1))
+    assert torch.equal(project_l2(x, x, 0.0), x)
+
+
+def test_margin_loss_masks_with_minus_inf():
+    logits = torch.tensor([[-1.0, -2.0, -3.0], [5.0, 1.0, 7.0]], dtype=F64)
+    y = torch.tensor([0, 2])
+    torch.testing.assert_close(margin_loss(logits, y, None), torch.tensor([-1.0, -2.0], dtype=F64))
+    t = torch.tensor([2, 1])
+    torch.testing.assert_close(margin_loss(logits, y, t), torch.tensor([-2.0, -6.0], dtype=F64))
