@@ -218,25 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(text: str) -> str:
-    import torch
+    from advtune.distributed import resolve_device
 
-    text = text.strip().lower()
-    if text == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {text} asked for, but CUDA is not available "
-                f"(torch {torch.__version__}); use --device cpu"
-            )
-        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
-            raise UserError(
-                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible"
-            )
-        return text
-    raise UserError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
+    return resolve_device(text)
 
 
 def _stop_hook() -> Callable[[int], None] | None:
@@ -291,8 +275,8 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         )
     # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
     ctx = distributed.init(args.device)
-    device = ctx.device if ctx.is_distributed else _resolve_device(args.device)
-    ctx = dataclasses.replace(ctx, device=device)
+    ctx = dataclasses.replace(ctx, device=distributed.resolve_device(args.device, ctx))
+    device = ctx.device
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
     out_dir = Path(args.out or args.default_out)
     output = evaluate.OutputDir(out_dir)  # fails early if the folder is not writable

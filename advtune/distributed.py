@@ -55,6 +55,7 @@ __all__ = [
     "init",
     "partial_files",
     "partial_names",
+    "resolve_device",
     "run",
     "shard",
     "shutdown",
@@ -234,6 +235,35 @@ def _rank_device(device: str, local_rank: int) -> str:
             "CUDA_VISIBLE_DEVICES"
         )
     raise UserError(f"unknown device {device!r}; use auto, cpu or cuda")
+
+
+def resolve_device(device: str, ctx: DistContext | None = None) -> str:
+    """The device to run on for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Under torchrun (``ctx.is_distributed``) this is the rank's device (``ctx.device``).
+
+    Raises:
+        UserError: CUDA asked for but absent, a missing ``cuda:N``, an unknown name.
+    """
+    if ctx is not None and ctx.is_distributed:
+        return ctx.device
+    text = device.strip().lower()
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    if text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise UserError(
+                f"--device {text} asked for, but CUDA is not available "
+                f"(torch {torch.__version__}); use --device cpu"
+            )
+        if ":" in text and int(text[5:]) >= torch.cuda.device_count():
+            raise UserError(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+        return text
+    raise UserError(f"unknown device {text!r}; use auto, cpu, cuda or cuda:N")
 
 
 _CONTEXT: DistContext | None = None

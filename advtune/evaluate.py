@@ -455,6 +455,7 @@ def run_attack(
     device: torch.device | str | None = None,
     on_batch_done: Callable[[int], None] | None = None,
     stats: RunStats | None = None,
+    pad_to: int | None = None,
 ) -> RunStats:
     """Attack every batch of ``loader`` and hand the results to ``sink``.
 
@@ -478,6 +479,9 @@ def run_attack(
             (the CLI's testing hook uses it to simulate a kill).
         stats: a :class:`RunStats` to fill in (so a caller still has the numbers when the
             loop is interrupted); a new one by default.
+        pad_to: pad smaller batches (the last one, a resumed run's, a torchrun rank's)
+            to this size by repeating their last image, whose extra results are dropped,
+            so that results are the same however the images are batched or sharded.
 
     Returns:
         :class:`RunStats` for this call.
@@ -523,6 +527,17 @@ def run_attack(
                 indices = [indices[k] for k in keep]
                 paths = [paths[k] for k in keep]
             images = images.to(device, non_blocking=True)
+            n = len(indices)
+            if pad_to is not None and n < pad_to:
+                # Repeat the last image up to the full batch size and drop the copies'
+                # results: every attack call then sees the same batch shape, so results
+                # do not depend on which images share a batch (kernels may pick another
+                # algorithm, summing in another order, for another batch size).
+                fill = pad_to - n
+                images = torch.cat([images, images[-1:].expand(fill, *images.shape[1:])])
+                labels = torch.cat([labels, labels[-1:].expand(fill)])
+                indices = [*indices, *[indices[-1]] * fill]
+                paths = [*paths, *[paths[-1]] * fill]
             t0 = time.perf_counter()
             out = attack_batch(
                 model,
@@ -534,6 +549,13 @@ def run_attack(
                 attack_fn=attack_fn,
                 adv_paths=adv_paths,
             )
+            if len(indices) > n:
+                out = BatchOutput(
+                    rows=out.rows[: n * len(out.images)],
+                    images=[q[:n] for q in out.images],
+                    model_calls=out.model_calls,
+                )
+                indices = indices[:n]
             _sync(device)
             stats.attack_s += time.perf_counter() - t0
             if sink is not None:
@@ -1209,7 +1231,7 @@ def run(
                 model, loader, config,
                 sink=lambda b: out.save_batch(b, save_images=save_images),
                 skip=skip, adv_paths=adv_paths, progress=progress, total=len(todo),
-                device=device, on_batch_done=on_batch_done, stats=stats,
+                device=device, on_batch_done=on_batch_done, stats=stats, pad_to=batch_size,
             )  # fmt: skip
     except BaseException as e:
         # Record the partial state (the manifest already holds every finished batch).

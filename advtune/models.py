@@ -47,7 +47,9 @@ __all__ = [
     "load_model",
 ]
 
-DEFAULT_CONVBN = "tune"
+# Attacks need input gradients only: the frozen mode saves least for backward (see
+# docs/performance.md) and gives the same input gradients as Eval mode.
+DEFAULT_CONVBN = "frozen"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 

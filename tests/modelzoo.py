@@ -12,6 +12,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 # Inputs are kept small so float64 on 2 CPU cores stays fast; these models need more.
 _MIN_SIZE = {"inception_v3": 75, "maxvit_t": 224}
+# Inception's auxiliary head cannot run at 75 px in train mode (calibration).
+_BUILD_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True}}
 # float64 convolutions (depthwise ones above all) are slow on CPU: the default run checks
 # one model per architecture family; `pytest -m slow` checks every BN model.
 _FAST = {"resnet18", "densenet121", "efficientnet_b0", "mnasnet0_5", "googlenet"}
@@ -55,7 +57,8 @@ def build_calibrated(
     """
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # torchvision's initialisers draw from the global RNG
-    model = torchvision.models.get_model(name, weights=None).to(dtype)
+    model = torchvision.models.get_model(name, weights=None, **_BUILD_KWARGS.get(name, {}))
+    model = model.to(dtype)
     for m in model.modules():
         if isinstance(m, _BatchNorm):
             m.momentum = None  # cumulative moving average over the calibration passes

@@ -93,6 +93,17 @@ def test_cw_l2_within_5_percent_of_minimal_distance(binary):
     assert float(ratio.max()) <= 1.05, ratio
 
 
+def test_cw_l2_kappa_buys_a_margin(binary):
+    """With κ > 0 a success must beat the other logit by κ: distance (|m| + κ)/‖w‖."""
+    model, x, y, w, margin = binary
+    kappa = 0.5
+    res = attacks.cw_l2(model, x, y, kappa=kappa)
+    assert bool(res.success.all())
+    assert float(margin_loss(res.logits, y, None).min()) >= kappa - 1e-9
+    ratio = res.l2 / ((margin.abs() + kappa) / w.norm())
+    assert float(ratio.min()) >= 1 - 1e-9 and float(ratio.max()) <= 1.05, ratio
+
+
 def test_cw_l2_all_negative_logits():
     """The f-term masks the true class with −inf: right even when every logit is < 0.
 

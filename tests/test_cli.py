@@ -19,7 +19,7 @@ from PIL import Image
 from advtune.cli import main
 from advtune.data import build_dataset, imagenet_wnids
 from advtune.io import read_manifest
-from advtune.models import Preprocess, load_model
+from advtune.models import DEFAULT_CONVBN, Preprocess, load_model
 
 SIZE = 32
 
@@ -86,7 +86,7 @@ def test_generate_end_to_end_and_png_faithfulness(imagenet, checkpoint, tmp_path
     assert report["versions"]["torch"] == torch.__version__
     assert report["versions"]["torchvision"] == torchvision.__version__
     assert report["device"]["type"] == "cpu"
-    assert report["convbn"]["mode"] == "tune" and report["convbn"]["folded"]
+    assert report["convbn"]["mode"] == DEFAULT_CONVBN and report["convbn"]["folded"]
     assert report["data"]["layout"] == "imagenet-folders"
     assert report["data"]["label_source"] == "dataset"
     assert report["peak_memory_bytes"] is None  # CPU
@@ -98,7 +98,7 @@ def test_generate_end_to_end_and_png_faithfulness(imagenet, checkpoint, tmp_path
     # Faithful PNGs: within eps of the 8-bit clean image, and the model's verdict on the
     # saved file is what the manifest says.
     dataset = build_dataset(imagenet, transform=Preprocess(SIZE, round(SIZE * 256 / 224)))
-    model = load_model("resnet18", weights=str(checkpoint), convbn="tune")
+    model = load_model("resnet18", weights=str(checkpoint), convbn=DEFAULT_CONVBN)
     saved = []
     for row in rows:
         png = np.asarray(Image.open(out / "adv" / row["adv_path"]).convert("RGB"))
@@ -113,12 +113,6 @@ def test_generate_end_to_end_and_png_faithfulness(imagenet, checkpoint, tmp_path
     assert [r["success"] for r in rows] == [p != r["label"] for p, r in zip(preds, rows)]
 
 
-@pytest.mark.xfail(
-    raises=RuntimeError,
-    strict=True,
-    reason="advtune.attacks._result._per_sample does not broadcast (N,) over (N, C, H, W), "
-    "so PGD-L2's projection fails; remove this mark once the attacks module is fixed",
-)
 def test_generate_l2_pngs_within_eps(imagenet, checkpoint, tmp_path, capsys):
     out = tmp_path / "l2"
     argv = ["generate", *base_args(imagenet, checkpoint, out), "--preset", "imagenet-l2-pgd",

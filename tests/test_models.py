@@ -341,7 +341,9 @@ def test_not_a_checkpoint(tmp_path):
 
 
 def test_factory_model():
-    model = load_model("test_models:factory")
+    # Tune mode folds on the fly, so model.double() gives an exact float64 reference
+    # (deploy/frozen fold once, in the float32 the model was loaded in).
+    model = load_model("test_models:factory", convbn="tune")
     assert model.weights == "factory test_models:factory"
     assert model.num_classes == 10 and model.categories is None
     assert model.preprocess.crop_size == 32

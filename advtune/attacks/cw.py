@@ -152,8 +152,11 @@ def cw_l2(
                 best[idx] = img[improve]
                 found[idx] = True
                 if abort_early and it % check_every == 0:
-                    # ">=" (the reference has ">"): a loss stuck at exactly 0 counts as stalled.
-                    stalled = loss >= prev[active] * 0.9999
+                    # Stalled: not 0.01% below the last checkpoint. Written with |prev| so
+                    # it holds for negative losses (κ > 0), and with ">=" (the reference
+                    # has "l > 0.9999·prev") so a loss stuck at exactly 0 counts as stalled.
+                    last = prev[active]
+                    stalled = loss >= last - 1e-4 * last.abs()
                     prev[active] = loss
                     active = active[~stalled]
                     if active.numel() == 0:

@@ -1,0 +1,287 @@
+"""torchrun support: sharding, per-rank manifests, merge, failures and resume (CPU, gloo).
+
+Multi-process runs go through ``python -m torch.distributed.run --nproc-per-node 2`` in a
+subprocess, on a tiny ImageNet-layout folder of real JPEGs and a randomly initialised
+resnet18 at 32×32 (saved as a checkpoint so every process loads the same weights). Each is
+compared with the same command run in this process without torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from advtune import distributed
+from advtune.cli import STOP_HOOK_ENV, main
+from advtune.data import imagenet_wnids
+from advtune.errors import UserError
+from advtune.io import format_manifest, read_manifest
+
+TORCHRUN_TIMEOUT_S = 240
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def write_imagenet_folder(root, *, classes=3, per_class=2, seed=0):
+    rng = np.random.default_rng(seed)
+    for c, wnid in enumerate(imagenet_wnids()[:classes]):
+        (root / wnid).mkdir(parents=True)
+        for i in range(per_class):
+            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((44, 38), Image.BILINEAR).save(
+                root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90
+            )
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # torchrun runs each rank with OMP_NUM_THREADS=1; the in-process reference must use
+    # the same thread count, since CPU kernels may sum in another order with more threads.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    base = tmp_path_factory.mktemp("dist")
+    data = write_imagenet_folder(base / "val")
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        net = torchvision.models.resnet18()
+    ckpt = base / "resnet18.pt"
+    torch.save(net.state_dict(), ckpt)
+    return data, ckpt
+
+
+def args_for(command, data, ckpt, out, *more):
+    # PGD with a random start and random targets: both use the per-sample seeds.
+    eps = ["--eps", "4/255"] if command == "generate" else ["--eps", "2/255,8/255"]
+    return [
+        command, "--model", "resnet18", "--weights", str(ckpt), "--data", str(data),
+        "--out", str(out), "--image-size", "32", "--batch-size", "2", "--workers", "0",
+        "--attack", "pgd", *eps, "--steps", "2", "--targeted", "random", "--seed", "3",
+        "-q", *more,
+    ]  # fmt: skip
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args, *, nproc=2, env=None):
+    """``torchrun --nproc-per-node 2 -m advtune ...`` on the CPU (gloo), in a subprocess."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "advtune",
+        *args,
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, env={**clean, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S,
+    )  # fmt: skip
+
+
+def assert_same_results(a, b, *, pngs=False):
+    assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
+    ra = json.loads((a / "report.json").read_text())
+    rb = json.loads((b / "report.json").read_text())
+    assert ra["status"] == rb["status"] == "complete"
+    assert ra["metrics"] == rb["metrics"]
+    assert ra["config"] == rb["config"]
+    assert ra["data"] == rb["data"]
+    if pngs:
+        files = sorted(p.relative_to(a) for p in (a / "adv").rglob("*.png"))
+        assert files and files == sorted(p.relative_to(b) for p in (b / "adv").rglob("*.png"))
+        for p in files:
+            assert (a / p).read_bytes() == (b / p).read_bytes()
+    # Nothing but the single-process files is left behind.
+    assert not list(a.glob("*.rank*-of-*")) and not list(a.rglob("*.tmp"))
+    return ra, rb
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """Single-process runs (in this process, without torchrun)."""
+    data, ckpt = setup
+    base = tmp_path_factory.mktemp("ref")
+    for command in ("generate", "evaluate"):
+        assert main(args_for(command, data, ckpt, base / command)) == 0
+    return base
+
+
+# --------------------------------------------------------------------------- units
+
+
+def test_env_world_parses_torchrun_variables():
+    assert distributed.env_world({}) == (0, 1, 0)
+    env = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}
+    assert distributed.env_world(env) == (3, 4, 1)
+    with pytest.raises(UserError, match="WORLD_SIZE must be an integer, got 'two'"):
+        distributed.env_world({"WORLD_SIZE": "two"})
+    with pytest.raises(UserError, match="RANK 4 is out of range for WORLD_SIZE 4"):
+        distributed.env_world({"RANK": "4", "WORLD_SIZE": "4"})
+
+
+def test_single_process_context_needs_no_process_group(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    ctx = distributed.init("cpu")
+    assert (ctx.rank, ctx.world_size, ctx.is_distributed, ctx.is_main) == (0, 1, False, True)
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not distributed.init("auto").is_distributed
+    # Collectives degrade to identities.
+    assert ctx.broadcast({"a": 1}) == {"a": 1}
+    assert ctx.gather(5) == [5] and ctx.all_gather(5) == [5]
+
+
+def test_rank_devices():
+    assert distributed._rank_device("cpu", 3) == "cpu"
+    with pytest.raises(UserError, match="every rank on one GPU"):
+        distributed._rank_device("cuda:1", 0)
+    with pytest.raises(UserError, match="unknown device 'tpu'"):
+        distributed._rank_device("tpu", 0)
+    if not torch.cuda.is_available():
+        assert distributed._rank_device("auto", 1) == "cpu"
+        with pytest.raises(UserError, match="CUDA is not available"):
+            distributed._rank_device("cuda", 0)
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 16, 17])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_cover_every_index_once(n, world):
+    indices = list(range(100, 100 + n))
+    shards = [distributed.shard(indices, r, world) for r in range(world)]
+    flat = sorted(i for s in shards for i in s)
+    assert flat == indices  # no gaps, no duplicates (no padding)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert shards[0][:2] == indices[0 : 2 * world : world]  # rank r takes r, r+W, ...
+    with pytest.raises(ValueError, match="rank must be in"):
+        distributed.shard(indices, world, world)
+
+
+def _row(index, eps=None, **changes):
+    row = {
+        "path": f"img{index}.JPEG", "label": 1, "clean_pred": 1, "adv_pred": 2,
+        "success": True, "linf": 0.01, "l2": 0.1, "index": index, "eps": eps, "target": None,
+        "clean_conf": 0.5, "adv_conf": 0.4, "attack_success": True,
+        "adv_path": f"img{index}.png",
+    }  # fmt: skip
+    return {**row, **changes}
+
+
+def test_consolidate_merges_partials_only_on_resume(tmp_path):
+    names = [distributed.partial_names(r, 2) for r in range(2)]
+    (tmp_path / names[0][0]).write_text(format_manifest([_row(0), _row(2)]))
+    (tmp_path / names[1][0]).write_text(format_manifest([_row(1)]))
+    (tmp_path / names[0][1]).write_text("{}")
+    (tmp_path / "manifest.csv").write_text(format_manifest([_row(0)]))  # overlap: fine
+    with pytest.raises(UserError, match=r"already holds results.*--resume"):
+        distributed.consolidate(tmp_path, resume=False, overwrite=False)
+    with pytest.raises(UserError, match="exclude each other"):
+        distributed.consolidate(tmp_path, resume=True, overwrite=True)
+    assert len(list(tmp_path.iterdir())) == 4  # nothing touched by the refusals
+    distributed.consolidate(tmp_path, resume=True, overwrite=False)
+    assert [r["index"] for r in read_manifest(tmp_path / "manifest.csv")] == [0, 1, 2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv"]
+    distributed.consolidate(tmp_path, resume=False, overwrite=False)  # nothing left to do
+
+
+def test_consolidate_refuses_conflicting_rows_and_overwrite_removes_pngs(tmp_path):
+    (tmp_path / "manifest.rank0-of-2.csv").write_text(format_manifest([_row(0)]))
+    (tmp_path / "manifest.rank0-of-3.csv").write_text(format_manifest([_row(0, adv_pred=7)]))
+    with pytest.raises(UserError, match=r"conflicting results for image 'img0\.JPEG'"):
+        distributed.consolidate(tmp_path, resume=True, overwrite=False)
+    (tmp_path / "adv").mkdir()
+    (tmp_path / "adv" / "img0.png").write_bytes(b"png")
+    (tmp_path / "adv" / "other.png").write_bytes(b"not ours")
+    distributed.consolidate(tmp_path, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adv", "other.png"]
+
+
+def test_global_progress_counts_and_drains_single_process():
+    bar = distributed.GlobalProgress(distributed.DistContext(), total=4, show=False)
+    bar.batch_done(images=2, rows=4, successes=3)
+    bar.batch_done(images=2, rows=4, successes=1)
+    assert (bar.images, bar.rows, bar.successes) == (4, 8, 4)
+    assert bar.finish(failed=False) == set()
+    assert distributed.GlobalProgress(distributed.DistContext(), total=0, show=False).finish(
+        failed=True
+    ) == {0}
+
+
+# --------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_generate_equals_single_process(setup, reference, tmp_path):
+    data, ckpt = setup
+    out = tmp_path / "out"
+    proc = torchrun(args_for("generate", data, ckpt, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, single = assert_same_results(out, reference / "generate", pngs=True)
+    report = json.loads((out / "report.json").read_text())
+    ranks = report["distributed"]["ranks"]
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["backend"] == "gloo"
+    # Rank r took indices r, r+2, r+4 of the 6 images.
+    assert [r["images"] for r in ranks] == [3, 3] and {r["status"] for r in ranks} == {"complete"}
+    assert report["timings"]["images_this_session"] == 6
+    assert report["settings"]["world_size"] == 2
+    assert "distributed" not in single
+
+
+def test_failing_rank_fails_the_run_and_resume_continues(setup, reference, tmp_path):
+    data, ckpt = setup
+    out = tmp_path / "out"
+    # Rank 1 is interrupted after its first batch; rank 0 stops after its current one.
+    proc = torchrun(args_for("evaluate", data, ckpt, out), env={STOP_HOOK_ENV: "1@1"})
+    assert proc.returncode != 0
+    assert "advtune: interrupted" in proc.stderr  # rank 1's own message
+    assert "rank 1 of 2 failed" in proc.stderr and "--resume" in proc.stderr  # rank 0's
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "interrupted"
+    assert [r["status"] for r in report["distributed"]["ranks"]] == ["stopped", "interrupted"]
+    done = [r["index"] for r in read_manifest(out / "manifest.csv")]
+    assert done and len(done) < 12 and done == sorted(done)
+    # Resume with another world size (a single process): the same final result.
+    assert main([*args_for("evaluate", data, ckpt, out), "--resume"]) == 0
+    resumed, _ = assert_same_results(out, reference / "evaluate")
+    assert resumed["timings"]["resumed"] is True
+    assert (out / "robust_accuracy.png").exists()
+
+
+def test_killed_run_resumes_per_rank(setup, reference, tmp_path):
+    data, ckpt = setup
+    out = tmp_path / "out"
+    args = args_for("evaluate", data, ckpt, out)
+    # Every rank SIGKILLs itself after one batch: no clean-up code runs at all.
+    proc = torchrun(args, env={STOP_HOOK_ENV: "1:kill"})
+    assert proc.returncode != 0
+    partial = sorted(p.name for p in out.glob("manifest.rank*"))
+    assert partial == ["manifest.rank0-of-2.csv", "manifest.rank1-of-2.csv"]
+    # Rank r's first batch: indices r and r + 2, one row per eps.
+    assert [r["index"] for r in read_manifest(out / partial[0])] == [0, 0, 2, 2]
+    assert [r["index"] for r in read_manifest(out / partial[1])] == [1, 1, 3, 3]
+    assert not list(out.rglob("*.tmp"))
+    # Without --resume the folder is protected.
+    rc = main(args)
+    assert rc == 2
+    proc = torchrun([*args, "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed, _ = assert_same_results(out, reference / "evaluate")
+    assert [r["images"] for r in resumed["distributed"]["ranks"]] == [1, 1]

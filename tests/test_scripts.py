@@ -1,0 +1,182 @@
+"""The scripts end to end on tiny inputs: a generated ImageNet folder, random weights.
+
+Random weights make every figure meaningless; these tests check the plumbing (cells,
+resume, table, CSV, plots), not robustness.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from advtune.data import imagenet_wnids
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def imagenet(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts") / "val"
+    rng = np.random.default_rng(0)
+    for c, wnid in enumerate(imagenet_wnids()[:2]):
+        (root / wnid).mkdir(parents=True)
+        for i in range(2):
+            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((40, 36), Image.BILINEAR).save(
+                root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90
+            )
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Seeded random weights saved as files, so every load gives the same model."""
+    folder = tmp_path_factory.mktemp("ckpt")
+    files = []
+    for name in ("resnet18", "mobilenet_v3_small"):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            net = getattr(torchvision.models, name)()
+        torch.save(net.state_dict(), folder / f"{name}.pt")
+        files.append(f"{name}={folder / f'{name}.pt'}")
+    return ",".join(files)
+
+
+def grid_args(data, weights, out, *more):
+    return [
+        "--data", str(data), "--models", "resnet18,mobilenet_v3_small", "--weights", weights,
+        "--image-size", "32", "--attacks", "fgsm,pgd10,pgd20-l2,cw-l2",
+        "--linf-eps", "2/255,8/255", "--l2-eps", "0.25,0.5",
+        "--set", "pgd10.steps=2", "--set", "pgd20-l2.steps=2", "--set", "cw-l2.steps=2",
+        "--set", "cw-l2.binary_search_steps=1", "--batch-size", "4", "--workers", "0",
+        "--out", str(out), "-q", *more,
+    ]  # fmt: skip
+
+
+def test_imagenet_robustness_grid_table_csv_plots_and_resume(imagenet, checkpoints, tmp_path):
+    script = load_script("imagenet_robustness")
+    out = tmp_path / "grid"
+    assert script.main(grid_args(imagenet, checkpoints, out)) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    # 2 models × (fgsm, pgd10: 2 eps; pgd20-l2: 2 eps; cw-l2: no eps).
+    assert len(rows) == 2 * (2 + 2 + 2 + 1)
+    assert {r["status"] for r in rows} == {"complete"} and {r["num_images"] for r in rows} == {"4"}
+    for r in rows:  # each figure is the cell's own report's
+        report = json.loads((out / "cells" / r["model"] / r["attack"] / "report.json").read_text())
+        entry = next(
+            e for e in report["metrics"]["per_eps"] if str(e["eps"] or "") == r["eps"]
+        )  # fmt: skip
+        assert float(r["robust_accuracy"]) == entry["robust_accuracy"]
+    table = (out / "results.md").read_text()
+    assert (
+        "## pgd10 (linf, 4 images)" in table
+        and "| model | clean | eps 2/255 | eps 8/255 |" in table
+    )
+    assert "| model | clean | robust | success rate | median L2 |" in table  # cw-l2
+    plots = sorted(p.name for p in (out / "plots").iterdir())
+    assert plots == ["fgsm.png", "pgd10.png", "pgd20-l2.png"]  # CW has no eps axis
+    assert all((out / "plots" / p).read_bytes().startswith(b"\x89PNG") for p in plots)
+
+    # Finished cells are skipped: nothing is attacked (or even loaded) again.
+    cell = out / "cells" / "resnet18" / "pgd10" / "report.json"
+    before = cell.read_bytes()
+    assert script.main(grid_args(imagenet, checkpoints, out)) == 0
+    assert cell.read_bytes() == before
+    # An unfinished cell is resumed: drop its last rows and its "complete" status.
+    manifest = out / "cells" / "resnet18" / "fgsm" / "manifest.csv"
+    full = manifest.read_text()
+    manifest.write_text("".join(full.splitlines(keepends=True)[:5]))  # header + 2 images
+    report_path = manifest.with_name("report.json")
+    report = json.loads(report_path.read_text())
+    report["status"] = "interrupted"
+    report_path.write_text(json.dumps(report))
+    assert script.main(grid_args(imagenet, checkpoints, out, "--models", "resnet18")) == 0
+    assert manifest.read_text() == full
+    resumed = json.loads(report_path.read_text())
+    assert resumed["status"] == "complete" and resumed["timings"]["images_this_session"] == 2
+
+
+def test_imagenet_robustness_user_errors(imagenet, tmp_path, capsys):
+    script = load_script("imagenet_robustness")
+    rc = script.main(grid_args(imagenet, "random", tmp_path / "x", "--attacks", "pgd7"))
+    assert rc == 2 and "unknown grid attack(s) ['pgd7']" in capsys.readouterr().err
+    rc = script.main(grid_args(imagenet, "random", tmp_path / "x", "--set", "pgd10.stepz=3"))
+    assert rc == 2 and "no setting 'stepz'" in capsys.readouterr().err
+
+
+def test_convbn_modes_table_csv_plot(tmp_path):
+    script = load_script("convbn_modes")
+    out = tmp_path / "modes"
+    argv = ["--models", "resnet18", "--modes", "eval,tune,frozen", "--size", "32", "--steps",
+            "1", "--batch-size", "2", "--device", "cpu", "--out", str(out), "-q"]  # fmt: skip
+    assert script.main(argv) == 0
+    rows = list(csv.DictReader((out / "convbn_modes.csv").open()))
+    assert [(r["model"], r["mode"]) for r in rows] == [
+        ("resnet18", "eval"), ("resnet18", "tune"), ("resnet18", "frozen")
+    ]  # fmt: skip
+    saved = {r["mode"]: float(r["saved_mib_per_image"]) for r in rows}
+    # Measured, not asserted to a number: folding BN saves memory, frozen saves the most.
+    assert saved["frozen"] < saved["tune"] < saved["eval"]
+    assert float(rows[0]["saved_vs_eval"]) == 1.0
+    table = (out / "convbn_modes.md").read_text()
+    assert "| resnet18 | frozen |" in table
+    assert (out / "convbn_modes.png").read_bytes().startswith(b"\x89PNG")
+    # A rerun with the same settings reuses the measurement.
+    stored = (out / "json" / "resnet18.json").read_bytes()
+    assert script.main(argv) == 0
+    assert (out / "json" / "resnet18.json").read_bytes() == stored
+
+
+@pytest.mark.slow
+def test_imagenet_robustness_under_torchrun_equals_single_process(imagenet, checkpoints, tmp_path):
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = ["--models", "resnet18", "--attacks", "fgsm,pgd10"]
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert (
+        load_script("imagenet_robustness").main([*grid_args(imagenet, checkpoints, single), *args])
+        == 0
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-addr", "127.0.0.1", "--master-port", str(port),
+         str(SCRIPTS / "imagenet_robustness.py"), *grid_args(imagenet, checkpoints, multi), *args],
+        env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for cell in ("fgsm", "pgd10"):
+        a, b = (d / "cells" / "resnet18" / cell / "manifest.csv" for d in (single, multi))
+        assert a.read_text() == b.read_text()
+    strip = lambda p: [r[:11] for r in csv.reader(p.open())]  # noqa: E731 (no timings)
+    assert strip(single / "results.csv") == strip(multi / "results.csv")
