@@ -1,7 +1,7 @@
 """A small BatchNorm CNN trained on scikit-learn's digits (ships offline), for real-data tests.
 
 The 8×8 grey digits are upsampled to 32×32 RGB in [0, 1]; the model normalises inside,
-like every advtune model. Training takes a few seconds on one CPU core; the state_dict is
+like every advtune model. Training takes 10–20 s on a 2-core CPU; the state_dict is
 cached under pytest's cache directory, keyed by :data:`VERSION` (bump it when the data,
 the architecture or the recipe changes). Training seeds the torch RNG inside
 ``torch.random.fork_rng`` so the caller's global RNG state is left as it was.
@@ -12,7 +12,7 @@ Use from a test module::
 
     @pytest.fixture(scope="session")
     def digits(request):
-        return digits_model(request.config.cache), digits_test_set()
+        return digits_model(getattr(request.config, "cache", None)), digits_test_set()
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ EPS = 4 / 255  # moderate for these images: FGSM keeps some accuracy, PGD almost
 
 @pytest.fixture(scope="session")
 def digits(request):
-    model = digits_model(request.config.cache)
+    model = digits_model(getattr(request.config, "cache", None))
     x, y = digits_test_set()
     with torch.no_grad():
         correct = model(x).argmax(1) == y
