@@ -64,6 +64,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e} (or 'auto')") from None
+
+
 def _nonneg_int(text: str) -> int:
     from advtune.presets import parse_int
 
@@ -162,7 +171,14 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
     )
     run = p.add_argument_group("run")
     run.add_argument("--out", help="output folder")
-    run.add_argument("--batch-size", type=_positive_int, default=32)
+    run.add_argument(
+        "--batch-size",
+        type=_batch_size,
+        default=32,
+        metavar="N|auto",
+        help="images per batch (default 32); 'auto': the largest that fits in free GPU "
+        "memory (probed once per configuration and cached), 32 on a CPU",
+    )
     run.add_argument("--workers", type=_nonneg_int, default=2, help="data-loading processes")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument(
@@ -311,6 +327,12 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         model = prepare(model, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
     if len(dataset) == 0:
         raise UserError(f"no images found in {str(dataset.root)!r}")
+    batch_size = args.batch_size
+    if batch_size == "auto":
+        batch_size = _auto_batch_size(args, model, config, dataset, transform, device, convbn)
+        if ctx.is_distributed:
+            # Every rank must attack with the same batch shape (results depend on it).
+            batch_size = min(ctx.all_gather(batch_size))
     context = {
         "model": {"name": args.model, "weights": weights_used, "convbn": convbn},
         "preprocess": repr(transform),
@@ -318,7 +340,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         "amp": args.amp,
         "channels_last": args.channels_last,
     }
-    settings = {"device": device, "compile": args.compile}
+    settings = {"device": device, "compile": args.compile, "batch_size_requested": args.batch_size}
     # distributed.run is evaluate.run for a single process (after folding in partial
     # manifests a torchrun run left behind), and shards + merges under torchrun.
     report = distributed.run(
@@ -329,7 +351,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         out_dir=out_dir,
         command=command,
         save_images=save_images,
-        batch_size=args.batch_size,
+        batch_size=batch_size,
         num_workers=args.workers,
         resume=args.resume,
         overwrite=args.overwrite,
@@ -341,6 +363,47 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     if report is not None and not args.quiet:  # rank 0 prints the merged summary
         print(evaluate.format_summary(report))
     return 0
+
+
+def _auto_batch_size(
+    args: argparse.Namespace,
+    model: Any,
+    config: Any,
+    dataset: Any,
+    transform: Any,
+    device: str,
+    convbn: str,
+) -> int:
+    """``--batch-size auto``: probed on CUDA (and cached), the CPU default otherwise."""
+    from advtune import evaluate, runtime
+
+    crop = getattr(transform, "crop_size", None)
+    if isinstance(crop, int):
+        input_shape = (3, crop, crop)
+    else:  # a custom model's preprocessing: look at one image
+        sample = next((s for s in (dataset[i] for i in range(len(dataset))) if s), None)
+        if sample is None:
+            raise UserError(f"no decodable image in {str(dataset.root)!r}")
+        input_shape = tuple(sample["image"].shape)
+    key = {
+        "model": args.model,
+        "convbn": convbn,
+        "amp": args.amp,
+        "channels_last": args.channels_last,
+        "compile": args.compile,
+    }
+    # Never more than the images: a larger batch would only be padding. The number of
+    # images (not of those left to do) keeps the batch shape, and so the results, the
+    # same on --resume.
+    return evaluate.auto_batch_size(
+        model,
+        config,
+        input_shape=input_shape,
+        device=device,
+        key=key,
+        limit=len(dataset),
+        cache_file=runtime.default_batch_size_cache(),
+    )
 
 
 def _unset_transform(image: Any) -> Any:

@@ -559,6 +559,8 @@ def _rank_summary(ctx: DistContext, report_path: Path, error: BaseException | No
         "attack_s": float(session.get("attack_s", 0.0)),
         "images_per_s": session.get("images_per_s"),
         "model_calls": int(session.get("model_calls", 0)),
+        "oom_backoffs": int(session.get("oom_backoffs") or 0),
+        "final_batch_size": session.get("final_batch_size"),
         "peak_memory_bytes": peak,
         "status": "complete" if error is None else _status_of(error),
         "error": None if error is None else f"{type(error).__name__}: {error}",
@@ -815,6 +817,11 @@ def _finish_main(
         attack_s=sum(r["attack_s"] for r in ranks),
         model_calls=sum(r["model_calls"] for r in ranks),
         peak_memory_bytes=max(peaks) if peaks else None,
+        oom_backoffs=sum(r["oom_backoffs"] for r in ranks),
+        # A rank that backed off attacks in smaller calls from then on; report the smallest.
+        final_batch_size=min(
+            (r["final_batch_size"] for r in ranks if r["final_batch_size"]), default=None
+        ),
     )
     statuses = {r["status"] for r in ranks}
     if error is None and not failed and gathered is not None:
@@ -824,6 +831,11 @@ def _finish_main(
     else:
         status = "failed"
     report = merged_report(rows, status, stats, skipped, ranks)
+    # As a single process reports them (advtune.evaluate.run); per rank under "distributed".
+    report["settings"]["oom_backoffs"] = stats.oom_backoffs
+    report["settings"]["final_batch_size"] = stats.final_batch_size or report["settings"].get(
+        "batch_size"
+    )
     if gathered is None:
         report["distributed"]["note"] = "other ranks unreachable: only rank 0's timings"
     want_plot = plot if plot is not None else len(config.eps_values()) > 1

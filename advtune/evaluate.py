@@ -8,8 +8,11 @@ Layers, from the inside out (each usable on its own):
   saved, staying inside the threat model (L∞ and L2).
 * :func:`attack_batch` — clean forward, targets, the attack for each eps, quantisation,
   and a re-check of the model on the quantised images: one manifest row per (image, eps).
-* :func:`run_attack` — the loop over a loader: skips done/duplicate indices, hands each
-  batch's rows (and images) to a sink, shows a progress bar, measures time and memory.
+* :func:`run_attack` — the loop over a loader: skips done/duplicate indices, attacks each
+  batch in padded chunks that halve on out-of-memory, hands each batch's rows (and
+  images) to a sink, shows a progress bar, measures time and memory.
+* :func:`auto_batch_size` — the largest batch this attack fits in GPU memory (probed with
+  the attack itself, cached per configuration).
 * :class:`OutputDir` — an output folder: config check for ``--resume``, the manifest,
   PNGs, ``report.json`` and the plot, all written atomically.
 * :func:`compute_metrics`, :func:`build_report`, :func:`format_summary`,
@@ -31,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -42,6 +46,7 @@ from torch import nn
 from advtune._version import __version__
 from advtune.errors import UserError
 from advtune.io import ManifestWriter, read_json, read_manifest, save_png, write_json
+from advtune.runtime import CPU_BATCH_SIZE, run_with_oom_backoff
 
 __all__ = [
     "REPORT_FORMAT",
@@ -51,6 +56,7 @@ __all__ = [
     "RunStats",
     "adv_relpaths",
     "attack_batch",
+    "auto_batch_size",
     "build_report",
     "compute_metrics",
     "config_differences",
@@ -415,6 +421,9 @@ class RunStats:
         attack_s: time inside :func:`attack_batch`.
         model_calls: forward passes of whole batches.
         peak_memory_bytes: ``torch.cuda.max_memory_allocated`` on CUDA, else ``None``.
+        oom_backoffs: out-of-memory errors absorbed by halving the attack batch.
+        final_batch_size: images per attack call at the end (smaller than the batch
+            size after a back-off); ``None`` when calls took whole loader batches.
     """
 
     images: int = 0
@@ -423,6 +432,8 @@ class RunStats:
     attack_s: float = 0.0
     model_calls: int = 0
     peak_memory_bytes: int | None = None
+    oom_backoffs: int = 0
+    final_batch_size: int | None = None
 
     @property
     def images_per_s(self) -> float | None:
@@ -483,6 +494,16 @@ def run_attack(
             to this size by repeating their last image, whose extra results are dropped,
             so that results are the same however the images are batched or sharded.
 
+    Out of memory: an OOM error (``torch.OutOfMemoryError``, CUDA's, or an allocator's
+    "out of memory" RuntimeError) in an attack call halves the number of images per call
+    and redoes the failed part (:func:`advtune.runtime.run_with_oom_backoff`); the smaller
+    size is kept for the rest of the loop, nothing is lost and each image is attacked
+    once. A warning is issued at the first back-off; ``stats.oom_backoffs`` counts them.
+    With ``pad_to``, every call is padded to the size in effect, so an image's results
+    depend only on that size: identical to an uninterrupted run wherever the kernels
+    give the same per-image floats at both sizes, and otherwise equal to a run at the
+    smaller size (see ``docs/cli.md``, *Out of memory*).
+
     Returns:
         :class:`RunStats` for this call.
     """
@@ -503,6 +524,8 @@ def run_attack(
         bar = progress
     successes = 0
     rows_done = 0
+    # Images per attack call: pad_to (None: each loader batch whole) until an OOM halves it.
+    chunk = pad_to
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -528,34 +551,35 @@ def run_attack(
                 paths = [paths[k] for k in keep]
             images = images.to(device, non_blocking=True)
             n = len(indices)
-            if pad_to is not None and n < pad_to:
-                # Repeat the last image up to the full batch size and drop the copies'
-                # results: every attack call then sees the same batch shape, so results
-                # do not depend on which images share a batch (kernels may pick another
-                # algorithm, summing in another order, for another batch size).
-                fill = pad_to - n
-                images = torch.cat([images, images[-1:].expand(fill, *images.shape[1:])])
-                labels = torch.cat([labels, labels[-1:].expand(fill)])
-                indices = [*indices, *[indices[-1]] * fill]
-                paths = [*paths, *[paths[-1]] * fill]
             t0 = time.perf_counter()
-            out = attack_batch(
-                model,
-                images,
-                labels,
-                indices,
-                paths,
-                config,
-                attack_fn=attack_fn,
-                adv_paths=adv_paths,
+            # With pad_to, a short chunk (the last batch, a resumed run's, a torchrun
+            # rank's, the tail of a batch split after an OOM) repeats its last image up to
+            # the chunk size and the copies' results are dropped: every attack call then
+            # has the same shape, so results do not depend on which images share a call
+            # (kernels may pick another algorithm, summing in another order, for another
+            # batch size).
+            result = run_with_oom_backoff(
+                _ChunkAttack(model, indices, paths, config, attack_fn, adv_paths),
+                {"image": images, "label": labels, "position": torch.arange(n)},
+                chunk_size=chunk,
+                pad=pad_to is not None,
+                trim=_trim_output,
+                combine=_join_outputs,
             )
-            if len(indices) > n:
-                out = BatchOutput(
-                    rows=out.rows[: n * len(out.images)],
-                    images=[q[:n] for q in out.images],
-                    model_calls=out.model_calls,
-                )
-                indices = indices[:n]
+            out = result.value
+            if result.oom_count:
+                if stats.oom_backoffs == 0:
+                    warnings.warn(
+                        f"out of memory attacking {chunk or n} images at once; continuing "
+                        f"with {result.chunk_size} per call (nothing is lost; report.json "
+                        "counts settings.oom_backoffs)",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                log.info("out of memory: %d images per attack call now", result.chunk_size)
+                stats.oom_backoffs += result.oom_count
+                chunk = result.chunk_size
+            stats.final_batch_size = chunk
             _sync(device)
             stats.attack_s += time.perf_counter() - t0
             if sink is not None:
@@ -583,6 +607,139 @@ def run_attack(
         if device.type == "cuda":
             stats.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
     return stats
+
+
+class _ChunkAttack:
+    """:func:`attack_batch` on a chunk ``{"image", "label", "position"}`` of one loader
+    batch (positions index the batch's dataset indices and paths)."""
+
+    def __init__(self, model, indices, paths, config, attack_fn, adv_paths) -> None:
+        self.model, self.indices, self.paths = model, indices, paths
+        self.config, self.attack_fn, self.adv_paths = config, attack_fn, adv_paths
+
+    def __call__(self, chunk: Mapping[str, torch.Tensor]) -> BatchOutput:
+        positions = chunk["position"].tolist()
+        return attack_batch(
+            self.model,
+            chunk["image"],
+            chunk["label"],
+            [self.indices[p] for p in positions],
+            [self.paths[p] for p in positions],
+            self.config,
+            attack_fn=self.attack_fn,
+            adv_paths=self.adv_paths,
+        )
+
+
+def _trim_output(out: BatchOutput, n: int) -> BatchOutput:
+    # Rows are in (image, eps) order: the first n images' rows come first.
+    return BatchOutput(
+        rows=out.rows[: n * len(out.images)],
+        images=[q[:n] for q in out.images],
+        model_calls=out.model_calls,
+    )
+
+
+def _join_outputs(parts: Sequence[BatchOutput]) -> BatchOutput:
+    if len(parts) == 1:
+        return parts[0]
+    return BatchOutput(
+        rows=[row for part in parts for row in part.rows],
+        images=[torch.cat(qs) for qs in zip(*(part.images for part in parts))],
+        # Each chunk ran the attack on its share of the batch: the batch took as many
+        # passes as its longest chunk (attacks that stop early may differ per chunk).
+        model_calls=max(part.model_calls for part in parts),
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_name(index)
+    return device.type
+
+
+def _probe_config(config: AttackConfig) -> AttackConfig:
+    """``config`` reduced to one iteration of its largest eps: the memory of a batch does
+    not grow with the number of steps, restarts or binary-search rounds."""
+    from advtune import attacks
+
+    keys = set(config.params)
+    if config.attack in attacks.names():
+        keys |= set(attacks.spec(config.attack).defaults)
+    params = dict(config.params)
+    for name in ("steps", "restarts", "binary_search_steps"):
+        if name in keys:
+            params[name] = 1
+    eps = (max(config.eps),) if config.eps else config.eps
+    return AttackConfig(
+        attack=config.attack, norm=config.norm, eps=eps, params=params,
+        targeted=config.targeted, seed=config.seed,
+    )  # fmt: skip
+
+
+def auto_batch_size(
+    model: nn.Module,
+    config: AttackConfig,
+    *,
+    input_shape: Sequence[int],
+    device: torch.device | str | None = None,
+    key: Mapping[str, Any] | None = None,
+    limit: int = 16384,
+    cache_file: str | os.PathLike[str] | None = None,
+    cpu_batch_size: int = CPU_BATCH_SIZE,
+) -> int:
+    """The largest batch :func:`run_attack` can attack at once in free GPU memory.
+
+    Probes :func:`attack_batch` itself — clean forward, the attack reduced to one
+    iteration (:func:`_probe_config`: memory does not grow with the step count), 8-bit
+    quantisation and the re-check — on random images, doubling then bisecting the batch
+    and backing off on OOM (:func:`advtune.runtime.auto_batch_size`, which keeps 90 % of
+    the largest size that fits). On a CPU nothing is probed: the answer is
+    ``cpu_batch_size``.
+
+    Args:
+        model: the prepared model (ConvBN mode, AMP, channels_last, compile applied).
+        config: the attack configuration.
+        input_shape: ``(C, H, W)`` of one image.
+        device: where the model runs (default: its parameters' device).
+        key: what identifies the configuration besides the attack and the device (model
+            name, ConvBN mode, AMP, channels_last, compile); ``None`` disables caching.
+            The attack name, the input shape, the device name and the torch and advtune
+            versions are added.
+        limit: never more than this (the number of images: a larger batch only pads).
+        cache_file: JSON file keeping answers across runs
+            (:func:`advtune.runtime.default_batch_size_cache`); ``None``: this process.
+        cpu_batch_size: the answer on a CPU (clamped to ``limit``).
+
+    Returns:
+        The batch size, ``1 <= size <= limit``.
+    """
+    from advtune import runtime
+
+    device = torch.device(device) if device is not None else _model_device(model)
+    probe_config = _probe_config(config)
+
+    def step(m: nn.Module, x: torch.Tensor) -> None:
+        x = (x * 255).round_().div_(255)  # 8-bit images, as the datasets give
+        n = x.shape[0]
+        unknown = torch.full((n,), -1, dtype=torch.long)
+        attack_batch(m, x, unknown, range(n), [""] * n, probe_config)
+
+    full_key = None
+    if key is not None:
+        full_key = {
+            **dict(key),
+            "attack": config.attack,
+            "input_shape": list(input_shape),
+            "device": _device_name(device),
+            "torch": torch.__version__,
+            "advtune": __version__,
+        }
+    return runtime.auto_batch_size(
+        model, input_shape=input_shape, device=device, step=step, key=full_key, limit=limit,
+        cache_file=cache_file, cpu_batch_size=cpu_batch_size,
+    )  # fmt: skip
 
 
 def _as_list(values: Any) -> list[int]:
@@ -952,6 +1109,8 @@ def build_report(
         "attack_s": stats.attack_s if stats else 0.0,
         "images_per_s": stats.images_per_s if stats else None,
         "model_calls": stats.model_calls if stats else 0,
+        "oom_backoffs": stats.oom_backoffs if stats else 0,
+        "final_batch_size": stats.final_batch_size if stats else None,
     }
     sessions = list(prev_t.get("sessions", []))
     if stats is not None and stats.images:
@@ -1161,14 +1320,17 @@ def run(
         out_dir: output folder (``manifest.csv``, ``report.json``, ``adv/``, plot).
         command: ``"generate"`` or ``"evaluate"`` (recorded in the report).
         save_images: write ``adv/<path>.png`` per image (generate; one eps only).
-        batch_size, num_workers: loader settings (results do not depend on them).
+        batch_size, num_workers: loader settings. Every attack call is padded to
+            ``batch_size`` images, so results do not depend on how images are grouped;
+            see :func:`run_attack` for what an out-of-memory back-off changes.
         device: where to run (default: the model's device).
         resume: continue the run in ``out_dir``, skipping images already in its manifest.
         overwrite: replace the results in ``out_dir``.
         progress: ``True`` for a tqdm bar, or a tqdm-like object.
         context: result-affecting settings beyond the attack (model, weights, ConvBN
             mode, preprocessing...); stored in ``report["config"]`` and checked on resume.
-        settings: other settings (batch size, device...), recorded but not checked.
+        settings: other settings (device...), recorded but not checked; ``batch_size``,
+            ``num_workers``, ``final_batch_size`` and ``oom_backoffs`` are added.
         indices: dataset indices this process attacks (default all; torchrun shards).
         manifest_name, report_name, plot_name: output file names (per-rank names and
             no plot under torchrun, where :func:`advtune.distributed.run` merges the
@@ -1201,8 +1363,20 @@ def run(
     wanted = range(len(dataset)) if indices is None else indices
     todo = [i for i in wanted if paths[i] not in done_paths]
     skip = [i for i in wanted if paths[i] in done_paths]
-    settings = {**dict(settings or {}), "batch_size": batch_size, "num_workers": num_workers}
+    settings = {
+        **dict(settings or {}),
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "final_batch_size": batch_size,
+        "oom_backoffs": 0,
+    }
     convbn = _convbn(model)
+
+    def note_backoffs(stats: RunStats) -> None:
+        # This session's back-offs (the report is rewritten with them after every run).
+        settings["oom_backoffs"] = stats.oom_backoffs
+        settings["final_batch_size"] = stats.final_batch_size or batch_size
+
     outputs = {
         "manifest": str(out.manifest_path),
         "report": str(out.report_path),
@@ -1236,8 +1410,10 @@ def run(
     except BaseException as e:
         # Record the partial state (the manifest already holds every finished batch).
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        note_backoffs(stats)
         out.write_report(report(status, stats))
         raise
+    note_backoffs(stats)
     final = report("complete", stats)
     want_plot = plot if plot is not None else len(config.eps_values()) > 1
     if want_plot and final["metrics"] and out.plot_path is not None:

@@ -72,8 +72,27 @@ _FLOAT_COLUMNS = frozenset({"linf", "l2", "clean_conf", "adv_conf"})
 _OPT_FLOAT_COLUMNS = frozenset({"eps"})
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows."""
+    # os.umask can only be read by setting it; between the two calls another thread
+    # creating a file would get a wrong mode, so prefer Linux's /proc when it says.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename).
+
+    The file gets the mode a plain ``open(path, "w")`` would give it, ``0o666 & ~umask``
+    (``mkstemp`` creates it ``0o600``, readable by its owner only).
 
     Args:
         path: destination file; its parent folder must exist.
@@ -88,6 +107,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # Before the rename: the file never appears under its name with the wrong mode.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         # Also on KeyboardInterrupt: never leave temporary files behind.

@@ -6,17 +6,23 @@
   weights.
 * :func:`autocast` is the context manager behind ``amp``.
 * :func:`auto_batch_size` finds the largest batch whose real forward+backward fits in GPU
-  memory (probe, back off on OOM, cache per configuration).
+  memory (probe, back off on OOM, cache per configuration in this process and in a JSON
+  file, :func:`default_batch_size_cache`).
 * :func:`run_with_oom_backoff` runs a batch in chunks and halves the chunk when it runs
-  out of memory, so a run carries on with identical results.
+  out of memory, so a run carries on and loses nothing; with ``pad=True`` every chunk has
+  exactly the chunk size, so results depend only on that size (kernels can give other
+  last bits for another batch shape, on CPUs too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
+import os
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -25,6 +31,7 @@ from torch import nn
 
 __all__ = [
     "AMP_DTYPES",
+    "CPU_BATCH_SIZE",
     "AmpModel",
     "BackoffResult",
     "amp_dtype",
@@ -32,10 +39,12 @@ __all__ = [
     "autocast",
     "clear_batch_size_cache",
     "concat_results",
+    "default_batch_size_cache",
     "find_max_batch",
     "is_oom_error",
     "prepare",
     "run_with_oom_backoff",
+    "trim_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,8 +174,10 @@ _BATCH_CACHE: dict[Hashable, int] = {}
 
 
 def clear_batch_size_cache() -> None:
-    """Forget every batch size :func:`auto_batch_size` / :func:`find_max_batch` cached."""
+    """Forget every batch size :func:`auto_batch_size` / :func:`find_max_batch` cached in
+    this process (cache files are left alone)."""
     _BATCH_CACHE.clear()
+    _AUTO_CACHE.clear()
 
 
 def find_max_batch(
@@ -241,6 +252,68 @@ def find_max_batch(
     return ok
 
 
+#: What ``auto_batch_size`` answers on a CPU, where it does not probe.
+CPU_BATCH_SIZE = 32
+
+#: Bumped when the cache file's layout changes (older files are then ignored).
+_CACHE_FORMAT = "advtune-batch-size/1"
+
+_AUTO_CACHE: dict[str, dict[str, Any]] = {}
+
+
+def default_batch_size_cache() -> Path:
+    """The batch-size cache file: ``$XDG_CACHE_HOME/advtune/batch_size.json``, by
+    default ``~/.cache/advtune/batch_size.json``."""
+    base = os.environ.get("XDG_CACHE_HOME") or ""
+    root = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    return root / "advtune" / "batch_size.json"
+
+
+def _key_text(key: Any) -> str:
+    # One canonical string per configuration: the same in every process (unlike hash()).
+    return json.dumps(key, sort_keys=True, separators=(",", ":"), default=repr)
+
+
+def _read_cache_file(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        log.warning("ignoring unreadable batch-size cache %s (%s)", path, e)
+        return {}
+    if not isinstance(data, dict) or data.get("format") != _CACHE_FORMAT:
+        return {}
+    entries = data.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _write_cache_entry(path: Path, text: str, entry: dict[str, Any]) -> None:
+    from advtune.io import atomic_write_text
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Read-modify-write: another process may have added entries since we read.
+        entries = _read_cache_file(path)
+        entries[text] = entry
+        doc = {"format": _CACHE_FORMAT, "entries": dict(sorted(entries.items()))}
+        atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
+    except OSError as e:  # a cache is an optimisation: a read-only home must not fail a run
+        log.warning("could not write the batch-size cache %s (%s)", path, e)
+
+
+def _entry_answer(entry: Any, limit: int) -> int | None:
+    # An entry from a probe that stopped at its limit without an OOM only says that
+    # `limit` fits: it answers for limits up to that one, not beyond.
+    if not isinstance(entry, dict) or not isinstance(entry.get("batch_size"), int):
+        return None
+    capped_at = entry.get("capped_at")
+    if capped_at is not None and (not isinstance(capped_at, int) or capped_at < limit):
+        return None
+    return max(1, min(entry["batch_size"], limit))
+
+
 def auto_batch_size(
     model: nn.Module,
     *,
@@ -248,18 +321,20 @@ def auto_batch_size(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
     step: Callable[[nn.Module, torch.Tensor], object] | None = None,
-    key: Hashable | None = None,
+    key: Any = None,
     start: int = 8,
     limit: int = 16384,
     margin: float = 0.9,
-    cpu_batch_size: int = 32,
+    cpu_batch_size: int = CPU_BATCH_SIZE,
+    cache_file: str | os.PathLike[str] | None = None,
 ) -> int:
     """The largest batch of ``input_shape`` images whose attack step fits in GPU memory.
 
     Probes a real forward+backward (by default: cross-entropy of the logits w.r.t. the
     input, which is what every gradient attack does once per step), backs off on OOM and
-    caches the answer under ``key``. On a CPU the probe is skipped (running out of host
-    memory kills the process rather than raising) and ``cpu_batch_size`` is returned.
+    caches the answer under ``key`` (in this process, and in ``cache_file`` across
+    processes). On a CPU the probe is skipped (running out of host memory kills the
+    process rather than raising) and ``min(cpu_batch_size, limit)`` is returned.
 
     Args:
         model: The prepared model (mode, AMP, layout already applied).
@@ -268,26 +343,44 @@ def auto_batch_size(
         dtype: Input dtype.
         step: ``step(model, x)`` runs one attack step on the batch ``x``; the default
             computes ``CE(model(x), argmax)`` and its gradient w.r.t. ``x``.
-        key: Cache key; pass the configuration (model name, mode, attack, amp,
-            channels_last, compile, input size). ``None`` disables caching.
-        start, limit: See :func:`find_max_batch`.
+        key: Cache key: the configuration (model name, mode, attack, amp,
+            channels_last, compile, input size, device name), any JSON-able value;
+            ``None`` disables caching.
+        start, limit: See :func:`find_max_batch`. Never answers above ``limit`` (e.g.
+            the number of images to attack: a larger batch only adds padding).
         margin: Fraction of the largest fitting batch to return (fragmentation and the
             attack's extra buffers need headroom; an OOM later halves the batch anyway).
-        cpu_batch_size: The answer on a CPU.
+            Not applied when even ``limit`` fits.
+        cpu_batch_size: The answer on a CPU (clamped to ``limit``).
+        cache_file: JSON file that keeps answers across runs (e.g.
+            :func:`default_batch_size_cache`); written atomically; ``None``: this
+            process only. Unreadable or unwritable files are ignored with a warning.
 
     Returns:
-        The batch size (≥ 1).
+        The batch size, ``1 <= size <= limit``.
     """
     if not 0 < margin <= 1:
         raise ValueError(f"margin must be in (0, 1], got {margin}")
+    if start < 1 or limit < 1:
+        raise ValueError(f"start and limit must be >= 1, got start={start}, limit={limit}")
     if device is None:
         param = next(model.parameters(), None)
         device = param.device if param is not None else torch.device("cpu")
     device = torch.device(device)
     if device.type == "cpu":
-        return cpu_batch_size
-    if key is not None and key in _BATCH_CACHE:
-        return _BATCH_CACHE[key]
+        return max(1, min(cpu_batch_size, limit))
+    text = _key_text(key) if key is not None else None
+    path = Path(cache_file) if cache_file is not None else None
+    if text is not None:
+        answer = _entry_answer(_AUTO_CACHE.get(text), limit)
+        if answer is None and path is not None:
+            entry = _read_cache_file(path).get(text)
+            answer = _entry_answer(entry, limit)
+            if answer is not None:
+                _AUTO_CACHE[text] = entry
+        if answer is not None:
+            log.debug("batch size %d from the cache", answer)
+            return answer
 
     def default_step(m: nn.Module, x: torch.Tensor) -> object:
         x.requires_grad_(True)
@@ -303,10 +396,17 @@ def auto_batch_size(
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    best = find_max_batch(probe, start=start, limit=limit, key=None)
-    result = max(1, int(best * margin))
-    if key is not None:
-        _BATCH_CACHE[key] = result
+    best = find_max_batch(probe, start=min(start, limit), limit=limit, key=None)
+    capped = best >= limit
+    result = limit if capped else max(1, int(best * margin))
+    log.info(
+        "largest batch that fits: %d%s; using %d", best, " (the limit)" if capped else "", result
+    )
+    if text is not None:
+        entry = {"batch_size": result, "max_fitting": best, "capped_at": limit if capped else None}
+        _AUTO_CACHE[text] = entry
+        if path is not None:
+            _write_cache_entry(path, text, {**entry, "key": key})
     return result
 
 
@@ -383,6 +483,40 @@ def concat_results(parts: list[Any]) -> Any:
     raise ValueError(f"cannot combine differing non-tensor chunk results: {parts!r}")
 
 
+def trim_results(value: Any, n: int) -> Any:
+    """Default trimmer of :func:`run_with_oom_backoff`: the first ``n`` entries along dim 0
+    of every tensor, recursing into tuples, lists, dicts and dataclasses (0-d tensors and
+    other values are kept)."""
+    if isinstance(value, torch.Tensor):
+        return value[:n] if value.dim() > 0 else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(
+            value,
+            **{
+                f.name: trim_results(getattr(value, f.name), n)
+                for f in dataclasses.fields(value)
+                if f.init
+            },
+        )
+    if isinstance(value, Mapping):
+        return type(value)({k: trim_results(v, n) for k, v in value.items()})
+    if isinstance(value, (tuple, list)):
+        return type(value)(trim_results(v, n) for v in value)
+    return value
+
+
+def _pad(batch: Any, size: int) -> Any:
+    # Repeat the last sample (dim 0 of every tensor) up to `size`.
+    if isinstance(batch, torch.Tensor):
+        fill = size - batch.shape[0]
+        return torch.cat([batch, batch[-1:].expand(fill, *batch.shape[1:])]) if fill else batch
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _pad(v, size) for k, v in batch.items()})
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pad(v, size) for v in batch)
+    return batch
+
+
 def run_with_oom_backoff(
     fn: Callable[[Any], T],
     batch: Any,
@@ -390,13 +524,19 @@ def run_with_oom_backoff(
     chunk_size: int | None = None,
     min_chunk_size: int = 1,
     combine: Callable[[list[T]], Any] | None = None,
+    pad: bool = False,
+    trim: Callable[[T, int], T] | None = None,
 ) -> BackoffResult:
     """Run ``fn`` over ``batch`` in chunks; on out-of-memory, halve the chunk and go on.
 
     Nothing is lost: the chunk that failed is rerun at half the size, finished chunks are
-    kept, and the results are combined in order. Results are identical to one big call
-    as long as ``fn`` treats samples independently (advtune's attacks do, with per-sample
-    seeds).
+    kept, and the results are combined in order. Results equal one big call's as long as
+    ``fn`` treats samples independently (advtune's attacks do, with per-sample seeds)
+    *and* the kernels give each sample the same floats whatever the batch shape; on CPU
+    and GPU alike they often do not in the last bits (another batch size can pick another
+    algorithm). With ``pad=True`` every call of ``fn`` gets exactly ``chunk_size``
+    samples, so each sample's result depends only on the chunk size in effect: a run
+    that backed off to size ``c`` gives, from then on, what a run at ``c`` gives.
 
     Args:
         fn: Processes one chunk (same structure as ``batch``) and returns its result.
@@ -405,6 +545,11 @@ def run_with_oom_backoff(
         chunk_size: Start with chunks of this size (default: the whole batch).
         min_chunk_size: Give up (re-raise the OOM) below this size.
         combine: Combines the list of chunk results (default: :func:`concat_results`).
+        pad: Pad a short chunk (the batch's last, or a batch smaller than
+            ``chunk_size``) to the chunk size by repeating its last sample, and drop the
+            copies' results with ``trim``.
+        trim: ``trim(result, n)`` keeps the results of the first ``n`` samples (default:
+            :func:`trim_results`).
 
     Returns:
         A :class:`BackoffResult`; its ``chunk_size`` is the size to use next time.
@@ -419,9 +564,12 @@ def run_with_oom_backoff(
     start, ooms = 0, 0
     while start < n:
         stop = min(start + size, n)
+        chunk = _slice(batch, start, stop)
+        padded = pad and stop - start < size
         error: BaseException | None = None
         try:
-            parts.append(fn(_slice(batch, start, stop)))
+            result = fn(_pad(chunk, size) if padded else chunk)
+            parts.append((trim or trim_results)(result, stop - start) if padded else result)
         except Exception as exc:
             if not is_oom_error(exc):
                 raise
@@ -430,11 +578,12 @@ def run_with_oom_backoff(
             start = stop
             continue
         ooms += 1
-        if size <= min_chunk_size or stop - start <= min_chunk_size:
+        failed = size if pad else stop - start  # the shape fn actually ran out of memory at
+        if failed <= min_chunk_size:
             raise error
-        size = max(min_chunk_size, (stop - start) // 2)
-        del error  # drop the traceback (and the tensors it pins) before retrying
+        size = max(min_chunk_size, failed // 2)
+        del error, chunk  # drop the traceback (and the tensors it pins) before retrying
         _release_memory()
-        log.warning("out of memory; retrying with chunks of %d", size)
+        log.debug("out of memory; retrying with chunks of %d", size)
     value = (combine or concat_results)(parts)
     return BackoffResult(value=value, chunk_size=size, oom_count=ooms)

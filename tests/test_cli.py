@@ -282,3 +282,85 @@ def test_python_m_entry_point_exists():
 
     assert entry.main is main
     assert sys.modules["advtune.cli"].main is main
+
+
+# --------------------------------------------------------------------------- batch size, OOM
+
+
+def test_batch_size_auto_on_cpu(imagenet, checkpoint, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "o"
+    argv = ["generate", *base_args(imagenet, checkpoint, out), "--attack", "fgsm", "-q",
+            "--batch-size", "auto"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    settings = json.loads((out / "report.json").read_text())["settings"]
+    # The CPU default (32), never more than the 6 images; nothing probed, nothing cached.
+    assert settings["batch_size"] == 6 and settings["batch_size_requested"] == "auto"
+    assert settings["oom_backoffs"] == 0 and settings["final_batch_size"] == 6
+    assert not (tmp_path / "cache").exists()
+    # A batch size is not a result-affecting setting: resuming with another one is fine.
+    assert main([*argv[:-1], "3", "--resume"]) == 0, capsys.readouterr().err
+    for bad in ("0", "big"):
+        rc = main([*argv[:-1], bad])
+        _one_line_error(capsys, rc, "--batch-size", "auto")
+
+
+class OOMAbove:
+    """Wraps ``attack_batch``: a simulated ``torch.OutOfMemoryError`` for calls of more
+    images than the limit, which becomes ``limits[k]`` after k successful calls."""
+
+    def __init__(self, real, limits):
+        self.real, self.limits, self.sizes, self.ok = real, list(limits), [], 0
+
+    def __call__(self, model, images, *args, **kwargs):
+        self.sizes.append(images.shape[0])
+        if images.shape[0] > self.limits[min(self.ok, len(self.limits) - 1)]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (sim)")
+        self.ok += 1
+        return self.real(model, images, *args, **kwargs)
+
+
+def test_oom_backoff_end_to_end(imagenet, checkpoint, tmp_path, monkeypatch, capsys):
+    """Every attack call is padded to the batch size in effect, so a run that backed off
+    equals, image by image, the uninterrupted run at the size each image was attacked at.
+    (Not necessarily the run at the original size: resnet18 at 32 px on this CPU gives 4 of
+    the 6 rows of --batch-size 2 and 4 different last bits in clean_conf.)"""
+    import advtune.evaluate as ev
+
+    def args(out, *more):
+        # PGD with random starts and random targets: per-sample seeds at work.
+        return ["generate", *base_args(imagenet, checkpoint, out), "--attack", "pgd",
+                "--steps", "2", "--targeted", "random", "--seed", "5", "-q", *more]  # fmt: skip
+
+    assert main(args(tmp_path / "ref4")) == 0
+    assert main(args(tmp_path / "ref2", "--batch-size", "2")) == 0
+    capsys.readouterr()
+    real = ev.attack_batch
+
+    # Only 2 images fit from the start: the first call of 4 fails, every later call has 2.
+    fake = OOMAbove(real, limits=[2])
+    monkeypatch.setattr(ev, "attack_batch", fake)
+    assert main(args(tmp_path / "oom")) == 0
+    err = capsys.readouterr().err
+    assert err.count("advtune: warning: out of memory attacking 4 images") == 1, err
+    assert fake.sizes == [4, 2, 2, 2]
+    report = json.loads((tmp_path / "oom" / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert report["settings"]["batch_size"] == 4
+    assert report["settings"]["oom_backoffs"] == 1
+    assert report["settings"]["final_batch_size"] == 2
+    manifest = (tmp_path / "oom" / "manifest.csv").read_bytes()
+    assert manifest == (tmp_path / "ref2" / "manifest.csv").read_bytes()
+    rows = read_manifest(tmp_path / "oom" / "manifest.csv")
+    assert [r["index"] for r in rows] == list(range(6))
+    for row in rows:
+        png = f"adv/{row['adv_path']}"
+        assert (tmp_path / "oom" / png).read_bytes() == (tmp_path / "ref2" / png).read_bytes()
+
+    # Memory shrinks after the first batch: images 0-3 were attacked 4 at a time, 4-5 two
+    # at a time after the back-off.
+    monkeypatch.setattr(ev, "attack_batch", OOMAbove(real, limits=[4, 2]))
+    assert main(args(tmp_path / "mixed")) == 0
+    mixed = read_manifest(tmp_path / "mixed" / "manifest.csv")
+    assert mixed[:4] == read_manifest(tmp_path / "ref4" / "manifest.csv")[:4]
+    assert mixed[4:] == read_manifest(tmp_path / "ref2" / "manifest.csv")[4:]

@@ -242,6 +242,10 @@ def test_torchrun_generate_equals_single_process(setup, reference, tmp_path):
     assert [r["images"] for r in ranks] == [3, 3] and {r["status"] for r in ranks} == {"complete"}
     assert report["timings"]["images_this_session"] == 6
     assert report["settings"]["world_size"] == 2
+    # Out-of-memory back-off figures are reported as a single process reports them.
+    assert report["settings"]["oom_backoffs"] == 0 == single["settings"]["oom_backoffs"]
+    assert report["settings"]["final_batch_size"] == single["settings"]["final_batch_size"]
+    assert all(r["oom_backoffs"] == 0 for r in ranks)
     assert "distributed" not in single
 
 

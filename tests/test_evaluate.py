@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -432,3 +433,160 @@ def test_format_eps():
     assert format_eps(4 / 255) == "4/255"
     assert format_eps(0.5) == "0.5"
     assert format_eps(None) == "-"
+
+
+# --------------------------------------------------------------------------- file modes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_umask_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        save_png(tmp_path / "d" / "b.png", torch.zeros(3, 2, 2, dtype=torch.uint8))
+        ManifestWriter(tmp_path / "m.csv").extend([])
+        with open(tmp_path / "plain.txt", "w") as f:  # what open() gives, for comparison
+            f.write("x")
+    finally:
+        os.umask(old)
+    expected = 0o666 & ~umask
+    for name in ("a.txt", "d/b.png", "m.csv", "plain.txt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+# --------------------------------------------------------------------------- out of memory
+
+
+class OOMAbove:
+    """Wraps ``attack_batch``: raises ``torch.OutOfMemoryError`` when a call has more
+    images than the current limit; ``limits`` gives the limit after each successful call."""
+
+    def __init__(self, real, limits):
+        self.real, self.limits, self.sizes, self.ok = real, list(limits), [], 0
+
+    def __call__(self, model, images, *args, **kwargs):
+        self.sizes.append(images.shape[0])
+        if images.shape[0] > self.limits[min(self.ok, len(self.limits) - 1)]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (sim)")
+        self.ok += 1
+        return self.real(model, images, *args, **kwargs)
+
+
+def test_oom_backoff_in_a_run_loses_nothing(tmp_path, monkeypatch):
+    import advtune.evaluate as ev
+
+    ds = TensorImages(7)
+    config = AttackConfig(
+        attack="pgd", norm="linf", eps=(8 / 255,), params={"steps": 2}, targeted="random", seed=1
+    )
+
+    def go(name, batch_size):
+        return run(
+            tiny_model(), ds, config, out_dir=tmp_path / name, batch_size=batch_size,
+            num_workers=0,
+        )  # fmt: skip
+
+    reference = {b: go(f"ref{b}", b) for b in (4, 2, 1)}
+    # Batches of 4: the first call fits; then the limit drops to 2 (a batch is split and
+    # its padded tail runs at 2), then to 1.
+    fake = OOMAbove(ev.attack_batch, limits=[4, 2, 1])
+    monkeypatch.setattr(ev, "attack_batch", fake)
+    with pytest.warns(RuntimeWarning, match="out of memory") as caught:
+        report = go("oom", 4)
+    assert len([w for w in caught if "out of memory" in str(w.message)]) == 1  # warned once
+    # [0-3] ok; [4-6]+pad: OOM -> [4,5] ok; [6]+pad: OOM -> [6] ok.
+    assert fake.sizes == [4, 4, 2, 2, 1]
+    assert report["status"] == "complete"
+    assert report["settings"]["oom_backoffs"] == 2
+    assert report["settings"]["batch_size"] == 4 and report["settings"]["final_batch_size"] == 1
+    assert report["timings"]["sessions"][0]["oom_backoffs"] == 2
+    rows = read_manifest(tmp_path / "oom" / "manifest.csv")
+    assert [r["index"] for r in rows] == list(range(7))  # nothing lost, nothing twice
+    pngs = sorted(p.name for p in (tmp_path / "oom" / "adv").rglob("*.png"))
+    assert len(pngs) == 7
+    # What is guaranteed: each image's row is the row of a run whose attack calls had the
+    # same size as its own call (every call is padded to the size in effect).
+    by_size = {b: read_manifest(tmp_path / f"ref{b}" / "manifest.csv") for b in reference}
+    assert rows[:4] == by_size[4][:4]
+    assert rows[4:6] == by_size[2][4:6]
+    assert rows[6:] == by_size[1][6:]
+    # Not byte for byte the uninterrupted run here: a call of one image takes another CPU
+    # kernel path (gemv), whose softmax confidences differ in the last bits.
+    assert by_size[1] != by_size[4]
+
+    # A memory limit from the start: the first call of more than 2 images fails and every
+    # later call has 2 (the last one padded). That is the run at batch size 2, byte for
+    # byte, PNGs included -- and, as this model computes the same floats for calls of 2
+    # and 4 images on the CPU (asserted first), the uninterrupted run at 4 too.
+    monkeypatch.setattr(ev, "attack_batch", OOMAbove(fake.real, limits=[2]))
+    with pytest.warns(RuntimeWarning, match="out of memory attacking 4 images"):
+        report = go("oom2", 4)
+    assert report["settings"]["oom_backoffs"] == 1
+    assert report["settings"]["final_batch_size"] == 2
+    assert by_size[2] == by_size[4]
+    manifest = (tmp_path / "oom2" / "manifest.csv").read_bytes()
+    assert manifest == (tmp_path / "ref2" / "manifest.csv").read_bytes()
+    assert manifest == (tmp_path / "ref4" / "manifest.csv").read_bytes()
+    for row in rows:
+        png = Path("adv") / row["adv_path"]
+        assert (tmp_path / "oom2" / png).read_bytes() == (tmp_path / "ref4" / png).read_bytes()
+
+
+def test_oom_at_batch_size_one_still_fails(tmp_path, monkeypatch):
+    import advtune.evaluate as ev
+
+    monkeypatch.setattr(ev, "attack_batch", OOMAbove(ev.attack_batch, limits=[0]))
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
+    with pytest.raises(torch.OutOfMemoryError):
+        run(tiny_model(), TensorImages(3), config, out_dir=tmp_path / "o", batch_size=2,
+            num_workers=0)  # fmt: skip
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["status"] == "failed"
+
+
+def test_auto_batch_size_probes_the_attack_itself(monkeypatch):
+    """The probe step runs attack_batch with the attack cut to one iteration; the cache key
+    names the configuration. (The probing itself is tested in test_runtime.py.)"""
+    import advtune.evaluate as ev
+    from advtune import runtime
+
+    seen = {}
+
+    def fake_auto(model, **kwargs):
+        seen.update(kwargs)
+        return 5
+
+    monkeypatch.setattr(runtime, "auto_batch_size", fake_auto)
+    calls = []
+    real_attack_batch = ev.attack_batch
+
+    def spy(model, images, labels, indices, paths, config, **kw):
+        calls.append((images.shape[0], config))
+        return real_attack_batch(model, images, labels, indices, paths, config, **kw)
+
+    monkeypatch.setattr(ev, "attack_batch", spy)
+    config = AttackConfig(
+        attack="pgd", norm="linf", eps=(1 / 255, 8 / 255), params={"steps": 50, "restarts": 3},
+        targeted="random",
+    )  # fmt: skip
+    size = ev.auto_batch_size(
+        tiny_model(), config, input_shape=(3, SIZE, SIZE), key={"model": "tiny"}, limit=40
+    )
+    assert size == 5
+    assert seen["limit"] == 40 and seen["input_shape"] == (3, SIZE, SIZE)
+    assert seen["key"]["model"] == "tiny" and seen["key"]["attack"] == "pgd"
+    assert seen["key"]["device"] == "cpu" and seen["key"]["torch"] == torch.__version__
+    seen["step"](tiny_model(), torch.rand(6, 3, SIZE, SIZE))
+    [(n, probe_config)] = calls
+    assert n == 6 and probe_config.eps == (8 / 255,)
+    assert probe_config.params == {"steps": 1, "restarts": 1}
+    assert probe_config.targeted == "random"
+
+
+def test_auto_batch_size_on_cpu_is_the_default_clamped():
+    import advtune.evaluate as ev
+
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
+    kw = {"input_shape": (3, SIZE, SIZE), "key": {"model": "tiny"}}
+    assert ev.auto_batch_size(tiny_model(), config, limit=1000, **kw) == 32
+    assert ev.auto_batch_size(tiny_model(), config, limit=7, **kw) == 7

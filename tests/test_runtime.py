@@ -4,6 +4,8 @@ AMP / channels_last / compile options on CPU."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import pytest
@@ -239,3 +241,132 @@ def test_compile_inductor_cpu(mode):
     (gr,) = torch.autograd.grad(ref.sum(), xr)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, gr, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- padded chunks
+
+
+def test_oom_backoff_pads_every_call_to_the_chunk_size():
+    model = advtune.tune(_tiny_model(), "frozen")
+    gen = torch.Generator().manual_seed(1)
+    batch = {"x": torch.rand(7, 3, 12, 12, generator=gen), "seeds": torch.arange(7)}
+
+    def attack(chunk):
+        return _per_sample_attack({**chunk, "model": model})
+
+    fake = _FakeOOM(attack, limit=2)
+    result = run_with_oom_backoff(fake, batch, chunk_size=4, pad=True)
+    # 4 fails; then every call has exactly 2 rows: [0,1] [2,3] [4,5] [6 + a copy of 6].
+    assert fake.sizes == [4, 2, 2, 2, 2]
+    assert result.oom_count == 1 and result.chunk_size == 2
+    assert result.value.x_adv.shape[0] == 7 and result.value.success.shape == (7,)
+    # Each row equals a call of the same shape (size 2) on that row alone plus padding.
+    solo = attack({"x": batch["x"][[6, 6]], "seeds": batch["seeds"][[6, 6]]})
+    assert torch.equal(result.value.x_adv[6], solo.x_adv[0])
+
+
+def test_oom_backoff_halves_the_padded_size_not_the_short_tail():
+    # A 1-image tail padded to 4 that runs out of memory: the next size is 2, not 0 or 1.
+    sizes = iter([10, 3])  # the memory limit drops after the first call
+
+    limit = {"now": next(sizes)}
+
+    def fn(chunk):
+        n = chunk.shape[0]
+        if n > limit["now"]:
+            raise torch.OutOfMemoryError("simulated")
+        limit["now"] = next(sizes, limit["now"])
+        return chunk * 2
+
+    result = run_with_oom_backoff(fn, torch.arange(5.0), chunk_size=4, pad=True)
+    assert torch.equal(result.value, torch.arange(5.0) * 2)
+    assert result.chunk_size == 2 and result.oom_count == 1
+
+
+def test_trim_results_recurses():
+    value = _Result(torch.arange(5), torch.ones(5, dtype=torch.bool), model_calls=3)
+    trimmed = runtime.trim_results({"r": value, "t": (torch.zeros(5, 2), torch.tensor(1.0))}, 2)
+    assert torch.equal(trimmed["r"].x_adv, torch.arange(2)) and trimmed["r"].model_calls == 3
+    assert trimmed["t"][0].shape == (2, 2) and trimmed["t"][1].dim() == 0
+
+
+# --------------------------------------------------------------------------- auto batch size
+
+
+class _Probe:
+    """A probe step that 'runs out of memory' above ``fits`` images; counts its calls."""
+
+    def __init__(self, fits):
+        self.fits, self.calls = fits, []
+
+    def __call__(self, model, x):
+        self.calls.append(x.shape[0])
+        if self.fits is not None and x.shape[0] > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+
+def test_auto_batch_size_probes_backs_off_and_caches_in_a_file(tmp_path):
+    # The "meta" device stands in for a GPU: not a CPU, so auto_batch_size probes.
+    model = nn.Linear(2, 2)
+    cache = tmp_path / "sub" / "batch_size.json"
+    key = {"model": "m", "convbn": "frozen", "image": 32}
+    probe = _Probe(fits=37)
+    kw = {"input_shape": (3, 4, 4), "device": "meta", "key": key, "cache_file": cache}
+    assert auto_batch_size(model, step=probe, **kw) == int(37 * 0.9)
+    assert max(probe.calls) > 37 and len(probe.calls) > 3
+    doc = json.loads(cache.read_text())
+    [entry] = doc["entries"].values()
+    assert entry["batch_size"] == 33 and entry["max_fitting"] == 37 and entry["key"] == key
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert [p.name for p in cache.parent.iterdir()] == ["batch_size.json"]  # no temp files
+
+    # Another process (the in-memory cache cleared) reads the file and does not probe.
+    runtime.clear_batch_size_cache()
+    again = _Probe(fits=None)
+    assert auto_batch_size(model, step=again, **kw) == 33
+    assert again.calls == []
+    # ...and never answers above the limit.
+    assert auto_batch_size(model, step=again, **{**kw, "limit": 5}) == 5
+    # Another configuration probes again; both entries are kept.
+    other = _Probe(fits=9)
+    assert auto_batch_size(model, step=other, **{**kw, "key": {**key, "convbn": "eval"}}) == 8
+    assert other.calls and len(json.loads(cache.read_text())["entries"]) == 2
+
+
+def test_auto_batch_size_capped_by_the_limit(tmp_path):
+    model = nn.Linear(2, 2)
+    kw = {"input_shape": (3, 4, 4), "device": "meta", "key": "k", "cache_file": tmp_path / "c"}
+    probe = _Probe(fits=None)
+    assert auto_batch_size(model, step=probe, limit=20, **kw) == 20  # all of it fits
+    assert max(probe.calls) == 20
+    probe.calls.clear()
+    assert auto_batch_size(model, step=probe, limit=12, **kw) == 12
+    assert probe.calls == []  # known: 20 fits, so 12 does
+    runtime.clear_batch_size_cache()
+    assert auto_batch_size(model, step=probe, limit=50, **kw) == 50
+    assert max(probe.calls) == 50  # 20 fitting says nothing about 50: probed again
+
+
+def test_auto_batch_size_ignores_a_broken_cache_file(tmp_path, caplog):
+    cache = tmp_path / "batch_size.json"
+    cache.write_text("{not json")
+    probe = _Probe(fits=10)
+    kw = {"input_shape": (3, 4, 4), "device": "meta", "key": "k", "cache_file": cache}
+    assert auto_batch_size(nn.Linear(2, 2), step=probe, **kw) == 9
+    assert "unreadable batch-size cache" in caplog.text
+    assert json.loads(cache.read_text())["format"] == "advtune-batch-size/1"
+
+
+def test_default_batch_size_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert runtime.default_batch_size_cache() == tmp_path / "advtune" / "batch_size.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    expected = tmp_path / "home" / ".cache" / "advtune" / "batch_size.json"
+    assert runtime.default_batch_size_cache() == expected
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
