@@ -496,61 +496,50 @@ class _MaskedFn(torch.autograd.Function):
         return torch.where(mask, grad, 0.0), None
 
 
-class LeanReLU(nn.ReLU):
+class _LeanMaskedMixin:
+    """Piecewise-linear activation that saves a 1-bit derivative mask (see _MaskedFn)."""
+
+    _advtune_kind = "lean-activation"
+
+    def _mask_spec(self) -> tuple[str, float, float, bool]:
+        raise NotImplementedError
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not _wants_graph(input):
+            return super().forward(input)  # type: ignore[misc]
+        return _MaskedFn.apply(input, self._mask_spec())
+
+
+class LeanReLU(_LeanMaskedMixin, nn.ReLU):
     """``nn.ReLU`` saving a 1-bit mask instead of its output."""
 
-    _advtune_kind = "lean-activation"
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input):
-            return super().forward(input)
-        return _MaskedFn.apply(input, ("relu", 0.0, 0.0, self.inplace))
+    def _mask_spec(self) -> tuple[str, float, float, bool]:
+        return ("relu", 0.0, 0.0, self.inplace)
 
 
-class LeanLeakyReLU(nn.LeakyReLU):
+class LeanLeakyReLU(_LeanMaskedMixin, nn.LeakyReLU):
     """``nn.LeakyReLU`` saving a 1-bit mask instead of its input."""
 
-    _advtune_kind = "lean-activation"
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input):
-            return super().forward(input)
-        return _MaskedFn.apply(input, ("leaky", float(self.negative_slope), 0.0, self.inplace))
+    def _mask_spec(self) -> tuple[str, float, float, bool]:
+        return ("leaky", float(self.negative_slope), 0.0, self.inplace)
 
 
-class LeanHardtanh(nn.Hardtanh):
+class LeanHardtanh(_LeanMaskedMixin, nn.Hardtanh):
     """``nn.Hardtanh`` saving a 1-bit mask instead of its input."""
 
-    _advtune_kind = "lean-activation"
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input):
-            return super().forward(input)
-        spec = ("hardtanh", float(self.min_val), float(self.max_val), self.inplace)
-        return _MaskedFn.apply(input, spec)
+    def _mask_spec(self) -> tuple[str, float, float, bool]:
+        return ("hardtanh", float(self.min_val), float(self.max_val), self.inplace)
 
 
-class LeanReLU6(nn.ReLU6):
-    """``nn.ReLU6`` saving a 1-bit mask instead of its input."""
-
-    _advtune_kind = "lean-activation"
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input):
-            return super().forward(input)
-        spec = ("hardtanh", float(self.min_val), float(self.max_val), self.inplace)
-        return _MaskedFn.apply(input, spec)
+class LeanReLU6(LeanHardtanh, nn.ReLU6):
+    """``nn.ReLU6`` saving a 1-bit mask instead of its input (a Hardtanh on [0, 6])."""
 
 
-class LeanHardsigmoid(nn.Hardsigmoid):
+class LeanHardsigmoid(_LeanMaskedMixin, nn.Hardsigmoid):
     """``nn.Hardsigmoid`` saving a 1-bit mask instead of its input."""
 
-    _advtune_kind = "lean-activation"
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input):
-            return super().forward(input)
-        return _MaskedFn.apply(input, ("hardsigmoid", 0.0, 0.0, self.inplace))
+    def _mask_spec(self) -> tuple[str, float, float, bool]:
+        return ("hardsigmoid", 0.0, 0.0, self.inplace)
 
 
 # --------------------------------------------------------------------------- pooling
