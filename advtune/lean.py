@@ -581,7 +581,7 @@ class _MaxPool2dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         (offset,) = ctx.saved_tensors
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw), ceil_mode = ctx.spec
+        (_, kw), (sh, sw), (ph, pw), (dh, dw), _ = ctx.spec
         width = ctx.input_shape[-1]
         ho, wo = offset.shape[-2:]
         h0 = (torch.arange(ho, device=grad.device) * sh - ph).view(ho, 1)
@@ -590,24 +590,12 @@ class _MaxPool2dFn(torch.autograd.Function):
         wi = torch.div(off, kw, rounding_mode="floor")
         indices = (h0 + wi * dh) * width + (w0 + (off - wi * kw) * dw)
         del off, wi
-        # The native backward kernel reads only the indices; the "input" argument is used
-        # for its shape and layout, so the result buffer stands in for it (no copy).
-        fmt = torch.channels_last if _dense_order(grad) == (0, 2, 3, 1) else None
-        grad_input = (
-            grad.new_empty(ctx.input_shape)
-            if fmt is None
-            else grad.new_empty(ctx.input_shape).contiguous(memory_format=fmt)
-        )
-        torch.ops.aten.max_pool2d_with_indices_backward.grad_input(
-            grad,
-            grad_input,
-            [kh, kw],
-            [sh, sw],
-            [ph, pw],
-            [dh, dw],
-            ceil_mode,
-            indices,
-            grad_input=grad_input,
+        # A plain scatter-add of the output gradient into the flattened input plane: the
+        # same sums as the native kernel, with no aliasing tricks, on every device.
+        lead = tuple(grad.shape[:-2])
+        grad_input = grad.new_zeros(ctx.input_shape)
+        grad_input.view(*lead, -1).scatter_add_(
+            -1, indices.expand(*lead, ho, wo).reshape(*lead, -1), grad.reshape(*lead, -1)
         )
         return grad_input, None
 
