@@ -3,8 +3,11 @@ how to build them with meaningful BN statistics, and what input size they need."
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -19,6 +22,23 @@ _BUILD_KWARGS = {"inception_v3": {"aux_logits": False, "init_weights": True}}
 _FAST = {"resnet18", "densenet121", "efficientnet_b0", "mnasnet0_5", "googlenet"}
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Register every new parameter on the meta device, so initialisers cost nothing."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
 @functools.cache
 def _meta_info() -> dict[str, tuple[bool, int]]:
     """name -> (has BatchNorm, parameter count), built on the meta device (no memory)."""
@@ -27,8 +47,9 @@ def _meta_info() -> dict[str, tuple[bool, int]]:
         try:
             with torch.device("meta"):  # no memory, no init cost
                 model = torchvision.models.get_model(name, weights=None)
-        except NotImplementedError:  # an initialiser needs real data
-            model = torchvision.models.get_model(name, weights=None)
+        except NotImplementedError:  # the constructor computes with tensors (RegNet)
+            with _parameters_on_meta():
+                model = torchvision.models.get_model(name, weights=None)
         has_bn = any(isinstance(m, _BatchNorm) for m in model.modules())
         info[name] = (has_bn, sum(p.numel() for p in model.parameters()))
     return info
@@ -41,6 +62,26 @@ def bn_model_names() -> list[str]:
 
 def is_slow(name: str) -> bool:
     return name not in _FAST
+
+
+# Float64 copies of the eval, converted and gradient tensors of the largest models need
+# more memory than a 24 GiB machine has (regnet_y_128gf: 645M parameters, ~5 GiB a copy).
+_MIN_RAM_GIB = {"regnet_y_128gf": 64}
+
+
+def _ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def zoo_param(name: str, fast: set[str] | frozenset[str] = frozenset(_FAST)):
+    """``name`` as a pytest param: slow unless in ``fast``, skipped where memory is short."""
+    marks = [] if name in fast else [pytest.mark.slow]
+    need = _MIN_RAM_GIB.get(name)
+    if need is not None:
+        marks.append(
+            pytest.mark.skipif(_ram_gib() < need, reason=f"needs >= {need} GiB of RAM in float64")
+        )
+    return pytest.param(name, marks=marks)
 
 
 def input_size(name: str) -> int:

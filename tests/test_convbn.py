@@ -7,7 +7,7 @@ import io
 
 import pytest
 import torch
-from modelzoo import bn_model_names, build_calibrated, input_size, is_slow
+from modelzoo import bn_model_names, build_calibrated, input_size, zoo_param
 from torch import nn
 
 import advtune
@@ -32,7 +32,7 @@ def _outputs_and_grads(model: nn.Module, x: torch.Tensor, w: torch.Tensor, param
 
 
 def _zoo_params():
-    return [pytest.param(n, marks=pytest.mark.slow) if is_slow(n) else n for n in bn_model_names()]
+    return [zoo_param(n) for n in bn_model_names()]
 
 
 @pytest.mark.parametrize("name", _zoo_params())

@@ -34,10 +34,7 @@ FAST = {
 
 
 def _params():
-    return [
-        pytest.param(name, marks=() if name in FAST else pytest.mark.slow)
-        for name in modelzoo.bn_model_names()
-    ]
+    return [modelzoo.zoo_param(name, fast=FAST) for name in modelzoo.bn_model_names()]
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
