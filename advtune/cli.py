@@ -52,16 +52,30 @@ def _number(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
+    # Flags without a fixed range (--steps...) are checked later, where the message can
+    # name the setting; fixed ranges go through _int_at_least.
     from advtune.presets import parse_int
 
     try:
-        value = parse_int(text)
+        return parse_int(text)
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+
+
+def _int_at_least(minimum: int, text: str) -> int:
+    value = _int(text)
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
+
+
+def _nonneg_int(text: str) -> int:
+    return _int_at_least(0, text)
 
 
 def _batch_size(text: str) -> int | str:
@@ -71,28 +85,6 @@ def _batch_size(text: str) -> int | str:
         return _positive_int(text)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{e} (or 'auto')") from None
-
-
-def _nonneg_int(text: str) -> int:
-    from advtune.presets import parse_int
-
-    try:
-        value = parse_int(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _int(text: str) -> int:
-    # Range checks happen later, where the message can name the setting (steps >= 1...).
-    from advtune.presets import parse_int
-
-    try:
-        return parse_int(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _eps_list(text: str) -> list[float]:
