@@ -14,20 +14,32 @@ mode and then calls :func:`freeze`, which
   again: a frozen model gives input gradients only, and says so rather than returning
   wrong or missing weight gradients.
 
-Everything else (smooth activations, LayerNorm, attention, functional calls such as
-``F.relu`` inside a ``forward``) runs unchanged. Outputs and input gradients equal Eval
-mode's (≤1e-10 relative in float64; the tests check every torchvision BN model).
+* rewrites functional calls inside a module's own ``forward`` (``F.relu``,
+  ``torch.relu``, ``x.relu()``, ``F.relu6``, ``F.leaky_relu``, ``F.hardtanh``,
+  ``F.hardsigmoid``, ``F.max_pool2d``, ``F.avg_pool2d``, global ``F.adaptive_avg_pool2d``)
+  to the lean functions of :mod:`advtune.lean` (see :func:`_rewrite_functional_calls`).
+  Inception, GoogLeNet and the hand-written ``F.relu(self.bn(x))`` blocks of many
+  robustness-benchmark models save masks instead of activations too.
+
+Everything else (smooth activations, LayerNorm, attention, elementwise products)
+runs unchanged. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
+float64; the tests check every torchvision BN model).
 """
 
 from __future__ import annotations
 
+import linecache
+import warnings
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from advtune import lean
 from advtune.lean import LEAN_TYPES, FrozenParameterError
 
 __all__ = ["FreezeReport", "freeze", "freeze_report", "is_frozen"]
@@ -43,10 +55,14 @@ class FreezeReport:
         converted: ``{module path: lean class name}`` for every converted layer.
         native: ``(module path, class name)`` of modules with parameters or buffers that
             kept their native ``forward`` (they may save activations as usual).
+        rewritten: ``{module path: names of the functional calls}`` of modules whose own
+            ``forward`` calls ``F.relu``, ``F.max_pool2d``, ... and now calls the lean
+            functions instead.
     """
 
     converted: dict[str, str] = field(default_factory=dict)
     native: list[tuple[str, str]] = field(default_factory=list)
+    rewritten: dict[str, list[str]] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         """Number of converted layers per lean class."""
@@ -54,11 +70,19 @@ class FreezeReport:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable view."""
-        return {"converted": dict(self.converted), "native": [list(n) for n in self.native]}
+        return {
+            "converted": dict(self.converted),
+            "native": [list(n) for n in self.native],
+            "rewritten": {k: list(v) for k, v in self.rewritten.items()},
+        }
 
     def __str__(self) -> str:
         counts = ", ".join(f"{n} {cls}" for cls, n in sorted(self.counts().items()))
         lines = [f"frozen: {len(self.converted)} lean layers ({counts or 'none'})"]
+        if self.rewritten:
+            calls = Counter(c for names in self.rewritten.values() for c in names)
+            text = ", ".join(f"{n} {c}" for c, n in sorted(calls.items()))
+            lines.append(f"  {len(self.rewritten)} modules with lean functional calls ({text})")
         lines += [f"  native   {path or '<root>'} ({cls})" for path, cls in self.native]
         return "\n".join(lines)
 
@@ -91,7 +115,262 @@ def _guard(module: nn.Module, args: Any) -> None:
             )
 
 
-def freeze(model: nn.Module) -> FreezeReport:
+# --------------------------------------------------------------------------- functional calls
+
+#: Functional call -> lean function with the same signature (same result, leaner autograd).
+_FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    F.relu: lean.relu,
+    torch.relu: lean.relu,
+    F.relu_: lean.relu_,
+    torch.relu_: lean.relu_,
+    F.relu6: lean.relu6,
+    F.leaky_relu: lean.leaky_relu,
+    F.leaky_relu_: lean.leaky_relu_,
+    F.hardtanh: lean.hardtanh,
+    F.hardtanh_: lean.hardtanh_,
+    F.hardsigmoid: lean.hardsigmoid,
+    F.max_pool2d: lean.max_pool2d,
+    F.avg_pool2d: lean.avg_pool2d,
+    F.adaptive_avg_pool2d: lean.adaptive_avg_pool2d,
+}
+#: Tensor methods (``x.relu()``) -> lean function taking the tensor first.
+_METHODS: dict[str, Callable[..., Any]] = {"relu": lean.relu, "relu_": lean.relu_}
+
+# Generated forwards, shared by modules whose code and globals are the same (the 94
+# BasicConv2d blocks of Inception-v3 share one function, and so one dynamo cache entry).
+_FORWARDS: dict[tuple[str, tuple[tuple[str, int], ...]], Callable[..., Any]] = {}
+
+
+class _OwnForwardTracer(torch.fx.Tracer):
+    """Traces one module's own ``forward``: every submodule call stays a call."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+def _may_rewrite(module: nn.Module) -> bool:
+    cls = type(module)
+    # torch.nn layers are swapped by class (or left alone); advtune's own are lean already.
+    return (
+        not hasattr(module, "_advtune_kind")
+        and not cls.__module__.startswith(("torch.", "advtune."))
+        and cls.forward is not nn.Module.forward
+    )
+
+
+def _trace_own_forward(module: nn.Module) -> torch.fx.Graph | None:
+    """fx graph of ``module.forward`` in eval mode, or ``None`` if it cannot be traced."""
+    modes = [(m, m.training) for m in module.modules()]
+    before = (set(module.__dict__), set(module._parameters), set(module._buffers))
+    cls = module.__class__
+    module.__class__ = _native_class(module)  # fx traces type(module).forward
+    try:
+        for m, _ in modes:  # trace the eval-mode code path (the only one used later)
+            m.training = False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            graph = _OwnForwardTracer().trace(module)
+    except Exception:  # untraceable code (data-dependent control flow, ...): stays native
+        return None
+    finally:
+        module.__class__ = cls
+        for m, training in modes:
+            m.training = training
+        # Tracing stores tensors created in forward as attributes of the module: undo.
+        added = set(module.__dict__) - before[0]
+        added |= set(module._parameters) - before[1]
+        added |= set(module._buffers) - before[2]
+        for name in added:
+            module.__dict__.pop(name, None)
+            module._parameters.pop(name, None)
+            module._buffers.pop(name, None)
+    if added:  # the graph would read constants that are gone
+        return None
+    return graph
+
+
+def _rewrite_calls(graph: torch.fx.Graph) -> list[str]:
+    """Point the graph's supported functional calls at the lean functions (in place)."""
+    names = []
+    for node in graph.nodes:
+        if node.op == "call_function":
+            try:
+                target = _FUNCTIONS.get(node.target)
+            except TypeError:  # an unhashable callable
+                target = None
+        elif node.op == "call_method" and isinstance(node.target, str):
+            target = _METHODS.get(node.target)
+        else:
+            target = None
+        if target is not None:
+            node.op, node.target = "call_function", target
+            names.append(target.__name__)
+    return names
+
+
+def _compile_forward(graph: torch.fx.Graph, cls: type) -> Callable[..., Any]:
+    graph.lint()
+    code = graph.python_code(root_module="self")
+    key = (code.src, tuple(sorted((k, id(v)) for k, v in code.globals.items())))
+    fn = _FORWARDS.get(key)
+    if fn is None:
+        filename = f"<advtune frozen {cls.__module__}.{cls.__qualname__}.forward #{len(_FORWARDS)}>"
+        namespace = dict(code.globals)
+        exec(compile(code.src, filename, "exec"), namespace)  # fx-generated, as GraphModule does
+        linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
+        fn = _FORWARDS[key] = namespace["forward"]
+    return fn
+
+
+def _install_lean_forward(module: nn.Module) -> list[str]:
+    """Generate a lean ``forward`` for ``module``; returns the rewritten calls ([] if none)."""
+    graph = _trace_own_forward(module)
+    names = _rewrite_calls(graph) if graph is not None else []
+    if names:
+        module.__dict__["_advtune_forward"] = _compile_forward(graph, _native_class(module))
+    return names
+
+
+def _flat_tensors(value: Any) -> list[Any]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _flat_tensors(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value, key=str) for t in _flat_tensors(value[k])]
+    return [value]
+
+
+def _clone_tensors(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_clone_tensors(v) for v in value)
+    if isinstance(value, list):
+        return [_clone_tensors(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clone_tensors(v) for k, v in value.items()}
+    return value
+
+
+def _agree(out: Any, ref: Any) -> bool:
+    """Whether two forward results match (up to a few ulps: GPU kernels may differ)."""
+    a, b = _flat_tensors(out), _flat_tensors(ref)
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if not isinstance(x, torch.Tensor):
+            if type(x) is not type(y):
+                return False
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        x, y = x.detach().double(), y.detach().double()
+        if not torch.equal(x.isnan(), y.isnan()):
+            return False
+        x, y = x.nan_to_num(), y.nan_to_num()
+        tol = 16 * torch.finfo(_least_precise(a, b)).eps * float(y.abs().max().clamp_min(1e-30))
+        if y.numel() and float((x - y).abs().max()) > tol:
+            return False
+    return True
+
+
+def _least_precise(a: list[Any], b: list[Any]) -> torch.dtype:
+    """The least precise floating dtype among the compared tensors."""
+    dtypes = [t.dtype for t in a + b if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
+
+
+class _LeanForwardMixin:
+    """Runs the ``forward`` :func:`freeze` generated, with lean functional calls.
+
+    In training mode (or if no forward was generated) the class's own ``forward`` runs.
+    The first eval-mode call also runs the original ``forward`` on copies of the inputs
+    (without autograd) and compares: tracing bakes in Python-level decisions (an
+    ``isinstance`` on an input, say), and a rewrite that disagrees is dropped with a
+    warning rather than trusted.
+    """
+
+    _advtune_kind = "lean-forward"
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        fn = self.__dict__.get("_advtune_forward")
+        if fn is None or self.training:  # type: ignore[attr-defined]
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        if self.__dict__.get("_advtune_checked"):
+            return fn(self, *args, **kwargs)
+        return self._advtune_checked_call(fn, args, kwargs)
+
+    def _advtune_checked_call(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> Any:
+        native = super().forward  # type: ignore[misc]
+        inputs = _flat_tensors((args, kwargs))
+        versions = [t._version for t in inputs if isinstance(t, torch.Tensor)]
+        copies = _clone_tensors((args, kwargs))
+        out = fn(self, *args, **kwargs)
+        with torch.no_grad():
+            ref = native(*copies[0], **copies[1])
+        self.__dict__["_advtune_checked"] = True
+        if _agree(out, ref):
+            return out
+        where = self.__dict__.get("_advtune_name") or type(self).__name__
+        del self.__dict__["_advtune_forward"]
+        if versions != [t._version for t in inputs if isinstance(t, torch.Tensor)]:
+            raise RuntimeError(
+                f"advtune.freeze: the lean forward generated for {where!r} "
+                f"({_native_class(self).__name__}) disagrees with its own forward and has "
+                "modified its inputs in place; rerun: the module now runs its own forward"
+            )
+        warnings.warn(
+            f"advtune.freeze: the lean forward generated for {where!r} "
+            f"({_native_class(self).__name__}) disagrees with its own forward on the "
+            "first call (it may branch on input types or state); it runs its own forward",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return native(*args, **kwargs)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # The class is made at run time and the forward is generated code: pickle (and
+        # deepcopy) the native class and state; the forward is generated again on load.
+        state = {k: v for k, v in self.__dict__.items() if k != "_advtune_forward"}
+        return (_restore_lean_forward, (_native_class(self),), state)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
+        _install_lean_forward(self)  # type: ignore[arg-type]
+
+
+_LEAN_FORWARD_CLASSES: dict[type, type] = {}
+
+
+def _native_class(module: nn.Module) -> type:
+    cls = type(module)
+    return cls.__bases__[1] if issubclass(cls, _LeanForwardMixin) else cls
+
+
+def _lean_forward_class(base: type) -> type:
+    cls = _LEAN_FORWARD_CLASSES.get(base)
+    if cls is None:
+        cls = type(
+            base.__name__,  # repr() stays familiar
+            (_LeanForwardMixin, base),
+            {"__module__": base.__module__, "__qualname__": f"{base.__qualname__}<lean forward>"},
+        )
+        _LEAN_FORWARD_CLASSES[base] = cls
+    return cls
+
+
+def _restore_lean_forward(base: type) -> nn.Module:
+    return object.__new__(_lean_forward_class(base))
+
+
+def freeze(model: nn.Module, *, functional: bool = True) -> FreezeReport:
     """Convert ``model`` in place to lean layers that save only what input gradients need.
 
     Usually reached through ``advtune.tune(model, "frozen")`` (which folds BatchNorm
@@ -100,6 +379,11 @@ def freeze(model: nn.Module) -> FreezeReport:
 
     Args:
         model: The module to convert (modified in place).
+        functional: Also rewrite supported functional calls (``F.relu``,
+            ``F.max_pool2d``, ...) inside each module's own ``forward``: the module is
+            traced with ``torch.fx`` (its submodules stay calls) and gets a generated
+            ``forward`` calling the lean functions, used in eval mode (see
+            ``_LeanForwardMixin``). Modules that cannot be traced keep their code.
 
     Returns:
         A :class:`FreezeReport`; :func:`freeze_report` returns it again later.
@@ -124,13 +408,22 @@ def freeze(model: nn.Module) -> FreezeReport:
             or next(module.buffers(recurse=False), None) is not None
         ):
             report.native.append((name, type(module).__name__))
+    if functional:
+        for name, module in model.named_modules():
+            if _may_rewrite(module):
+                calls = _install_lean_forward(module)
+                if calls:
+                    module.__class__ = _lean_forward_class(type(module))
+                    module.__dict__["_advtune_name"] = name
+                    report.rewritten[name] = calls
     model.requires_grad_(False)
     previous = model.__dict__.get(_REPORT_ATTR)
     if previous is None:
         model.register_forward_pre_hook(_guard)
     else:  # a second call: keep the first hook and merge the record
         previous.converted.update(report.converted)
-        report = FreezeReport(previous.converted, report.native)
+        previous.rewritten.update(report.rewritten)
+        report = FreezeReport(previous.converted, report.native, previous.rewritten)
     model.__dict__[_REPORT_ATTR] = report
     return report
 

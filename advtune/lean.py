@@ -24,6 +24,14 @@ BatchNorm (eval, not folded)    the per-channel scale
 Smooth activations (SiLU, GELU, Hardswish, Sigmoid, ...) already save exactly one tensor
 their exact derivative needs, so :func:`advtune.frozen.freeze` leaves them alone.
 
+The activations and pools also come as functions with the signatures of their
+``torch.nn.functional`` namesakes (:func:`relu`, :func:`relu_`, :func:`relu6`,
+:func:`leaky_relu`, :func:`hardtanh`, :func:`hardsigmoid`, :func:`max_pool2d`,
+:func:`avg_pool2d`, :func:`adaptive_avg_pool2d`); the modules call them, and
+:func:`advtune.frozen.freeze` points functional calls inside a model's ``forward`` at
+them. Without a graph to record (``torch.no_grad()``, an input that needs no gradient)
+each runs the native op.
+
 Each lean module is a subclass of the ``torch.nn`` class it replaces, so parameters,
 buffers, ``state_dict`` keys and ``repr`` stay the same; :func:`advtune.frozen.freeze`
 swaps the class of existing modules. Their parameters must not require gradients: a
@@ -65,7 +73,18 @@ __all__ = [
     "LeanMaxPool2d",
     "LeanReLU",
     "LeanReLU6",
+    "adaptive_avg_pool2d",
+    "avg_pool2d",
+    "hardsigmoid",
+    "hardtanh",
+    "hardtanh_",
+    "leaky_relu",
+    "leaky_relu_",
+    "max_pool2d",
     "pack_bits",
+    "relu",
+    "relu6",
+    "relu_",
     "unpack_bits",
 ]
 
@@ -496,50 +515,100 @@ class _MaskedFn(torch.autograd.Function):
         return torch.where(mask, grad, 0.0), None
 
 
-class _LeanMaskedMixin:
-    """Piecewise-linear activation that saves a 1-bit derivative mask (see _MaskedFn)."""
+def _masked(input: torch.Tensor, spec: tuple[str, float, float, bool]) -> torch.Tensor:
+    return _MaskedFn.apply(input, spec)
+
+
+def relu(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.relu`` that saves a 1-bit mask for backward instead of its output."""
+    if not _wants_graph(input):
+        return F.relu(input, inplace=inplace)
+    return _masked(input, ("relu", 0.0, 0.0, bool(inplace)))
+
+
+def relu_(input: torch.Tensor) -> torch.Tensor:
+    """In-place :func:`relu` (``F.relu_``, ``torch.relu_``)."""
+    return relu(input, inplace=True)
+
+
+def leaky_relu(
+    input: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False
+) -> torch.Tensor:
+    """``F.leaky_relu`` that saves a 1-bit mask for backward instead of its input."""
+    if not _wants_graph(input):
+        return F.leaky_relu(input, negative_slope, inplace=inplace)
+    return _masked(input, ("leaky", float(negative_slope), 0.0, bool(inplace)))
+
+
+def leaky_relu_(input: torch.Tensor, negative_slope: float = 0.01) -> torch.Tensor:
+    """In-place :func:`leaky_relu` (``F.leaky_relu_``)."""
+    return leaky_relu(input, negative_slope, inplace=True)
+
+
+def hardtanh(
+    input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0, inplace: bool = False
+) -> torch.Tensor:
+    """``F.hardtanh`` that saves a 1-bit mask for backward instead of its input."""
+    if not _wants_graph(input):
+        return F.hardtanh(input, min_val, max_val, inplace=inplace)
+    return _masked(input, ("hardtanh", float(min_val), float(max_val), bool(inplace)))
+
+
+def hardtanh_(input: torch.Tensor, min_val: float = -1.0, max_val: float = 1.0) -> torch.Tensor:
+    """In-place :func:`hardtanh` (``F.hardtanh_``)."""
+    return hardtanh(input, min_val, max_val, inplace=True)
+
+
+def relu6(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.relu6`` (a Hardtanh on ``[0, 6]``) saving a 1-bit mask."""
+    return hardtanh(input, 0.0, 6.0, inplace)
+
+
+def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.hardsigmoid`` that saves a 1-bit mask for backward instead of its input."""
+    if not _wants_graph(input):
+        return F.hardsigmoid(input, inplace=inplace)
+    return _masked(input, ("hardsigmoid", 0.0, 0.0, bool(inplace)))
+
+
+class LeanReLU(nn.ReLU):
+    """``nn.ReLU`` saving a 1-bit mask instead of its output."""
 
     _advtune_kind = "lean-activation"
 
-    def _mask_spec(self) -> tuple[str, float, float, bool]:
-        raise NotImplementedError
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input):
-            return super().forward(input)  # type: ignore[misc]
-        return _MaskedFn.apply(input, self._mask_spec())
+        return relu(input, self.inplace)
 
 
-class LeanReLU(_LeanMaskedMixin, nn.ReLU):
-    """``nn.ReLU`` saving a 1-bit mask instead of its output."""
-
-    def _mask_spec(self) -> tuple[str, float, float, bool]:
-        return ("relu", 0.0, 0.0, self.inplace)
-
-
-class LeanLeakyReLU(_LeanMaskedMixin, nn.LeakyReLU):
+class LeanLeakyReLU(nn.LeakyReLU):
     """``nn.LeakyReLU`` saving a 1-bit mask instead of its input."""
 
-    def _mask_spec(self) -> tuple[str, float, float, bool]:
-        return ("leaky", float(self.negative_slope), 0.0, self.inplace)
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return leaky_relu(input, self.negative_slope, self.inplace)
 
 
-class LeanHardtanh(_LeanMaskedMixin, nn.Hardtanh):
+class LeanHardtanh(nn.Hardtanh):
     """``nn.Hardtanh`` saving a 1-bit mask instead of its input."""
 
-    def _mask_spec(self) -> tuple[str, float, float, bool]:
-        return ("hardtanh", float(self.min_val), float(self.max_val), self.inplace)
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return hardtanh(input, self.min_val, self.max_val, self.inplace)
 
 
 class LeanReLU6(LeanHardtanh, nn.ReLU6):
     """``nn.ReLU6`` saving a 1-bit mask instead of its input (a Hardtanh on [0, 6])."""
 
 
-class LeanHardsigmoid(_LeanMaskedMixin, nn.Hardsigmoid):
+class LeanHardsigmoid(nn.Hardsigmoid):
     """``nn.Hardsigmoid`` saving a 1-bit mask instead of its input."""
 
-    def _mask_spec(self) -> tuple[str, float, float, bool]:
-        return ("hardsigmoid", 0.0, 0.0, self.inplace)
+    _advtune_kind = "lean-activation"
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return hardsigmoid(input, self.inplace)
 
 
 # --------------------------------------------------------------------------- pooling
@@ -600,24 +669,55 @@ class _MaxPool2dFn(torch.autograd.Function):
         return grad_input, None
 
 
+def max_pool2d(
+    input: torch.Tensor,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    dilation: Any = 1,
+    ceil_mode: bool = False,
+    return_indices: bool = False,
+) -> Any:
+    """``F.max_pool2d`` that saves a uint8 argmax offset instead of input + int64 indices.
+
+    Runs natively (same result) when no graph is recorded, when indices are returned, or
+    when a window has more than 256 elements (the offset must fit in a uint8).
+    """
+    kernel = _pair(kernel_size)
+    if (
+        not _wants_graph(input)
+        or return_indices
+        or kernel[0] * kernel[1] > 256
+        or input.dim() not in (3, 4)
+    ):
+        return F.max_pool2d(
+            input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
+        )
+    stride = _pair(stride) if stride not in (None, (), []) else kernel
+    spec = (kernel, stride, _pair(padding), _pair(dilation), bool(ceil_mode))
+    if input.dim() == 3:
+        return _MaxPool2dFn.apply(input.unsqueeze(0), spec).squeeze(0)
+    return _MaxPool2dFn.apply(input, spec)
+
+
 class LeanMaxPool2d(nn.MaxPool2d):
     """``nn.MaxPool2d`` saving a uint8 argmax offset instead of input + int64 indices.
 
-    Needs ``kernel_size[0] * kernel_size[1] <= 256`` and ``return_indices=False``
-    (:func:`advtune.frozen.freeze` converts only such pools).
+    See :func:`max_pool2d` for when it runs natively.
     """
 
     _advtune_kind = "lean-pool"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input) or self.return_indices:
-            return super().forward(input)
-        kernel = _pair(self.kernel_size)
-        stride = _pair(self.stride) if self.stride not in (None, (), []) else kernel
-        spec = (kernel, stride, _pair(self.padding), _pair(self.dilation), bool(self.ceil_mode))
-        if input.dim() == 3:
-            return _MaxPool2dFn.apply(input.unsqueeze(0), spec).squeeze(0)
-        return _MaxPool2dFn.apply(input, spec)
+        return max_pool2d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.ceil_mode,
+            self.return_indices,
+        )
 
 
 class _AvgPool2dFn(torch.autograd.Function):
@@ -651,25 +751,47 @@ class _AvgPool2dFn(torch.autograd.Function):
         return grad_input, None
 
 
+def avg_pool2d(
+    input: torch.Tensor,
+    kernel_size: Any,
+    stride: Any = None,
+    padding: Any = 0,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+    divisor_override: int | None = None,
+) -> torch.Tensor:
+    """``F.avg_pool2d`` that keeps no activation for backward (it is linear)."""
+    if not _wants_graph(input) or input.dim() != 4:
+        return F.avg_pool2d(
+            input, kernel_size, stride, padding, ceil_mode, count_include_pad, divisor_override
+        )
+    kernel = _pair(kernel_size)
+    spec = (
+        kernel,
+        _pair(stride) if stride not in (None, (), []) else kernel,
+        _pair(padding),
+        bool(ceil_mode),
+        bool(count_include_pad),
+        divisor_override,
+    )
+    return _AvgPool2dFn.apply(input, spec)
+
+
 class LeanAvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` that keeps no activation for backward (it is linear)."""
 
     _advtune_kind = "lean-pool"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not _wants_graph(input) or input.dim() != 4:
-            return super().forward(input)
-        kernel = _pair(self.kernel_size)
-        stride = _pair(self.stride) if self.stride not in (None, (), []) else kernel
-        spec = (
-            kernel,
-            stride,
-            _pair(self.padding),
-            bool(self.ceil_mode),
-            bool(self.count_include_pad),
+        return avg_pool2d(
+            input,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.ceil_mode,
+            self.count_include_pad,
             self.divisor_override,
         )
-        return _AvgPool2dFn.apply(input, spec)
 
 
 class _GlobalAvgPoolFn(torch.autograd.Function):
@@ -688,6 +810,18 @@ class _GlobalAvgPoolFn(torch.autograd.Function):
         return (grad / h / w).expand(ctx.input_shape).contiguous(), None
 
 
+def adaptive_avg_pool2d(input: torch.Tensor, output_size: Any) -> torch.Tensor:
+    """``F.adaptive_avg_pool2d`` keeping no activation for global pooling (output 1×1).
+
+    Other output sizes run natively.
+    """
+    size = output_size
+    is_global = size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1))
+    if not _wants_graph(input) or not is_global or input.dim() != 4:
+        return F.adaptive_avg_pool2d(input, output_size)
+    return _GlobalAvgPoolFn.apply(input)
+
+
 class LeanAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     """``nn.AdaptiveAvgPool2d`` that keeps no activation for backward.
 
@@ -698,11 +832,7 @@ class LeanAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     _advtune_kind = "lean-pool"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        size = self.output_size
-        is_global = size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1))
-        if not _wants_graph(input) or not is_global or input.dim() != 4:
-            return super().forward(input)
-        return _GlobalAvgPoolFn.apply(input)
+        return adaptive_avg_pool2d(input, self.output_size)
 
 
 # --------------------------------------------------------------------------- batch norm
