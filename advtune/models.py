@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_CONVBN",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "REFERENCE_MODELS",
     "ImageClassifier",
     "Preprocess",
     "list_models",
@@ -52,6 +53,24 @@ __all__ = [
 DEFAULT_CONVBN = "frozen"
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+# The reference set of torchvision models: those whose ConvBN-mode costs
+# docs/performance.md records (issue 5's table: ResNet-50 and the nine others, from a
+# small ResNet to a BN-free ConvNeXt). The scripts' default model grids use it, so
+# their tables and the performance docs cover the same architectures. Not every one
+# takes 224 px: inception_v3's weights crop 299 px (each model's ``preprocess`` says).
+REFERENCE_MODELS: tuple[str, ...] = (
+    "resnet18",
+    "resnet50",
+    "resnet152",
+    "wide_resnet50_2",
+    "mobilenet_v2",
+    "efficientnet_b0",
+    "vgg16_bn",
+    "densenet121",
+    "inception_v3",
+    "convnext_tiny",
+)
 
 # Models whose pretrained torchvision weights expect ``transform_input=True``: the net
 # itself turns ImageNet-normalised input into the [-1, 1] range Google's weights were

@@ -31,16 +31,8 @@ from advtune.bench import run_bench
 from advtune.convbn import MODES
 from advtune.errors import UserError
 from advtune.io import atomic_write_bytes, atomic_write_text, read_json, write_json
+from advtune.models import REFERENCE_MODELS
 
-DEFAULT_MODELS = (
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "wide_resnet50_2",
-    "efficientnet_b0",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-)
 FIELDS = ("saved_mib_per_image", "peak_mib_per_image", "images_steps_per_s", "max_batch")
 
 
@@ -54,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Memory/time of the ConvBN modes across models (advtune.bench).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--models", type=_csv_list, default=list(DEFAULT_MODELS))
+    p.add_argument(
+        "--models",
+        type=_csv_list,
+        default=list(REFERENCE_MODELS),
+        help="comma-separated models to measure; the default is advtune.models.REFERENCE_MODELS",
+    )
     p.add_argument("--modes", type=_csv_list, default=list(MODES))
     p.add_argument("--attack", default="pgd", help="pgd or fgsm")
     p.add_argument("--device", default="auto")

@@ -30,16 +30,8 @@ from typing import Any
 
 from advtune import distributed
 from advtune.errors import UserError
+from advtune.models import REFERENCE_MODELS
 
-DEFAULT_MODELS = (
-    "resnet18",
-    "resnet50",
-    "resnet101",
-    "wide_resnet50_2",
-    "efficientnet_b0",
-    "mobilenet_v3_large",
-    "convnext_tiny",
-)
 LINF_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 L2_EPS = (0.25, 0.5, 1.0)
 
@@ -121,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--labels", help="LOC_val_solution.csv or devkit ground truth elsewhere")
     p.add_argument("--limit", type=int, help="use the first N images")
-    p.add_argument("--models", type=_csv_list, default=list(DEFAULT_MODELS))
+    p.add_argument(
+        "--models",
+        type=_csv_list,
+        default=list(REFERENCE_MODELS),
+        help="comma-separated models to evaluate; the default is advtune.models.REFERENCE_MODELS",
+    )
     p.add_argument(
         "--weights",
         default="DEFAULT",

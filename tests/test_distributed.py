@@ -14,15 +14,12 @@ import socket
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-import torchvision
-from PIL import Image
+from fakes import write_checkpoint, write_imagenet_folder
 
 from advtune import distributed
 from advtune.cli import STOP_HOOK_ENV, main
-from advtune.data import imagenet_wnids
 from advtune.errors import UserError
 from advtune.io import format_manifest, read_manifest
 
@@ -30,18 +27,6 @@ TORCHRUN_TIMEOUT_S = 240
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_imagenet_folder(root, *, classes=3, per_class=2, seed=0):
-    rng = np.random.default_rng(seed)
-    for c, wnid in enumerate(imagenet_wnids()[:classes]):
-        (root / wnid).mkdir(parents=True)
-        for i in range(per_class):
-            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
-            Image.fromarray(base).resize((44, 38), Image.BILINEAR).save(
-                root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90
-            )
-    return root
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -58,11 +43,7 @@ def one_thread():
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("dist")
     data = write_imagenet_folder(base / "val")
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        net = torchvision.models.resnet18()
-    ckpt = base / "resnet18.pt"
-    torch.save(net.state_dict(), ckpt)
+    ckpt = write_checkpoint(base / "resnet18.pt", "resnet18", seed=1)
     return data, ckpt
 
 

@@ -13,39 +13,21 @@ import signal
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-import torchvision
-from PIL import Image
+from fakes import write_checkpoint, write_imagenet_folder
 from torch import nn
 
 from advtune.cli import STOP_HOOK_ENV, main
-from advtune.data import imagenet_wnids
 from advtune.evaluate import AttackConfig, run
 from advtune.io import read_manifest
-
-
-def write_imagenet_folder(root, *, classes=3, per_class=2, seed=0):
-    rng = np.random.default_rng(seed)
-    for c, wnid in enumerate(imagenet_wnids()[:classes]):
-        (root / wnid).mkdir(parents=True)
-        for i in range(per_class):
-            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((44, 38), Image.BILINEAR)
-            img.save(root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90)
-    return root
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
     data = write_imagenet_folder(base / "val")
-    with torch.random.fork_rng():
-        torch.manual_seed(1)
-        net = torchvision.models.resnet18()
-    ckpt = base / "resnet18.pt"
-    torch.save(net.state_dict(), ckpt)
+    ckpt = write_checkpoint(base / "resnet18.pt", "resnet18", seed=1)
     return data, ckpt
 
 

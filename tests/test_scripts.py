@@ -12,13 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torchvision
-from PIL import Image
+from fakes import write_checkpoint, write_imagenet_folder
 
-from advtune.data import imagenet_wnids
+from advtune.models import REFERENCE_MODELS, list_models
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 
@@ -42,15 +40,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):
     root = tmp_path_factory.mktemp("scripts") / "val"
-    rng = np.random.default_rng(0)
-    for c, wnid in enumerate(imagenet_wnids()[:2]):
-        (root / wnid).mkdir(parents=True)
-        for i in range(2):
-            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
-            Image.fromarray(base).resize((40, 36), Image.BILINEAR).save(
-                root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90
-            )
-    return root
+    return write_imagenet_folder(root, classes=2, per_class=2, size=(40, 36))
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +49,8 @@ def checkpoints(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpt")
     files = []
     for name in ("resnet18", "mobilenet_v3_small"):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            net = getattr(torchvision.models, name)()
-        torch.save(net.state_dict(), folder / f"{name}.pt")
-        files.append(f"{name}={folder / f'{name}.pt'}")
+        path = write_checkpoint(folder / f"{name}.pt", name, seed=0)
+        files.append(f"{name}={path}")
     return ",".join(files)
 
 
@@ -150,6 +137,45 @@ def test_convbn_modes_table_csv_plot(tmp_path):
     stored = (out / "json" / "resnet18.json").read_bytes()
     assert script.main(argv) == 0
     assert (out / "json" / "resnet18.json").read_bytes() == stored
+
+
+@pytest.mark.parametrize("name", ["imagenet_robustness", "convbn_modes"])
+def test_scripts_default_to_the_reference_models(name):
+    parser = load_script(name).build_parser()
+    data = ["--data", "x"] if name == "imagenet_robustness" else []
+    assert parser.parse_args(data).models == list(REFERENCE_MODELS)
+    # Each default is a torchvision model (a typo would only fail after hours of a grid).
+    assert set(REFERENCE_MODELS) <= set(list_models())
+    assert len(set(REFERENCE_MODELS)) == len(REFERENCE_MODELS)
+
+
+def test_imagenet_robustness_uses_each_models_own_input_size(imagenet, tmp_path):
+    # inception_v3 (a default model) takes 299 px crops: the grid must use the model's
+    # own preprocessing, not a fixed 224, when --image-size is not given.
+    script = load_script("imagenet_robustness")
+    out = tmp_path / "grid"
+    argv = ["--data", str(imagenet), "--models", "inception_v3", "--weights", "random",
+            "--attacks", "fgsm", "--linf-eps", "4/255", "--limit", "1", "--batch-size", "1",
+            "--workers", "0", "--device", "cpu", "--out", str(out), "-q"]  # fmt: skip
+    with pytest.warns(UserWarning, match="untrained"):
+        assert script.main(argv) == 0
+    report = json.loads((out / "cells" / "inception_v3" / "fgsm" / "report.json").read_text())
+    assert report["status"] == "complete"
+    assert "crop_size=299, resize_size=342" in report["config"]["preprocess"]
+
+
+@pytest.mark.slow
+def test_convbn_modes_runs_inception_at_the_default_size(tmp_path):
+    # One --size for every model: inception_v3 must build and fold at the default 224 px.
+    script = load_script("convbn_modes")
+    out = tmp_path / "modes"
+    argv = ["--models", "inception_v3", "--steps", "0", "--device", "cpu", "--out", str(out),
+            "-q"]  # fmt: skip
+    assert script.main(argv) == 0
+    rows = list(csv.DictReader((out / "convbn_modes.csv").open()))
+    assert {r["size"] for r in rows} == {"224"} and not any(r["error"] for r in rows)
+    saved = {r["mode"]: float(r["saved_mib_per_image"]) for r in rows}
+    assert saved["frozen"] < saved["tune"] < saved["eval"]
 
 
 @pytest.mark.slow
