@@ -14,35 +14,15 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fakes import write_checkpoint, write_imagenet_folder
 from PIL import Image
 
 from advtune.cli import main
-from advtune.data import build_dataset, imagenet_wnids
+from advtune.data import build_dataset
 from advtune.io import read_manifest
 from advtune.models import DEFAULT_CONVBN, Preprocess, load_model
 
 SIZE = 32
-
-
-def write_imagenet_folder(root, *, classes=3, per_class=2, seed=0):
-    """``root/<wnid>/<name>.JPEG`` real JPEGs with smooth random content."""
-    rng = np.random.default_rng(seed)
-    wnids = imagenet_wnids()[:classes]
-    for c, wnid in enumerate(wnids):
-        (root / wnid).mkdir(parents=True)
-        for i in range(per_class):
-            base = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((44, 38), Image.BILINEAR)
-            img.save(root / wnid / f"{wnid}_{c}{i}.JPEG", quality=90)
-    return root
-
-
-def write_checkpoint(path, seed=0):
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        net = torchvision.models.resnet18()
-    torch.save(net.state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
