@@ -325,10 +325,16 @@ class BenchResult:
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    index = device[5:] if device.startswith("cuda:") else None
+    if device not in ("cpu", "cuda") and not (index and index.isdigit()):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
+    # A missing GPU would otherwise surface as "invalid device ordinal" deep in .to().
+    if index is not None and int(index) >= torch.cuda.device_count():
+        raise UserError(
+            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+        )
     return torch.device(device)
 
 
@@ -361,7 +367,8 @@ def run_bench(
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp, channels_last, compile: Run-time options (:func:`advtune.runtime.prepare`).
         saved_batches: The two batch sizes of the saved-bytes measurement.
-        max_batch_limit: Largest batch probed for "max batch" (CUDA only).
+        max_batch_limit: Largest batch probed for "max batch" (CUDA only); 0 skips the
+            probe (under ``compile`` each probed size would compile again).
         seed: Seed for weights and images.
         model_factory: Builds the eval-mode model instead of :func:`build_model`.
 
@@ -382,6 +389,8 @@ def run_bench(
         raise UserError(f"--size {size} is too small for {model_name}")
     if steps < 0:
         raise UserError(f"--steps must be >= 0, got {steps}")
+    if max_batch_limit < 0:
+        raise UserError(f"--max-batch-limit must be >= 0, got {max_batch_limit}")
     if ATTACKS[attack] is not None:
         steps = min(steps, ATTACKS[attack]) if steps else 0
     batch = batch_size or (128 if dev.type == "cuda" else 4)
@@ -410,7 +419,7 @@ def run_bench(
                     seed=seed,
                     measure_peak=True,
                 )
-            if dev.type == "cuda":
+            if dev.type == "cuda" and max_batch_limit > 0:
                 row.max_batch = _largest_batch(
                     run_model, size=size, device=dev, limit=max_batch_limit
                 )
@@ -490,7 +499,13 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         metavar="B1,B2",
         help="batch sizes of the marginal saved-bytes measurement (2,4)",
     )
-    p.add_argument("--max-batch-limit", type=int, default=16384, metavar="N")
+    p.add_argument(
+        "--max-batch-limit",
+        type=int,
+        default=16384,
+        metavar="N",
+        help="largest batch probed for max batch (CUDA; 0: skip the probe)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write results")
     p.set_defaults(handler=_cli_main)
     return p

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import inspect
 import logging
 import os
 import socket
@@ -296,28 +297,52 @@ def init(device: str = "auto") -> DistContext:
     if not dist.is_available():
         raise UserError("this torch build has no torch.distributed; run a single process")
     dev = _rank_device(device, local)
+    backend, group = _join(dev, _timeout())
+    _CONTEXT = DistContext(
+        rank=rank, world_size=world, local_rank=local, device=dev, backend=backend, group=group
+    )
+    return _CONTEXT
+
+
+def _accepts_device_id(init_process_group: Callable[..., Any]) -> bool:
+    # init_process_group(device_id=...) exists from torch 2.3 on; torch 2.2 (supported)
+    # raises TypeError on the keyword.
+    try:
+        return "device_id" in inspect.signature(init_process_group).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _join(dev: str, timeout: datetime.timedelta) -> tuple[str, Any]:
+    """Join the default process group for this rank's device; make the control group.
+
+    Args:
+        dev: this rank's device, ``"cuda:N"`` (NCCL) or ``"cpu"`` (gloo).
+        timeout: for the process groups' collectives.
+
+    Returns:
+        ``(backend, control group)``: every collective advtune runs goes through the
+        control group, which is gloo (CPU tensors and pickled objects only), also when
+        the default group is NCCL: NCCL cannot carry CPU tensors.
+    """
+    import torch.distributed as dist
+
     backend = "nccl" if dev.startswith("cuda") else "gloo"
-    timeout = _timeout()
-    if dev.startswith("cuda"):
+    if backend == "nccl":
+        # Before anything touches CUDA: the current device is what NCCL, the data
+        # loader's pin-memory thread and unindexed "cuda" tensors use.
         torch.cuda.set_device(torch.device(dev))
     if not dist.is_initialized():
         kwargs: dict[str, Any] = {}
-        if backend == "nccl":
+        if backend == "nccl" and _accepts_device_id(dist.init_process_group):
             # Binds the communicator to this rank's GPU up front (no device guessing).
             kwargs["device_id"] = torch.device(dev)
         dist.init_process_group(backend=backend, timeout=timeout, **kwargs)
+    if backend == "gloo":
+        return backend, dist.group.WORLD
     # Control messages (counts, rows, status) go through gloo on the CPU: no GPU sync
     # per batch, and object collectives need no device juggling.
-    group = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else None
-    _CONTEXT = DistContext(
-        rank=rank,
-        world_size=world,
-        local_rank=local,
-        device=dev,
-        backend=backend,
-        group=group if group is not None else dist.group.WORLD,
-    )
-    return _CONTEXT
+    return backend, dist.new_group(backend="gloo", timeout=timeout)
 
 
 def shutdown() -> None:

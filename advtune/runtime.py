@@ -153,6 +153,13 @@ def prepare(
 # --------------------------------------------------------------------------- OOM handling
 
 
+#: Messages of RuntimeErrors that mean the GPU ran out of memory outside PyTorch's
+#: caching allocator: a cuBLAS / cuDNN handle or workspace that could not be allocated
+#: (raised instead of ``OutOfMemoryError`` when the first matmul or convolution of a
+#: thread runs with the memory already full).
+_OOM_MESSAGES = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed")
+
+
 def is_oom_error(exc: BaseException) -> bool:
     """Whether ``exc`` means "out of memory" (CUDA, or an allocator's RuntimeError)."""
     oom_types = tuple(
@@ -162,7 +169,8 @@ def is_oom_error(exc: BaseException) -> bool:
     )
     if isinstance(exc, oom_types):
         return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _OOM_MESSAGES)
 
 
 def _release_memory() -> None:

@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed PGD steps")
     p.add_argument("--device", default="cuda")
     p.add_argument("--max-batch-limit", type=int, default=16384)
+    p.add_argument("--no-bench", action="store_true", help="skip the ResNet-50 measurement")
     p.add_argument("--no-success", action="store_true", help="skip the success measurement")
     p.add_argument("--success-images", type=int, default=None, help="digits images attacked (all)")
     return p
@@ -183,7 +184,7 @@ def measure(args: argparse.Namespace) -> None:
     digits = None
     for name in args.configs:
         path = bench_dir / f"{name}.json"
-        if not path.exists():
+        if not args.no_bench and not path.exists():
             print(f"[gpu_targets] {args.model} {name} ...", file=sys.stderr, flush=True)
             write_json(path, _bench(name, args))
         if args.no_success:
