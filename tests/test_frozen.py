@@ -75,6 +75,10 @@ def test_frozen_input_gradients_equal_eval_float64(name):
     assert any(cls.startswith("LeanConv") for cls in report.converted.values())
     assert advtune.convbn_report(frozen).mode == "frozen"
     assert not any(p.requires_grad for p in frozen.parameters())
+    # Every functional-call rewrite passed its first-call check (none was dropped).
+    modules = dict(frozen.named_modules())
+    dropped = [p for p in report.rewritten if "_advtune_forward" not in modules[p].__dict__]
+    assert not dropped
     # The caller's model is untouched.
     assert any(p.requires_grad for p in model.parameters())
 
