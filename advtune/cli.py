@@ -285,6 +285,10 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     ctx = distributed.init(args.device)
     ctx = dataclasses.replace(ctx, device=distributed.resolve_device(args.device, ctx))
     device = ctx.device
+    if device.startswith("cuda:") and not ctx.is_distributed:
+        # The current device is what the loader's pin-memory thread and any unindexed
+        # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
+        torch.cuda.set_device(torch.device(device))
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
     out_dir = Path(args.out or args.default_out)
     output = evaluate.OutputDir(out_dir)  # fails early if the folder is not writable

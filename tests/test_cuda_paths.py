@@ -894,3 +894,19 @@ def test_real_nccl_process_group_with_gloo_control_group(monkeypatch):
         assert box == [{"rows": [1, 2]}] and out == [("digest", 7)] and gathered == [{"rank": 0}]
     finally:
         dist.destroy_process_group()
+
+
+def test_single_process_cuda_n_becomes_the_current_device(monkeypatch, tmp_path, capsys):
+    from advtune import cli
+
+    calls = []
+    monkeypatch.setattr(distributed, "resolve_device", lambda device, ctx=None: "cuda:1")
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    # A missing subset file stops the run right after the device is chosen.
+    code = cli.main(
+        ["evaluate", "--model", "resnet18", "--weights", "random", "--data", str(tmp_path),
+         "--subset", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"),
+         "--device", "cuda:1", "--attack", "fgsm"]
+    )  # fmt: skip
+    assert code == 2 and "missing.txt" in capsys.readouterr().err
+    assert calls == [torch.device("cuda:1")]
