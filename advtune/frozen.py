@@ -16,10 +16,11 @@ mode and then calls :func:`freeze`, which
 
 * rewrites functional calls inside a module's own ``forward`` (``F.relu``,
   ``torch.relu``, ``x.relu()``, ``F.relu6``, ``F.leaky_relu``, ``F.hardtanh``,
-  ``F.hardsigmoid``, ``F.max_pool2d``, ``F.avg_pool2d``, global ``F.adaptive_avg_pool2d``)
-  to the lean functions of :mod:`advtune.lean` (see :func:`_rewrite_functional_calls`).
-  Inception, GoogLeNet and the hand-written ``F.relu(self.bn(x))`` blocks of many
-  robustness-benchmark models save masks instead of activations too.
+  ``F.hardsigmoid``, ``F.max_pool2d``, ``F.avg_pool2d``, global ``F.adaptive_avg_pool2d``,
+  ``F.conv1d/2d/3d``, ``F.linear``) to the lean functions of :mod:`advtune.lean` (see
+  ``_LeanForwardMixin``). Inception, GoogLeNet, the hand-written ``F.relu(self.bn(x))``
+  blocks of many robustness-benchmark models and conv subclasses that compute their
+  weight (weight standardisation) save masks and weights instead of activations too.
 
 Everything else (smooth activations, LayerNorm, attention, elementwise products)
 runs unchanged. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
@@ -132,6 +133,10 @@ _FUNCTIONS: dict[Callable[..., Any], Callable[..., Any]] = {
     F.max_pool2d: lean.max_pool2d,
     F.avg_pool2d: lean.avg_pool2d,
     F.adaptive_avg_pool2d: lean.adaptive_avg_pool2d,
+    F.conv1d: lean.conv1d,
+    F.conv2d: lean.conv2d,
+    F.conv3d: lean.conv3d,
+    F.linear: lean.linear,
 }
 #: Tensor methods (``x.relu()``) -> lean function taking the tensor first.
 _METHODS: dict[str, Callable[..., Any]] = {"relu": lean.relu, "relu_": lean.relu_}

@@ -75,11 +75,15 @@ __all__ = [
     "LeanReLU6",
     "adaptive_avg_pool2d",
     "avg_pool2d",
+    "conv1d",
+    "conv2d",
+    "conv3d",
     "hardsigmoid",
     "hardtanh",
     "hardtanh_",
     "leaky_relu",
     "leaky_relu_",
+    "linear",
     "max_pool2d",
     "pack_bits",
     "relu",
@@ -451,6 +455,95 @@ class LeanLinear(nn.Linear):
         x, weight, bias, amp = _amp_operands(input, self.weight, self.bias)
         with _AutocastOff(x.device.type, amp):
             return _LinearFn.apply(x, weight, bias, _where(self))
+
+
+def _ints(value: Any, n: int) -> list[int]:
+    return [int(value)] * n if isinstance(value, int) else [int(v) for v in value]
+
+
+def _functional_conv(
+    native: Any,
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+) -> torch.Tensor:
+    nd = weight.dim() - 2
+    needs_weight_grad = weight.requires_grad or (bias is not None and bias.requires_grad)
+    dilation_l = _ints(dilation, nd)
+    if isinstance(padding, str):
+        totals = [d * (k - 1) for d, k in zip(dilation_l, weight.shape[2:])]
+        if padding == "valid":
+            padding_l: list[int] | None = [0] * nd
+        elif padding == "same" and not any(t % 2 for t in totals):
+            padding_l = [t // 2 for t in totals]
+        else:  # asymmetric "same", or an invalid value for torch to report
+            padding_l = None
+    else:
+        padding_l = _ints(padding, nd)
+    if not _wants_graph(input) or needs_weight_grad or padding_l is None:
+        return native(input, weight, bias, stride, padding, dilation, groups)
+    x, w, b, amp = _amp_operands(input, weight, bias)
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    spec = (_ints(stride, nd), padding_l, dilation_l, False, [0] * nd, int(groups), f"conv{nd}d")
+    with _AutocastOff(x.device.type, amp):
+        out = _ConvFn.apply(x, w, b, spec, None)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv1d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv1d`` that saves only the weight (natively if a weight needs a gradient)."""
+    return _functional_conv(F.conv1d, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv2d`` that saves only the weight (natively if a weight needs a gradient)."""
+    return _functional_conv(F.conv2d, input, weight, bias, stride, padding, dilation, groups)
+
+
+def conv3d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: Any = 1,
+    padding: Any = 0,
+    dilation: Any = 1,
+    groups: int = 1,
+) -> torch.Tensor:
+    """``F.conv3d`` that saves only the weight (natively if a weight needs a gradient)."""
+    return _functional_conv(F.conv3d, input, weight, bias, stride, padding, dilation, groups)
+
+
+def linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear`` that saves only the weight (natively if a weight needs a gradient)."""
+    if not _wants_graph(input) or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return F.linear(input, weight, bias)
+    x, w, b, amp = _amp_operands(input, weight, bias)
+    with _AutocastOff(x.device.type, amp):
+        return _LinearFn.apply(x, w, b, "linear")
 
 
 # --------------------------------------------------------------------------- activations

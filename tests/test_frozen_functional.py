@@ -129,6 +129,63 @@ def test_inception_v3_saves_like_a_resnet_once_functional_calls_are_lean():
     assert saved["frozen"] <= 0.05 * saved["eval"], saved
 
 
+class StdConv2d(nn.Conv2d):
+    """Weight-standardised conv (as in BiT ResNets): computes its weight, calls F.conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class FunctionalHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(6, 6, 3, 3) / 6)
+        self.w2 = nn.Parameter(torch.randn(6, 6, 3) / 6)
+        self.fc = nn.Parameter(torch.randn(4, 6) / 3)
+        self.fc_bias = nn.Parameter(torch.randn(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.conv2d(x, self.w1, padding="same", dilation=2))
+        x = F.conv1d(x.flatten(2), self.w2, stride=2, padding=1)  # (N, 6, L)
+        return F.linear(x.mean(-1), self.fc, self.fc_bias)
+
+
+def test_functional_convs_and_linears_save_only_weights_and_are_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(StdConv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), FunctionalHead())
+    model = _calibrated(model).double()
+    x = torch.rand(3, 3, 12, 12, dtype=torch.float64)
+    ref_out, ref_grad = _output_and_grad(model, x)
+    frozen = advtune.tune(model, "frozen")
+    report = freeze_report(frozen)
+    assert report.rewritten["0"] == ["conv2d"]
+    assert report.rewritten["2"] == ["conv2d", "relu", "conv1d", "linear"]
+    out, grad = _output_and_grad(frozen, x)
+    assert _rel(out, ref_out) <= 1e-12 and _rel(grad, ref_grad) <= 1e-12
+    native = advtune.tune(model, "deploy")
+    freeze(native, functional=False)
+    lean, kept = (saved_bytes_per_image(m.float(), size=12) for m in (frozen, native))
+    assert lean < 0.25 * kept, (lean, kept)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same.")
+def test_functional_conv_falls_back_where_it_must():
+    from advtune import lean
+
+    x = torch.rand(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 2, 2)
+    # Even kernel with "same": asymmetric padding, done natively (same result).
+    torch.testing.assert_close(lean.conv2d(x, w, padding="same"), F.conv2d(x, w, padding="same"))
+    # A weight that needs its gradient gets it: the native op runs.
+    wg = w.clone().requires_grad_(True)
+    lean.conv2d(x, wg).sum().backward()
+    assert wg.grad is not None and x.grad is not None
+    with pytest.raises(RuntimeError):  # torch's own error for a bad padding string
+        lean.conv2d(x, w, padding="full")
+
+
 class Branchy(nn.Module):
     """Takes a different branch for a tensor than for the fx proxy seen while tracing."""
 
