@@ -496,43 +496,29 @@ def _functional_conv(
     return out.squeeze(0) if unbatched else out
 
 
-def conv1d(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    """``F.conv1d`` that saves only the weight (natively if a weight needs a gradient)."""
-    return _functional_conv(F.conv1d, input, weight, bias, stride, padding, dilation, groups)
+def _conv_function(native: Any, nd: int) -> Any:
+    def conv(
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        stride: Any = 1,
+        padding: Any = 0,
+        dilation: Any = 1,
+        groups: int = 1,
+    ) -> torch.Tensor:
+        return _functional_conv(native, input, weight, bias, stride, padding, dilation, groups)
+
+    conv.__name__ = conv.__qualname__ = f"conv{nd}d"
+    conv.__module__ = __name__
+    conv.__doc__ = (
+        f"``F.conv{nd}d`` that saves only the weight (natively if a weight needs a gradient)."
+    )
+    return conv
 
 
-def conv2d(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    """``F.conv2d`` that saves only the weight (natively if a weight needs a gradient)."""
-    return _functional_conv(F.conv2d, input, weight, bias, stride, padding, dilation, groups)
-
-
-def conv3d(
-    input: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    stride: Any = 1,
-    padding: Any = 0,
-    dilation: Any = 1,
-    groups: int = 1,
-) -> torch.Tensor:
-    """``F.conv3d`` that saves only the weight (natively if a weight needs a gradient)."""
-    return _functional_conv(F.conv3d, input, weight, bias, stride, padding, dilation, groups)
+conv1d = _conv_function(F.conv1d, 1)
+conv2d = _conv_function(F.conv2d, 2)
+conv3d = _conv_function(F.conv3d, 3)
 
 
 def linear(

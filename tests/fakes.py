@@ -16,12 +16,16 @@ Use from a test module (pytest puts ``tests/`` on ``sys.path``, as for ``digits`
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from torch import nn
 
 from advtune.data import imagenet_wnids
 
@@ -79,3 +83,63 @@ def write_checkpoint(path: Path, name: str = "resnet18", *, seed: int = 0) -> Pa
         net = torchvision.models.get_model(name, weights=None)
     torch.save(net.state_dict(), path)
     return path
+
+
+class TensorImages(torch.utils.data.Dataset):
+    """An in-memory stand-in for ``ImageDataset``: 8-bit images, labels, relative paths.
+
+    Has every attribute the evaluator reads of an ``ImageDataset``.
+    """
+
+    def __init__(
+        self, n: int, *, size: int = 8, classes: int = 5, seed: int = 0, labeled: bool = True
+    ) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.randint(0, 256, (n, 3, size, size), generator=g).float() / 255
+        self.labels = torch.randint(0, classes, (n,), generator=g).tolist()
+        self.paths = [f"c{i % 2}/img{i:02d}.jpg" for i in range(n)]
+        self.labeled = labeled
+        self.skipped: list[tuple[str, str]] = []
+        self.root = Path("fake-root")
+        self.layout = "fake"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        label = self.labels[i] if self.labeled else -1
+        return {"image": self.images[i], "label": label, "index": i, "path": self.paths[i]}
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import ``scripts/<name>.py`` (scripts are not a package) as module ``name``."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def linear_classifier(
+    seed: int = 0, *, size: int = 8, classes: int = 5, name: str = "tiny", categories: bool = True
+) -> nn.Module:
+    """A frozen linear classifier on ``(N, 3, size, size)`` images, seeded weights, no bias.
+
+    Carries what the evaluator reads of a model: ``name``, ``num_classes`` and (with
+    ``categories``) ``categories``.
+    """
+    g = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(3 * size * size, classes)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.5)
+        linear.bias.zero_()
+    net = nn.Sequential(nn.Flatten(), linear).eval()
+    net.requires_grad_(False)
+    net.name = name
+    if categories:
+        net.categories = [f"class{i}" for i in range(classes)]
+    net.num_classes = classes
+    return net

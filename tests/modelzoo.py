@@ -115,3 +115,21 @@ def build_calibrated(
         for _ in range(2):
             model(torch.rand(batch, 3, size, size, generator=gen, dtype=dtype))
     return model.eval()
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``‖a − b‖ / ‖b‖`` (``b`` is the reference)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def output_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the input gradient of a loss that weighs every logit differently.
+
+    ``sum(w · logits) + sum(logits²)`` with ``w`` spread over [-1, 1], so the whole
+    Jacobian is exercised. ``x`` is not modified.
+    """
+    x = x.clone().requires_grad_(True)
+    out = model(x)
+    w = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)
+    (grad,) = torch.autograd.grad((out * w).sum() + out.square().sum(), x)
+    return out.detach(), grad

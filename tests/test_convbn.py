@@ -7,17 +7,13 @@ import io
 
 import pytest
 import torch
-from modelzoo import bn_model_names, build_calibrated, input_size, zoo_param
+from modelzoo import bn_model_names, build_calibrated, input_size, rel_error, zoo_param
 from torch import nn
 
 import advtune
 from advtune.convbn import DeployedBatchNorm, fold_conv_bn
 
 F64 = torch.float64
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
 def _outputs_and_grads(model: nn.Module, x: torch.Tensor, w: torch.Tensor, params: bool):
@@ -48,10 +44,10 @@ def test_torchvision_models_match_eval(name):
         report = advtune.convbn_report(tuned)
         assert len(report.folded) > 0, f"{name}: no Conv->BN pair folded in {mode} mode"
         out, gx, gp = _outputs_and_grads(tuned, x, w, params=mode == "tune")
-        assert _rel(out, ref_out) <= 1e-10, (name, mode, "logits")
-        assert _rel(gx, ref_gx) <= 1e-10, (name, mode, "input grad")
+        assert rel_error(out, ref_out) <= 1e-10, (name, mode, "logits")
+        assert rel_error(gx, ref_gx) <= 1e-10, (name, mode, "input grad")
         for pname, g in gp.items():
-            assert _rel(g, ref_gp[pname]) <= 1e-10, (name, mode, pname)
+            assert rel_error(g, ref_gp[pname]) <= 1e-10, (name, mode, pname)
         if mode == "tune":
             assert set(gp) == set(ref_gp)
 
@@ -85,10 +81,10 @@ def _check_equal(model: nn.Module, *shape: int, modes=("tune", "deploy")):
     for mode in modes:
         tuned = advtune.tune(model, mode)
         out, gx, gp = _outputs_and_grads(tuned, x, w, params=mode == "tune")
-        assert _rel(out, ref_out) <= 1e-10, mode
-        assert _rel(gx, ref_gx) <= 1e-10, mode
+        assert rel_error(out, ref_out) <= 1e-10, mode
+        assert rel_error(gx, ref_gx) <= 1e-10, mode
         for pname, g in gp.items():
-            assert _rel(g, ref_gp[pname]) <= 1e-10, (mode, pname)
+            assert rel_error(g, ref_gp[pname]) <= 1e-10, (mode, pname)
         reports[mode] = advtune.convbn_report(tuned)
     return reports
 
@@ -242,9 +238,9 @@ def test_state_dict_round_trip_and_module_paths():
     other = _calibrate(Net().to(F64), 4, 3, 8, 8)
     tuned.load_state_dict(other.state_dict())
     x = torch.randn(2, 3, 8, 8, dtype=F64)
-    assert _rel(tuned(x), other(x)) <= 1e-10
+    assert rel_error(tuned(x), other(x)) <= 1e-10
     model.load_state_dict(tuned.state_dict())
-    assert _rel(model(x), other(x)) <= 1e-10
+    assert rel_error(model(x), other(x)) <= 1e-10
     # Deploy keeps module paths; the BN is an identity that names its conv.
     deployed = advtune.tune(model, "deploy")
     assert [n for n, _ in deployed.named_modules()] == [n for n, _ in model.named_modules()]
@@ -263,12 +259,12 @@ def test_tuned_model_survives_deepcopy_and_save_load():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     for m in (clone, loaded):
-        assert _rel(m(x), model(x)) <= 1e-10
+        assert rel_error(m(x), model(x)) <= 1e-10
     # The fold is computed on the fly: a changed statistic is seen immediately.
     with torch.no_grad():
         clone.stem[1].running_var.mul_(2.0)
         model.stem[1].running_var.mul_(2.0)
-    assert _rel(clone(x), model(x)) <= 1e-10
+    assert rel_error(clone(x), model(x)) <= 1e-10
 
 
 def test_callers_model_untouched_unless_inplace():
@@ -293,13 +289,13 @@ def test_train_mode_falls_back_to_conv_bn():
     model.train()
     tuned.train()
     out_ref, out = model(x), tuned(x)
-    assert _rel(out, out_ref) <= 1e-10
+    assert rel_error(out, out_ref) <= 1e-10
     # Running statistics were updated identically in both.
     for (k, a), b in zip(model.state_dict().items(), tuned.state_dict().values()):
         assert torch.allclose(a.to(F64), b.to(F64), rtol=1e-12, atol=0), k
     model.eval()
     tuned.eval()
-    assert _rel(tuned(x), model(x)) <= 1e-10
+    assert rel_error(tuned(x), model(x)) <= 1e-10
 
 
 def test_eval_mode_returns_unchanged_copy():
@@ -336,7 +332,7 @@ def test_fold_is_float32_under_autocast_and_float64_stays():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, ref = tuned(x), model(x)
     assert out.dtype == ref.dtype == torch.bfloat16
-    assert _rel(out.float(), ref.float()) < 2e-2
+    assert rel_error(out.float(), ref.float()) < 2e-2
     # Half-precision model without autocast: folded in float32, cast for the conv.
     half = advtune.tune(model.to(torch.bfloat16))
     assert half(x.to(torch.bfloat16)).dtype == torch.bfloat16

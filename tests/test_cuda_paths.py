@@ -26,10 +26,10 @@ import threading
 import types
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
+from fakes import TensorImages, linear_classifier
 from torch import nn
 
 from advtune import bench, distributed, runtime
@@ -237,37 +237,8 @@ def test_fake_cuda_keeps_tensors_on_the_cpu_and_records(fake_cuda):
 # --------------------------------------------------------------------------- small fixtures
 
 
-class Images(torch.utils.data.Dataset):
-    """In-memory 8-bit images with what the evaluator reads of an ImageDataset."""
-
-    def __init__(self, n: int, *, seed: int = 0) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g).float() / 255
-        self.labels = torch.randint(0, CLASSES, (n,), generator=g).tolist()
-        self.paths = [f"c{i % 2}/img{i:02d}.jpg" for i in range(n)]
-        self.labeled = True
-        self.skipped: list[tuple[str, str]] = []
-        self.root = Path("fake-root")
-        self.layout = "fake"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": self.labels[i], "index": i, "path": self.paths[i]}
-
-
 def linear_model(seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(3 * SIZE * SIZE, CLASSES)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.5)
-        linear.bias.zero_()
-    net = nn.Sequential(nn.Flatten(), linear).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    net.name = "linear"
-    return net
+    return linear_classifier(seed, size=SIZE, classes=CLASSES, name="linear", categories=False)
 
 
 def conv_model() -> nn.Module:
@@ -282,7 +253,7 @@ def conv_model() -> nn.Module:
     ).eval()
 
 
-def batches_of(ds: Images, size: int) -> list[dict]:
+def batches_of(ds: TensorImages, size: int) -> list[dict]:
     out = []
     for start in range(0, len(ds), size):
         idx = list(range(start, min(start + size, len(ds))))
@@ -506,7 +477,7 @@ def _run_attack(ds, device, model=None):
 
 
 def test_run_attack_on_cuda_copies_async_syncs_before_timing_and_reads_peak(fake_cuda, monkeypatch):
-    ds = Images(7)
+    ds = TensorImages(7)
     reference, _ = _run_attack(ds, "cpu")
     fake_cuda.events.clear()
     monkeypatch.setattr(ev, "time", _clock(fake_cuda.events))
@@ -529,7 +500,7 @@ def test_run_attack_on_cuda_copies_async_syncs_before_timing_and_reads_peak(fake
 
 
 def test_run_attack_on_cuda_backs_off_and_frees_before_empty_cache(fake_cuda, monkeypatch):
-    ds = Images(7)
+    ds = TensorImages(7)
     reference, _ = _run_attack(ds, "cpu")
     real = ev.attack_batch
     refs: list[weakref.ref] = []
@@ -777,7 +748,7 @@ def test_distributed_run_under_nccl_talks_only_through_the_gloo_group(
     """Two ranks (threads) on "GPUs" cuda:0 and cuda:1 with NCCL as the default group: the
     whole run's collectives use the gloo control group with CPU tensors, and the merged
     results equal a single process's."""
-    ds = Images(7)
+    ds = TensorImages(7)
     single = ev.run(linear_model(), ds, PGD, out_dir=tmp_path / "single", command="evaluate",
                     save_images=False, batch_size=2, num_workers=0, device="cpu")  # fmt: skip
     world = 2
@@ -856,7 +827,7 @@ def test_real_cuda_bench_and_loader():
     for row in result.rows:
         assert row.error is None and row.peak_mib_per_image > 0
         assert row.images_steps_per_s > 0 and row.max_batch == 256
-    ds = Images(5)
+    ds = TensorImages(5)
     loader = make_loader(ds, batch_size=2, num_workers=1, device="cuda")
     batches = list(loader)
     assert all(b["image"].is_pinned() for b in batches)

@@ -29,14 +29,7 @@ TORCHRUN_TIMEOUT_S = 240
 # --------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # torchrun runs each rank with OMP_NUM_THREADS=1; the in-process reference must use
-    # the same thread count, since CPU kernels may sum in another order with more threads.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fakes import TensorImages, linear_classifier
 from torch import nn
 
 from advtune.errors import UserError
@@ -44,40 +45,8 @@ SIZE = 8
 CLASSES = 5
 
 
-class TensorImages(torch.utils.data.Dataset):
-    """An in-memory stand-in for ImageDataset: 8-bit images, labels, relative paths."""
-
-    def __init__(self, n: int, *, seed: int = 0, labeled: bool = True) -> None:
-        g = torch.Generator().manual_seed(seed)
-        self.images = torch.randint(0, 256, (n, 3, SIZE, SIZE), generator=g).float() / 255
-        self.labels = torch.randint(0, CLASSES, (n,), generator=g).tolist()
-        self.paths = [f"c{i % 2}/img{i:02d}.jpg" for i in range(n)]
-        self.labeled = labeled
-        self.skipped: list[tuple[str, str]] = []
-        self.root = Path("fake-root")
-        self.layout = "fake"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict:
-        label = self.labels[i] if self.labeled else -1
-        return {"image": self.images[i], "label": label, "index": i, "path": self.paths[i]}
-
-
 def tiny_model(seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(3 * SIZE * SIZE, CLASSES)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(linear.weight.shape, generator=g) * 0.5)
-        linear.bias.zero_()
-    net = nn.Sequential(nn.Flatten(), linear).eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    net.name = "tiny"
-    net.categories = [f"class{i}" for i in range(CLASSES)]
-    net.num_classes = CLASSES
-    return net
+    return linear_classifier(seed, size=SIZE, classes=CLASSES)
 
 
 def batch_of(ds: TensorImages, idx: list[int]) -> dict:

@@ -10,6 +10,7 @@ import modelzoo
 import pytest
 import torch
 import torchvision
+from modelzoo import output_and_grad, rel_error
 from torch import nn
 
 import advtune
@@ -37,19 +38,6 @@ def _params():
     return [modelzoo.zoo_param(name, fast=FAST) for name in modelzoo.bn_model_names()]
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
-def _output_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    # A loss that weighs every logit differently, so the whole Jacobian is exercised.
-    w = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)
-    (grad,) = torch.autograd.grad((out * w).sum() + out.square().sum(), x)
-    return out.detach(), grad
-
-
 def _build(name: str) -> nn.Module:
     if name == "inception_v3":
         # modelzoo calibrates in train mode, where inception's auxiliary head cannot run
@@ -65,11 +53,11 @@ def test_frozen_input_gradients_equal_eval_float64(name):
     x = torch.rand(
         2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
     )
-    ref_out, ref_grad = _output_and_grad(model, x)
+    ref_out, ref_grad = output_and_grad(model, x)
     frozen = advtune.tune(model, "frozen")
-    out, grad = _output_and_grad(frozen, x)
-    assert _rel(out, ref_out) <= 1e-10
-    assert _rel(grad, ref_grad) <= 1e-10
+    out, grad = output_and_grad(frozen, x)
+    assert rel_error(out, ref_out) <= 1e-10
+    assert rel_error(grad, ref_grad) <= 1e-10
     report = freeze_report(frozen)
     assert report is not None and report.converted, "nothing was converted"
     assert any(cls.startswith("LeanConv") for cls in report.converted.values())
@@ -106,8 +94,8 @@ def test_frozen_model_survives_deepcopy_and_pickle():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=False)
     assert is_frozen(loaded)
-    out, grad = _output_and_grad(frozen, x)
-    out2, grad2 = _output_and_grad(loaded, x)
+    out, grad = output_and_grad(frozen, x)
+    out2, grad2 = output_and_grad(loaded, x)
     torch.testing.assert_close(out2, out, rtol=0, atol=0)
     torch.testing.assert_close(grad2, grad, rtol=0, atol=0)
     loaded.features[0][0].weight.requires_grad_(True)  # the guard came along too
@@ -182,8 +170,8 @@ def test_model_without_batchnorm_gets_lean_layers():
     torch.manual_seed(0)
     model = torchvision.models.squeezenet1_1(weights=None).eval().double()
     x = torch.rand(2, 3, 48, 48, dtype=torch.float64)
-    ref_out, ref_grad = _output_and_grad(model, x)
+    ref_out, ref_grad = output_and_grad(model, x)
     frozen = advtune.tune(model, "frozen")
-    out, grad = _output_and_grad(frozen, x)
-    assert _rel(out, ref_out) <= 1e-10 and _rel(grad, ref_grad) <= 1e-10
+    out, grad = output_and_grad(frozen, x)
+    assert rel_error(out, ref_out) <= 1e-10 and rel_error(grad, ref_grad) <= 1e-10
     assert freeze_report(frozen).counts()["LeanConv2d"] == 26

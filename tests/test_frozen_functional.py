@@ -10,6 +10,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
+from modelzoo import output_and_grad, rel_error
 from torch import nn
 
 import advtune
@@ -65,22 +66,10 @@ def _calibrated(model: nn.Module, size: int = 16) -> nn.Module:
     return model.eval()
 
 
-def _output_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x = x.clone().requires_grad_(True)
-    out = model(x)
-    w = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)
-    (grad,) = torch.autograd.grad((out * w).sum() + out.square().sum(), x)
-    return out.detach(), grad
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-
-
 def test_every_supported_call_is_rewritten_and_exact_in_float64():
     model = _calibrated(EveryCall()).double()
     x = torch.rand(3, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    ref_out, ref_grad = _output_and_grad(model, x)
+    ref_out, ref_grad = output_and_grad(model, x)
     frozen = advtune.tune(model, "frozen")
     report = freeze_report(frozen)
     assert sorted(report.rewritten[""]) == sorted(
@@ -99,8 +88,8 @@ def test_every_supported_call_is_rewritten_and_exact_in_float64():
     assert report.rewritten["block"] == ["relu", "relu"]
     assert "modules with lean functional calls" in str(report)
     assert report.to_dict()["rewritten"]["block"] == ["relu", "relu"]
-    out, grad = _output_and_grad(frozen, x)
-    assert _rel(out, ref_out) <= 1e-12 and _rel(grad, ref_grad) <= 1e-12
+    out, grad = output_and_grad(frozen, x)
+    assert rel_error(out, ref_out) <= 1e-12 and rel_error(grad, ref_grad) <= 1e-12
     # Paths, state_dict keys and repr names are those of the unconverted model.
     assert list(frozen.state_dict()) == list(advtune.tune(model, "deploy").state_dict())
     assert type(frozen.block).__name__ == "PreActBlock" and isinstance(frozen.block, PreActBlock)
@@ -157,13 +146,13 @@ def test_functional_convs_and_linears_save_only_weights_and_are_exact():
     model = nn.Sequential(StdConv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), FunctionalHead())
     model = _calibrated(model).double()
     x = torch.rand(3, 3, 12, 12, dtype=torch.float64)
-    ref_out, ref_grad = _output_and_grad(model, x)
+    ref_out, ref_grad = output_and_grad(model, x)
     frozen = advtune.tune(model, "frozen")
     report = freeze_report(frozen)
     assert report.rewritten["0"] == ["conv2d"]
     assert report.rewritten["2"] == ["conv2d", "relu", "conv1d", "linear"]
-    out, grad = _output_and_grad(frozen, x)
-    assert _rel(out, ref_out) <= 1e-12 and _rel(grad, ref_grad) <= 1e-12
+    out, grad = output_and_grad(frozen, x)
+    assert rel_error(out, ref_out) <= 1e-12 and rel_error(grad, ref_grad) <= 1e-12
     native = advtune.tune(model, "deploy")
     freeze(native, functional=False)
     lean, kept = (saved_bytes_per_image(m.float(), size=12) for m in (frozen, native))
@@ -208,12 +197,12 @@ def test_a_rewrite_that_disagrees_is_dropped_with_a_warning():
     assert "1" in freeze_report(frozen).rewritten
     x = torch.randn(2, 3, 4, 4)
     with pytest.warns(RuntimeWarning, match=r"'1' \(Branchy\) disagrees"):
-        out, grad = _output_and_grad(frozen, x)
-    ref_out, ref_grad = _output_and_grad(model, x)
+        out, grad = output_and_grad(frozen, x)
+    ref_out, ref_grad = output_and_grad(model, x)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(grad, ref_grad)
     # Later calls run the module's own forward, silently.
-    out2, _ = _output_and_grad(frozen, x)
+    out2, _ = output_and_grad(frozen, x)
     torch.testing.assert_close(out2, ref_out)
 
 
@@ -222,8 +211,8 @@ def test_a_disagreeing_in_place_rewrite_leaves_the_input_alone():
     frozen = advtune.tune(model, "frozen")
     x = torch.randn(2, 3, 4, 4)
     with pytest.warns(RuntimeWarning, match="disagrees"):
-        out, grad = _output_and_grad(frozen, x)
-    ref_out, ref_grad = _output_and_grad(model, x)
+        out, grad = output_and_grad(frozen, x)
+    ref_out, ref_grad = output_and_grad(model, x)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(grad, ref_grad)
 
@@ -253,14 +242,14 @@ def test_rewrite_survives_deepcopy_and_pickle():
     model = _calibrated(EveryCall())
     frozen = advtune.tune(model, "frozen")
     x = torch.rand(2, 3, 16, 16)
-    out, grad = _output_and_grad(frozen, x)
+    out, grad = output_and_grad(frozen, x)
     buf = io.BytesIO()
     torch.save(frozen, buf)
     buf.seek(0)
     for other in (copy.deepcopy(frozen), torch.load(buf, weights_only=False)):
         assert other.block.__dict__.get("_advtune_forward") is not None
         assert saved_bytes_per_image(other, size=16) == saved_bytes_per_image(frozen, size=16)
-        out2, grad2 = _output_and_grad(other, x)
+        out2, grad2 = output_and_grad(other, x)
         torch.testing.assert_close(out2, out, rtol=0, atol=0)
         torch.testing.assert_close(grad2, grad, rtol=0, atol=0)
 
@@ -288,10 +277,10 @@ def test_compiled_rewrite_equals_eager(checked_before_compile):
     eager = advtune.tune(model, "frozen")
     x = torch.rand(2, 3, 16, 16)
     if checked_before_compile:
-        _output_and_grad(eager, x)
+        output_and_grad(eager, x)
     compiled = prepare(copy.deepcopy(eager), compile=True, compile_options={"backend": "aot_eager"})
     for _ in range(2):  # the second call runs the already checked forwards
-        out, grad = _output_and_grad(compiled, x)
-        ref_out, ref_grad = _output_and_grad(model, x)
+        out, grad = output_and_grad(compiled, x)
+        ref_out, ref_grad = output_and_grad(model, x)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)

@@ -3,31 +3,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
 import pytest
-import torch
+from fakes import load_script
 
 from advtune.io import read_json
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_targets", ROOT / "scripts/gpu_targets.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _args(out: Path, *more: str) -> list[str]:
@@ -51,7 +35,7 @@ def _args(out: Path, *more: str) -> list[str]:
 
 
 def test_cpu_run_reports_measured_targets_and_resumes(tmp_path, capsys, monkeypatch):
-    script = load_script()
+    script = load_script("gpu_targets")
     out = tmp_path / "targets"
     assert script.main(_args(out, "--configs", "fp32,bf16-cl")) == 0
     text = (out / "targets.md").read_text()
@@ -96,6 +80,6 @@ def test_cpu_run_reports_measured_targets_and_resumes(tmp_path, capsys, monkeypa
 
 
 def test_unknown_config_is_a_one_line_error(tmp_path, capsys):
-    assert load_script().main(_args(tmp_path, "--configs", "fp64")) == 2
+    assert load_script("gpu_targets").main(_args(tmp_path, "--configs", "fp64")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'fp64'" in err and "fp32" in err

@@ -7,34 +7,15 @@ resume, table, CSV, plots), not robustness.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
-import torch
-from fakes import write_checkpoint, write_imagenet_folder
+from fakes import SCRIPTS, load_script, write_checkpoint, write_imagenet_folder
 
 from advtune.models import REFERENCE_MODELS, list_models
 
-SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
