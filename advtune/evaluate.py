@@ -660,8 +660,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _probe_config(config: AttackConfig) -> AttackConfig:
-    """``config`` reduced to one iteration of its largest eps: the memory of a batch does
-    not grow with the number of steps, restarts or binary-search rounds."""
+    """``config`` reduced to one iteration per eps: the memory of a batch does not grow
+    with the number of steps, restarts or binary-search rounds, but it does with the
+    number of eps (each eps's 8-bit images stay on the device until the batch is done,
+    and one eps's result is alive while the next is attacked)."""
     from advtune import attacks
 
     keys = set(config.params)
@@ -671,9 +673,8 @@ def _probe_config(config: AttackConfig) -> AttackConfig:
     for name in ("steps", "restarts", "binary_search_steps"):
         if name in keys:
             params[name] = 1
-    eps = (max(config.eps),) if config.eps else config.eps
     return AttackConfig(
-        attack=config.attack, norm=config.norm, eps=eps, params=params,
+        attack=config.attack, norm=config.norm, eps=config.eps, params=params,
         targeted=config.targeted, seed=config.seed,
     )  # fmt: skip
 
@@ -692,7 +693,7 @@ def auto_batch_size(
     """The largest batch :func:`run_attack` can attack at once in free GPU memory.
 
     Probes :func:`attack_batch` itself — clean forward, the attack reduced to one
-    iteration (:func:`_probe_config`: memory does not grow with the step count), 8-bit
+    iteration per eps (:func:`_probe_config`: memory does not grow with the step count), 8-bit
     quantisation and the re-check — on random images, doubling then bisecting the batch
     and backing off on OOM (:func:`advtune.runtime.auto_batch_size`, which keeps 90 % of
     the largest size that fits). On a CPU nothing is probed: the answer is

@@ -547,7 +547,8 @@ def test_auto_batch_size_probes_the_attack_itself(monkeypatch):
     assert seen["key"]["device"] == "cpu" and seen["key"]["torch"] == torch.__version__
     seen["step"](tiny_model(), torch.rand(6, 3, SIZE, SIZE))
     [(n, probe_config)] = calls
-    assert n == 6 and probe_config.eps == (8 / 255,)
+    # Every eps (their results stay on the device until the batch is done), one step each.
+    assert n == 6 and probe_config.eps == (1 / 255, 8 / 255)
     assert probe_config.params == {"steps": 1, "restarts": 1}
     assert probe_config.targeted == "random"
 
