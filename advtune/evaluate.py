@@ -732,6 +732,7 @@ def auto_batch_size(
         full_key = {
             **dict(key),
             "attack": config.attack,
+            "eps_count": len(config.eps or ()),  # each eps's results use memory too
             "input_shape": list(input_shape),
             "device": _device_name(device),
             "torch": torch.__version__,

@@ -544,6 +544,7 @@ def test_auto_batch_size_probes_the_attack_itself(monkeypatch):
     assert size == 5
     assert seen["limit"] == 40 and seen["input_shape"] == (3, SIZE, SIZE)
     assert seen["key"]["model"] == "tiny" and seen["key"]["attack"] == "pgd"
+    assert seen["key"]["eps_count"] == 2
     assert seen["key"]["device"] == "cpu" and seen["key"]["torch"] == torch.__version__
     seen["step"](tiny_model(), torch.rand(6, 3, SIZE, SIZE))
     [(n, probe_config)] = calls
