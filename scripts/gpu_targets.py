@@ -28,7 +28,10 @@ Each configuration's results are kept in ``OUT/json/``; a rerun skips what is th
 a run cut off by a time limit resumes), and ``--configs none`` only rewrites the report.
 Copy the ``json/`` folders of several runs into one ``OUT`` to report them together.
 
-Example (on a GPU machine; each line fits in ten minutes on an H100)::
+The 10,000-image target is about one H200 (139 GiB): the verdict names the device it was
+measured on, and an 80 GB card reports its own, smaller, largest batch.
+
+Example (on a GPU machine; each line is meant to fit in ten minutes)::
 
     python scripts/gpu_targets.py --out gpu-targets --configs fp32,bf16-cl
     python scripts/gpu_targets.py --out gpu-targets --configs fp32-cl-compile,bf16-cl-compile
