@@ -204,11 +204,14 @@ def _check_frozen(module: nn.Module, *names: str) -> None:
             )
 
 
-def _weight_grad_error(ctx: Any) -> FrozenParameterError:
-    return FrozenParameterError(
-        f"{getattr(ctx, 'where', 'a frozen layer')}: a weight gradient was requested, but "
-        "frozen layers compute input gradients only"
-    )
+def _refuse_weight_grads(ctx: Any) -> None:
+    """In a lean Function's backward (inputs ``x, weight, bias, ...``): weight gradients
+    were never recorded, so asking for one is an error, not a silent ``None``."""
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise FrozenParameterError(
+            f"{getattr(ctx, 'where', 'a frozen layer')}: a weight gradient was requested, "
+            "but frozen layers compute input gradients only"
+        )
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -293,8 +296,7 @@ class _ConvFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise _weight_grad_error(ctx)
+        _refuse_weight_grads(ctx)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         (weight,) = ctx.saved_tensors
@@ -334,8 +336,7 @@ class _LinearFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise _weight_grad_error(ctx)
+        _refuse_weight_grads(ctx)
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (weight,) = ctx.saved_tensors
@@ -344,6 +345,32 @@ class _LinearFn(torch.autograd.Function):
 
 def _where(module: nn.Module) -> str:
     return module.__dict__.get("_advtune_name") or type(module).__name__
+
+
+def _lean_conv(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: tuple[Any, ...],
+    pre_pad: tuple[list[int], str] | None,
+) -> torch.Tensor:
+    """:class:`_ConvFn` on a batched or unbatched input, cast as autocast would."""
+    x, weight, bias, amp = _amp_operands(input, weight, bias)
+    unbatched = x.dim() == weight.dim() - 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    with _AutocastOff(x.device.type, amp):
+        out = _ConvFn.apply(x, weight, bias, spec, pre_pad)
+    return out.squeeze(0) if unbatched else out
+
+
+def _lean_linear(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, where: str
+) -> torch.Tensor:
+    """:class:`_LinearFn`, cast as autocast would."""
+    x, weight, bias, amp = _amp_operands(input, weight, bias)
+    with _AutocastOff(x.device.type, amp):
+        return _LinearFn.apply(x, weight, bias, where)
 
 
 class _LeanConvMixin:
@@ -378,11 +405,7 @@ class _LeanConvMixin:
                 return super().forward(input)  # type: ignore[misc]
             return super().forward(input, output_size)  # type: ignore[misc]
         _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
-        x, weight, bias, amp = _amp_operands(input, self.weight, self.bias)  # type: ignore[attr-defined]
-        nd = weight.dim() - 2
-        unbatched = x.dim() == nd + 1
-        if unbatched:
-            x = x.unsqueeze(0)
+        nd = self.weight.dim() - 2  # type: ignore[attr-defined]
         pre_pad = None
         if transposed:
             if self.padding_mode != "zeros":  # type: ignore[attr-defined]
@@ -391,7 +414,7 @@ class _LeanConvMixin:
                     f"{self.padding_mode!r}"  # type: ignore[attr-defined]
                 )
             output_padding = self._output_padding(  # type: ignore[attr-defined]
-                x,
+                input,
                 output_size,
                 list(self.stride),  # type: ignore[attr-defined]
                 list(self.padding),  # type: ignore[attr-defined]
@@ -414,9 +437,7 @@ class _LeanConvMixin:
             self.groups,  # type: ignore[attr-defined]
             _where(self),  # type: ignore[arg-type]
         )
-        with _AutocastOff(x.device.type, amp):
-            out = _ConvFn.apply(x, weight, bias, spec, pre_pad)
-        return out.squeeze(0) if unbatched else out
+        return _lean_conv(input, self.weight, self.bias, spec, pre_pad)  # type: ignore[attr-defined]
 
 
 class LeanConv1d(_LeanConvMixin, nn.Conv1d):
@@ -452,9 +473,7 @@ class LeanLinear(nn.Linear):
         if not torch.is_grad_enabled():
             return super().forward(input)
         _check_frozen(self, "weight", "bias")
-        x, weight, bias, amp = _amp_operands(input, self.weight, self.bias)
-        with _AutocastOff(x.device.type, amp):
-            return _LinearFn.apply(x, weight, bias, _where(self))
+        return _lean_linear(input, self.weight, self.bias, _where(self))
 
 
 def _ints(value: Any, n: int) -> list[int]:
@@ -486,14 +505,8 @@ def _functional_conv(
         padding_l = _ints(padding, nd)
     if not _wants_graph(input) or needs_weight_grad or padding_l is None:
         return native(input, weight, bias, stride, padding, dilation, groups)
-    x, w, b, amp = _amp_operands(input, weight, bias)
-    unbatched = x.dim() == nd + 1
-    if unbatched:
-        x = x.unsqueeze(0)
     spec = (_ints(stride, nd), padding_l, dilation_l, False, [0] * nd, int(groups), f"conv{nd}d")
-    with _AutocastOff(x.device.type, amp):
-        out = _ConvFn.apply(x, w, b, spec, None)
-    return out.squeeze(0) if unbatched else out
+    return _lean_conv(input, weight, bias, spec, None)
 
 
 def _conv_function(native: Any, nd: int) -> Any:
@@ -527,9 +540,7 @@ def linear(
     """``F.linear`` that saves only the weight (natively if a weight needs a gradient)."""
     if not _wants_graph(input) or weight.requires_grad or (bias is not None and bias.requires_grad):
         return F.linear(input, weight, bias)
-    x, w, b, amp = _amp_operands(input, weight, bias)
-    with _AutocastOff(x.device.type, amp):
-        return _LinearFn.apply(x, w, b, "linear")
+    return _lean_linear(input, weight, bias, "linear")
 
 
 # --------------------------------------------------------------------------- activations
@@ -929,8 +940,7 @@ class _ChannelAffineFn(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
-        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            raise _weight_grad_error(ctx)
+        _refuse_weight_grads(ctx)
         (scale,) = ctx.saved_tensors
         return grad * scale, None, None, None
 
