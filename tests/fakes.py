@@ -143,3 +143,25 @@ def linear_classifier(
         net.categories = [f"class{i}" for i in range(classes)]
     net.num_classes = classes
     return net
+
+
+class OOMAbove:
+    """Wraps ``attack_batch``: a simulated ``torch.OutOfMemoryError`` for calls of more
+    images than the current limit; ``limits[k]`` is the limit after k successful calls."""
+
+    def __init__(self, real, limits):
+        self.real, self.limits, self.sizes, self.ok = real, list(limits), [], 0
+
+    def __call__(self, model, images, *args, **kwargs):
+        self.sizes.append(images.shape[0])
+        if images.shape[0] > self.limits[min(self.ok, len(self.limits) - 1)]:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (sim)")
+        self.ok += 1
+        return self.real(model, images, *args, **kwargs)
+
+
+def write_run_inputs(base: Path) -> tuple[Path, Path]:
+    """A 3-class ImageNet folder and a seeded resnet18 checkpoint under ``base``."""
+    data = write_imagenet_folder(base / "val")
+    ckpt = write_checkpoint(base / "resnet18.pt", "resnet18", seed=1)
+    return data, ckpt

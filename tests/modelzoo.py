@@ -117,6 +117,19 @@ def build_calibrated(
     return model.eval()
 
 
+def calibrate_bn(model: nn.Module, shape: tuple[int, ...], *, passes: int = 1) -> nn.Module:
+    """BN running statistics from ``passes`` train-mode forwards of ``torch.rand(shape)``.
+
+    Draws from the global RNG (seed it first for reproducible statistics). Returns
+    ``model`` in eval mode.
+    """
+    model.train()
+    with torch.no_grad():
+        for _ in range(passes):
+            model(torch.rand(*shape))
+    return model.eval()
+
+
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """``‖a − b‖ / ‖b‖`` (``b`` is the reference)."""
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()

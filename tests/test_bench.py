@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from modelzoo import calibrate_bn
 from torch import nn
 
 import advtune
@@ -28,10 +29,7 @@ def _tiny_model() -> nn.Module:
         nn.Flatten(),
         nn.Linear(16, 10),
     )
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(4, 3, 16, 16))
-    return model.eval()
+    return calibrate_bn(model, (4, 3, 16, 16))
 
 
 def test_count_saved_bytes_deduplicates_shared_storage():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from fakes import write_checkpoint, write_imagenet_folder
+from fakes import OOMAbove, write_checkpoint, write_imagenet_folder
 from PIL import Image
 
 from advtune.cli import main
@@ -283,21 +283,6 @@ def test_batch_size_auto_on_cpu(imagenet, checkpoint, tmp_path, monkeypatch, cap
     for bad in ("0", "big"):
         rc = main([*argv[:-1], bad])
         _one_line_error(capsys, rc, "--batch-size", "auto")
-
-
-class OOMAbove:
-    """Wraps ``attack_batch``: a simulated ``torch.OutOfMemoryError`` for calls of more
-    images than the limit, which becomes ``limits[k]`` after k successful calls."""
-
-    def __init__(self, real, limits):
-        self.real, self.limits, self.sizes, self.ok = real, list(limits), [], 0
-
-    def __call__(self, model, images, *args, **kwargs):
-        self.sizes.append(images.shape[0])
-        if images.shape[0] > self.limits[min(self.ok, len(self.limits) - 1)]:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (sim)")
-        self.ok += 1
-        return self.real(model, images, *args, **kwargs)
 
 
 def test_oom_backoff_end_to_end(imagenet, checkpoint, tmp_path, monkeypatch, capsys):

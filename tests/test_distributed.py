@@ -16,7 +16,7 @@ import sys
 
 import pytest
 import torch
-from fakes import write_checkpoint, write_imagenet_folder
+from fakes import write_run_inputs
 
 from advtune import distributed
 from advtune.cli import STOP_HOOK_ENV, main
@@ -34,10 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("dist")
-    data = write_imagenet_folder(base / "val")
-    ckpt = write_checkpoint(base / "resnet18.pt", "resnet18", seed=1)
-    return data, ckpt
+    return write_run_inputs(tmp_path_factory.mktemp("dist"))
 
 
 def args_for(command, data, ckpt, out, *more):

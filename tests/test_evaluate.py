@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fakes import TensorImages, linear_classifier
+from fakes import OOMAbove, TensorImages, linear_classifier
 from torch import nn
 
 from advtune.errors import UserError
@@ -424,21 +424,6 @@ def test_atomic_writes_get_the_umask_mode(tmp_path, umask):
 
 
 # --------------------------------------------------------------------------- out of memory
-
-
-class OOMAbove:
-    """Wraps ``attack_batch``: raises ``torch.OutOfMemoryError`` when a call has more
-    images than the current limit; ``limits`` gives the limit after each successful call."""
-
-    def __init__(self, real, limits):
-        self.real, self.limits, self.sizes, self.ok = real, list(limits), [], 0
-
-    def __call__(self, model, images, *args, **kwargs):
-        self.sizes.append(images.shape[0])
-        if images.shape[0] > self.limits[min(self.ok, len(self.limits) - 1)]:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1 GiB (sim)")
-        self.ok += 1
-        return self.real(model, images, *args, **kwargs)
 
 
 def test_oom_backoff_in_a_run_loses_nothing(tmp_path, monkeypatch):

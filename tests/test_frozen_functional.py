@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from modelzoo import output_and_grad, rel_error
+from modelzoo import calibrate_bn, output_and_grad, rel_error
 from torch import nn
 
 import advtune
@@ -59,11 +59,7 @@ class EveryCall(nn.Module):
 
 def _calibrated(model: nn.Module, size: int = 16) -> nn.Module:
     torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(2):
-            model(torch.rand(4, 3, size, size))
-    return model.eval()
+    return calibrate_bn(model, (4, 3, size, size), passes=2)
 
 
 def test_every_supported_call_is_rewritten_and_exact_in_float64():

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 import torch
-from fakes import write_checkpoint, write_imagenet_folder
+from fakes import write_run_inputs
 from torch import nn
 
 from advtune.cli import STOP_HOOK_ENV, main
@@ -25,10 +25,7 @@ from advtune.io import read_manifest
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    base = tmp_path_factory.mktemp("resume")
-    data = write_imagenet_folder(base / "val")
-    ckpt = write_checkpoint(base / "resnet18.pt", "resnet18", seed=1)
-    return data, ckpt
+    return write_run_inputs(tmp_path_factory.mktemp("resume"))
 
 
 def cli_args(data, ckpt, out):

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from modelzoo import calibrate_bn
 from torch import nn
 
 import advtune
@@ -45,10 +46,7 @@ def _tiny_model() -> nn.Module:
         nn.Flatten(),
         nn.Linear(8, 5),
     )
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(8, 3, 12, 12))
-    return model.eval()
+    return calibrate_bn(model, (8, 3, 12, 12))
 
 
 @dataclasses.dataclass(frozen=True)
