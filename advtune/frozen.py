@@ -236,13 +236,13 @@ def _install_lean_forward(module: nn.Module) -> list[str]:
     return names
 
 
-def _flat_tensors(value: Any) -> list[Any]:
+def _leaves(value: Any) -> list[Any]:
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _flat_tensors(v)]
+        return [t for v in value for t in _leaves(v)]
     if isinstance(value, dict):
-        return [t for k in sorted(value, key=str) for t in _flat_tensors(value[k])]
+        return [t for k in sorted(value, key=str) for t in _leaves(value[k])]
     return [value]
 
 
@@ -260,9 +260,10 @@ def _clone_tensors(value: Any) -> Any:
 
 def _agree(out: Any, ref: Any) -> bool:
     """Whether two forward results match (up to a few ulps: GPU kernels may differ)."""
-    a, b = _flat_tensors(out), _flat_tensors(ref)
+    a, b = _leaves(out), _leaves(ref)
     if len(a) != len(b):
         return False
+    eps = torch.finfo(_least_precise(a, b)).eps
     for x, y in zip(a, b):
         if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
             return False
@@ -280,7 +281,7 @@ def _agree(out: Any, ref: Any) -> bool:
         if not torch.equal(x.isnan(), y.isnan()):
             return False
         x, y = x.nan_to_num(), y.nan_to_num()
-        tol = 16 * torch.finfo(_least_precise(a, b)).eps * float(y.abs().max().clamp_min(1e-30))
+        tol = 16 * eps * float(y.abs().max().clamp_min(1e-30))
         if y.numel() and float((x - y).abs().max()) > tol:
             return False
     return True
