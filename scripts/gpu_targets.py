@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from advtune.distributed import resolve_device
 from advtune.errors import UserError
 from advtune.io import atomic_write_text, read_json, write_json
 
@@ -354,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         unknown = [c for c in args.configs if c not in CONFIGS]
         if unknown:
             raise UserError(f"unknown --configs {unknown}; choose from {', '.join(CONFIGS)}")
+        if args.success_images is not None and args.success_images < 1:
+            raise UserError(f"--success-images must be >= 1, got {args.success_images}")
+        if args.configs:
+            args.device = resolve_device(args.device)  # no CUDA: one line, not a traceback
         measure(args)
         text = report(args.out)
     except UserError as exc:

@@ -79,7 +79,15 @@ def test_cpu_run_reports_measured_targets_and_resumes(tmp_path, capsys, monkeypa
     assert (out / "targets.md").read_text() == text
 
 
-def test_unknown_config_is_a_one_line_error(tmp_path, capsys):
-    assert load_script("gpu_targets").main(_args(tmp_path, "--configs", "fp64")) == 2
+@pytest.mark.parametrize(
+    ("more", "named"),
+    [
+        (("--configs", "fp64"), ["'fp64'", "fp32"]),
+        (("--configs", "fp32", "--success-images", "0"), ["--success-images", "got 0"]),
+        (("--configs", "fp32", "--device", "tpu"), ["'tpu'"]),
+    ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, more, named):
+    assert load_script("gpu_targets").main(_args(tmp_path, *more)) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'fp64'" in err and "fp32" in err
+    assert err.count("\n") == 1 and all(n in err for n in named), err
