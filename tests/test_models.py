@@ -367,8 +367,9 @@ def test_factory_with_raw_input_is_not_normalised():
 
 def test_factory_random_reinitialises():
     with pytest.warns(UserWarning, match="mean nothing"):
-        model = load_model("test_models:factory", weights="random", convbn="eval")
-    assert model.weights == "random"
+        model = load_model("test_models:factory", weights="random", convbn="eval", seed=1)
+    assert model.weights == "random" and model.card.seed == 1
+    # factory() seeds the global RNG with 0 itself, so seed 1 must draw other weights.
     assert not torch.equal(model.net.conv.weight, factory().conv.weight)
 
 
