@@ -39,6 +39,7 @@ Implementation notes (why it looks like this):
 from __future__ import annotations
 
 import copy
+import sys
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -80,6 +81,25 @@ _BN_RANKS: dict[type[nn.Module], tuple[int, ...]] = {
     nn.BatchNorm3d: (5,),
     nn.SyncBatchNorm: (3, 4, 5),
 }
+
+
+def _norm_act_types() -> tuple[type[nn.Module], ...]:
+    """timm's BatchNorm + activation modules (``BatchNormAct2d`` and friends), if loaded.
+
+    They are BatchNorms whose ``forward`` also applies ``drop`` and ``act``: the BN part
+    folds into the conv, ``act(drop(x))`` stays. Looked up in ``sys.modules`` so that
+    advtune never imports timm itself (a model holding them has imported it).
+    """
+    module = sys.modules.get("timm.layers.norm_act")
+    if module is None:
+        return ()
+    names = ("BatchNormAct2d", "SyncBatchNormAct")
+    return tuple(t for n in names if isinstance(t := getattr(module, n, None), type))
+
+
+def _is_norm_act(module: nn.Module) -> bool:
+    types = _norm_act_types()
+    return bool(types) and type(module) in types
 
 
 # --------------------------------------------------------------------------- report
@@ -230,13 +250,16 @@ class _TuneConvMixin:
 
 
 class _FoldedBNMixin:
-    """BN subclass mix-in: the identity in eval mode (its conv already applied it)."""
+    """BN subclass mix-in: the identity in eval mode (its conv already applied it); a
+    BN + activation module (timm's ``BatchNormAct2d``) keeps its ``act(drop(x))``."""
 
     _advtune_kind = "tune-bn"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.training:  # type: ignore[attr-defined]
             return super().forward(input)  # type: ignore[misc]
+        if isinstance(self, _norm_act_types()):
+            return self.act(self.drop(input))  # type: ignore[attr-defined]
         return input
 
 
@@ -252,6 +275,30 @@ class DeployedBatchNorm(nn.Identity):
     def __init__(self, folded_into: str) -> None:
         super().__init__()
         self.folded_into = folded_into
+
+    def extra_repr(self) -> str:
+        return f"folded_into={self.folded_into!r}"
+
+
+class DeployedBatchNormAct(nn.Module):
+    """Stands where a BatchNorm + activation module (timm's ``BatchNormAct2d``) was after
+    ``deploy``/``frozen`` folding: ``act(drop(x))``, the BN part being in the conv.
+
+    Args:
+        folded_into: Qualified name of the conv that absorbed the BN.
+        drop, act: The original module's ``drop`` and ``act`` children.
+    """
+
+    _advtune_kind = "deployed-bn"
+
+    def __init__(self, folded_into: str, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.folded_into = folded_into
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
 
     def extra_repr(self) -> str:
         return f"folded_into={self.folded_into!r}"
@@ -285,11 +332,15 @@ def _subclass(mixin: type, base: type) -> type:
     key = (mixin, base)
     if key not in _SUBCLASS_CACHE:
         prefix = "Tune" if mixin is _TuneConvMixin else "Folded"
-        _SUBCLASS_CACHE[key] = type(
+        cls = type(
             f"{prefix}{base.__name__}",
             (mixin, base),
             {"__module__": __name__, "__doc__": f"{base.__name__} converted by advtune.tune."},
         )
+        _SUBCLASS_CACHE[key] = cls
+        # Module-level name, so pickled tuned models resolve classes made on demand
+        # (timm's norm-act types) as well as those registered at import.
+        globals().setdefault(cls.__name__, cls)
     return _SUBCLASS_CACHE[key]
 
 
@@ -311,7 +362,11 @@ class _LeafTracer(torch.fx.Tracer):
     """Treats advtune's converted modules as leaves, like the ``torch.nn`` ones."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return _is_converted_module(m) or super().is_leaf_module(m, module_qualified_name)
+        return (
+            _is_converted_module(m)
+            or _is_norm_act(m)
+            or super().is_leaf_module(m, module_qualified_name)
+        )
 
 
 @dataclass
@@ -351,8 +406,14 @@ def _supported_conv(module: nn.Module) -> bool:
 
 
 def _bn_base(module: nn.Module) -> type | None:
+    """The ``torch.nn`` BatchNorm class ``module`` behaves as, or ``None`` if unsupported.
+
+    A subclass that overrides ``forward`` is unsupported, except timm's BN + activation
+    modules, whose BN part is exactly their base class's.
+    """
+    norm_act = _is_norm_act(module)
     for base in _BN_RANKS:
-        if isinstance(module, base) and type(module).forward is base.forward:
+        if isinstance(module, base) and (norm_act or type(module).forward is base.forward):
             return base
     return None
 
@@ -504,7 +565,10 @@ def _apply_tune(model: nn.Module, pairs: list[FoldedPair]) -> None:
         bn = model.get_submodule(pair.bn)
         # Class swap keeps identity, parameters, buffers, hooks and state_dict keys.
         conv.__class__ = _subclass(_TuneConvMixin, type(conv))
-        bn.__class__ = _subclass(_FoldedBNMixin, _bn_base(bn))  # type: ignore[arg-type]
+        # A norm-act module keeps its own class as the base (its act/drop and training
+        # forward); a plain BN is based on its torch.nn class.
+        base = type(bn) if _is_norm_act(bn) else _bn_base(bn)
+        bn.__class__ = _subclass(_FoldedBNMixin, base)  # type: ignore[arg-type]
         conv.__dict__["_advtune_bn"] = bn
 
 
@@ -518,8 +582,12 @@ def _apply_deploy(model: nn.Module, pairs: list[FoldedPair]) -> None:
         dtype = conv.weight.dtype
         conv.weight = nn.Parameter(weight.to(dtype), requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)
+        if _is_norm_act(bn):
+            replacement: nn.Module = DeployedBatchNormAct(pair.conv, bn.drop, bn.act)
+        else:
+            replacement = DeployedBatchNorm(pair.conv)
         for parent, name in places[id(bn)]:
-            setattr(parent, name, DeployedBatchNorm(pair.conv))
+            setattr(parent, name, replacement)
 
 
 def convbn_report(model: nn.Module) -> ConvBNReport:

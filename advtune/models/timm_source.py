@@ -47,7 +47,10 @@ def _pretrained_cfg(name: str) -> Any:
     arch, _ = split_model_name_tag(name)
     if not timm.is_model(arch):
         raise UserError(suggest(arch, timm.list_models(), what="timm model"))
-    cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    try:
+        cfg = get_pretrained_cfg(name, allow_unregistered=False)
+    except RuntimeError:  # a tag the architecture does not have
+        cfg = None
     if cfg is None:
         tags = timm.list_pretrained(f"{arch}.*")
         raise UserError(suggest(name, tags or [arch], what="timm weights"))
