@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import sys
@@ -31,7 +32,7 @@ from advtune.bench import run_bench
 from advtune.convbn import MODES
 from advtune.errors import UserError
 from advtune.io import atomic_write_bytes, atomic_write_text, read_json, write_json
-from advtune.models import REFERENCE_MODELS
+from advtune.models import REFERENCE_MODELS, random_net
 
 FIELDS = ("saved_mib_per_image", "peak_mib_per_image", "images_steps_per_s", "max_batch")
 
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         type=_csv_list,
         default=list(REFERENCE_MODELS),
-        help="comma-separated models to measure; the default is advtune.models.REFERENCE_MODELS",
+        help="comma-separated models to measure (torchvision names, timm:<name>, "
+        "robustbench:<name>); the default is advtune.models.REFERENCE_MODELS",
     )
     p.add_argument("--modes", type=_csv_list, default=list(MODES))
     p.add_argument("--attack", default="pgd", help="pgd or fgsm")
@@ -94,10 +96,13 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             if stored.get("settings") == settings:
                 results.append(stored["result"])
                 continue
+        # advtune.models.random_net builds any source's model (torchvision, timm:,
+        # robustbench:) with seeded weights and calibrated BN statistics.
         result = run_bench(
             model, attack=args.attack, modes=args.modes, batch_size=args.batch_size,
             size=args.size, steps=args.steps, device=args.device, amp=args.amp,
             channels_last=args.channels_last, compile=args.compile,
+            model_factory=functools.partial(random_net, model, size=args.size),
         )  # fmt: skip
         if not args.quiet:
             print(result.table(), file=sys.stderr)
