@@ -20,9 +20,13 @@ from advtune.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ImageClassifier,
+    Preprocess,
+    checkpoint_sha256,
     list_models,
     load_checkpoint,
     load_model,
+    model_card,
+    random_net,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:weights='random'")
@@ -385,3 +389,124 @@ def test_factory_random_reinitialises():
 def test_bad_factory(spec, match):
     with pytest.raises(UserError, match=match):
         load_model(spec)
+
+
+# --------------------------------------------------------------------------- cards
+
+
+def test_card_before_any_module_is_built(monkeypatch):
+    def no_build(*args, **kwargs):
+        raise AssertionError("model_card must not build a module")
+
+    monkeypatch.setattr(torchvision.models, "get_model", no_build)
+    card = model_card("resnet50")  # DEFAULT: torchvision's V2 weights
+    assert card.source == "torchvision" and card.arch == "resnet50"
+    assert card.weights == "ResNet50_Weights.IMAGENET1K_V2"
+    assert card.preprocess == Preprocess(224, 232) and card.num_classes == 1000
+    v1 = model_card("resnet50", weights="IMAGENET1K_V1")
+    assert v1.weights == "ResNet50_Weights.IMAGENET1K_V1" and v1.preprocess == Preprocess()
+    assert model_card("torchvision:resnet50") == card  # one canonical card per model
+    random = model_card("resnet50", weights="random", seed=4)
+    assert random.weights == "random" and random.seed == 4 and random.checkpoint is None
+
+
+@pytest.mark.parametrize("weights", ["DEFAULT", "random"])
+def test_loaded_model_carries_its_card(weights, torch_home):
+    if weights == "DEFAULT":  # served from a cache file: no network
+        home, _ = torch_home
+        cache = home / "hub" / "checkpoints"
+        cache.mkdir(parents=True)
+        member = torchvision.models.SqueezeNet1_0_Weights.DEFAULT
+        torch.save(
+            torchvision.models.squeezenet1_0().state_dict(), cache / member.url.split("/")[-1]
+        )
+    model = load_model("squeezenet1_0", weights=weights, convbn="eval")
+    card = model_card("squeezenet1_0", weights=weights)
+    assert model.card == card
+    assert (model.preprocess, model.weights, model.num_classes) == (
+        card.preprocess,
+        card.weights,
+        card.num_classes,
+    )
+    assert model.card.to_dict()["preprocess"] == "resize 256 bilinear, crop 224"
+
+
+def test_random_weights_seeded_identical_and_global_rng_untouched():
+    state = torch.get_rng_state()
+    a = load_model("resnet18", weights="random", seed=5, convbn="eval")
+    b = load_model("resnet18", weights="random", seed=5, convbn="eval")
+    c = load_model("resnet18", weights="random", seed=6, convbn="eval")
+    assert torch.equal(torch.get_rng_state(), state)
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    assert not torch.equal(a.net.conv1.weight, c.net.conv1.weight)
+    # BN statistics are calibrated, not left at their 0/1 initial values.
+    assert not torch.equal(a.net.bn1.running_var, torch.ones_like(a.net.bn1.running_var))
+    with pytest.raises(UserError, match="seed must be an int"):
+        load_model("resnet18", weights="random", seed="1")
+
+
+def test_random_net_is_the_one_builder():
+    state = torch.get_rng_state()
+    a = random_net("resnet18", seed=1, size=32, dtype=torch.float64)
+    b = random_net("resnet18", seed=1, size=32, dtype=torch.float64)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert not a.training and a.conv1.weight.dtype == torch.float64
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    raw = random_net("resnet18", seed=1, calibrate=False)
+    assert torch.equal(raw.conv1.weight.double(), a.conv1.weight)
+    assert torch.equal(raw.bn1.running_var, torch.ones(64))
+
+
+def test_checkpoint_sha256_is_cached_and_sees_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    path = tmp_path / "w.pth"
+    state = factory().state_dict()
+    torch.save(state, path)
+    digest = checkpoint_sha256(path)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    reads = []
+    real_open = type(path).open
+    monkeypatch.setattr(
+        type(path), "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k)
+    )
+    assert checkpoint_sha256(str(path)) == digest and reads == []  # cached: no read
+    torch.save({**state, "fc.bias": state["fc.bias"] + 1}, path)
+    assert checkpoint_sha256(path) != digest and len(reads) == 1
+    card = model_card("test_models:factory", weights=str(path))
+    assert card.weights_digest == checkpoint_sha256(path)
+    assert model_card("resnet18", weights="random").weights_digest is None
+
+
+def test_safetensors_checkpoint_next_to_pth(tmp_path):
+    from safetensors.torch import save_file
+
+    source = factory()
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(1.0)
+    path = tmp_path / "net.safetensors"
+    save_file(source.state_dict(), path)
+    model = load_model("test_models:factory", weights=str(path), convbn="eval")
+    assert model.weights == f"checkpoint {path.resolve()}"
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.net.state_dict()[key], value), key
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(UserError, match=r"broken\.safetensors' is not a valid safetensors file"):
+        load_checkpoint(broken)
+
+
+def test_wrong_architecture_is_one_line_naming_first_mismatch(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "r34.pth"
+    torch.save(torchvision.models.resnet34().state_dict(), path)
+    with pytest.raises(UserError) as info:
+        load_model("resnet18", weights=str(path))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    # resnet34 = resnet18 with more blocks: no missing key, the first extra one is named.
+    assert "missing" not in message
+    assert "unexpected keys: layer1.2.conv1.weight" in message
