@@ -431,19 +431,31 @@ def test_loaded_model_carries_its_card(weights, torch_home):
     assert model.card.to_dict()["preprocess"] == "resize 256 bilinear, crop 224"
 
 
-def test_random_weights_seeded_identical_and_global_rng_untouched():
+@pytest.mark.parametrize(
+    "name",
+    [
+        "resnet18",
+        pytest.param(
+            "timm:test_resnet",
+            marks=pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="needs timm"),
+        ),
+    ],
+)
+def test_random_weights_seeded_identical_and_global_rng_untouched(name):
     state = torch.get_rng_state()
-    a = load_model("resnet18", weights="random", seed=5, convbn="eval")
-    b = load_model("resnet18", weights="random", seed=5, convbn="eval")
-    c = load_model("resnet18", weights="random", seed=6, convbn="eval")
+    a = load_model(name, weights="random", seed=5, convbn="eval")
+    b = load_model(name, weights="random", seed=5, convbn="eval")
+    c = load_model(name, weights="random", seed=6, convbn="eval")
     assert torch.equal(torch.get_rng_state(), state)
+    assert a.card.seed == 5 and a.weights == "random"
     for key, value in a.state_dict().items():
         assert torch.equal(value, b.state_dict()[key]), key
-    assert not torch.equal(a.net.conv1.weight, c.net.conv1.weight)
+    assert any(not torch.equal(v, c.state_dict()[k]) for k, v in a.state_dict().items())
     # BN statistics are calibrated, not left at their 0/1 initial values.
-    assert not torch.equal(a.net.bn1.running_var, torch.ones_like(a.net.bn1.running_var))
+    bn = next(m for m in a.modules() if isinstance(m, nn.BatchNorm2d))
+    assert not torch.equal(bn.running_var, torch.ones_like(bn.running_var))
     with pytest.raises(UserError, match="seed must be an int"):
-        load_model("resnet18", weights="random", seed="1")
+        load_model(name, weights="random", seed="1")
 
 
 def test_random_net_is_the_one_builder():

@@ -22,7 +22,6 @@ preprocessing RobustBench names for it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +30,8 @@ from torch import nn
 from torchvision.transforms import InterpolationMode
 
 from advtune.errors import UserError, suggest
-from advtune.models import timm_source, torchvision_source
-from advtune.models.cards import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ModelCard,
-    Preprocess,
-    Published,
-    get_card,
-    list_cards,
-    register_card,
-)
+from advtune.models import cards, timm_source, torchvision_source
+from advtune.models.cards import ModelCard, Preprocess
 from advtune.models.checkpoints import checkpoint_path, load_checkpoint, load_strict
 
 DATASETS: tuple[str, ...] = ("imagenet", "cifar10", "cifar100")
@@ -58,62 +48,47 @@ PREPROCESSINGS: dict[str, Preprocess] = {
 _REFERENCE = "RobustBench ImageNet Linf leaderboard, AutoAttack at eps 4/255 on 5000 images"
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    source: str  # "torchvision" or "timm": who builds the architecture
-    arch: str
-    preprocessing: str
-    clean: float
-    autoattack: float
-    torchvision_weights: str | None = None  # weights served by torchvision itself
-
-
 # RobustBench ImageNet Linf entries whose architecture torchvision/timm builds exactly
 # (robustbench 1.1.1 model zoo: normalize_model(arch, ImageNet mean/std)), with the
-# leaderboard's clean and AutoAttack accuracy in percent.
-_IMAGENET_LINF = (
-    _Entry("Standard_R50", "torchvision", "resnet50", "Res256Crop224", 76.52, 0.00,
-           torchvision_weights="ResNet50_Weights.IMAGENET1K_V1"),
-    _Entry("Salman2020Do_50_2", "torchvision", "wide_resnet50_2", "Res256Crop224", 68.46, 38.14),
-    _Entry("Salman2020Do_R50", "torchvision", "resnet50", "Res256Crop224", 64.02, 34.96),
-    _Entry("Engstrom2019Robustness", "torchvision", "resnet50", "Res256Crop224", 62.56, 29.22),
-    _Entry("Wong2020Fast", "torchvision", "resnet50", "Crop288", 55.62, 26.24),
-    _Entry("Salman2020Do_R18", "torchvision", "resnet18", "Res256Crop224", 52.92, 25.32),
-    _Entry("Liu2023Comprehensive_Swin-L", "timm", "swin_large_patch4_window7_224",
-           "BicubicRes256Crop224", 78.92, 59.56),
-    _Entry("Liu2023Comprehensive_ConvNeXt-L", "timm", "convnext_large",
-           "BicubicRes256Crop224", 78.02, 58.48),
-    _Entry("Liu2023Comprehensive_Swin-B", "timm", "swin_base_patch4_window7_224",
-           "BicubicRes256Crop224", 76.16, 56.16),
-    _Entry("Liu2023Comprehensive_ConvNeXt-B", "timm", "convnext_base",
-           "BicubicRes256Crop224", 76.02, 55.82),
-    _Entry("RodriguezMunoz2024Characterizing_Swin-L", "timm", "swin_large_patch4_window7_224",
-           "BicubicRes256Crop224", 79.36, 53.82),
-    _Entry("RodriguezMunoz2024Characterizing_Swin-B", "timm", "swin_base_patch4_window7_224",
-           "BicubicRes256Crop224", 77.76, 51.56),
-    _Entry("Mo2022When_Swin-B", "timm", "swin_base_patch4_window7_224", "Res224", 74.66, 38.30),
-    _Entry("Mo2022When_ViT-B", "timm", "vit_base_patch16_224", "Res224", 68.38, 34.40),
-)  # fmt: skip
+# leaderboard's clean and AutoAttack accuracy in percent (its README, 5000 images).
+_IMAGENET_LINF = """
+# name                                     architecture                             preprocessing         clean  AutoAttack
+Standard_R50                               torchvision:resnet50                     Res256Crop224         76.52  0.00
+Salman2020Do_50_2                          torchvision:wide_resnet50_2              Res256Crop224         68.46  38.14
+Salman2020Do_R50                           torchvision:resnet50                     Res256Crop224         64.02  34.96
+Engstrom2019Robustness                     torchvision:resnet50                     Res256Crop224         62.56  29.22
+Wong2020Fast                               torchvision:resnet50                     Crop288               55.62  26.24
+Salman2020Do_R18                           torchvision:resnet18                     Res256Crop224         52.92  25.32
+Liu2023Comprehensive_Swin-L                timm:swin_large_patch4_window7_224       BicubicRes256Crop224  78.92  59.56
+Liu2023Comprehensive_ConvNeXt-L            timm:convnext_large                      BicubicRes256Crop224  78.02  58.48
+Liu2023Comprehensive_Swin-B                timm:swin_base_patch4_window7_224        BicubicRes256Crop224  76.16  56.16
+Liu2023Comprehensive_ConvNeXt-B            timm:convnext_base                       BicubicRes256Crop224  76.02  55.82
+RodriguezMunoz2024Characterizing_Swin-L    timm:swin_large_patch4_window7_224       BicubicRes256Crop224  79.36  53.82
+RodriguezMunoz2024Characterizing_Swin-B    timm:swin_base_patch4_window7_224        BicubicRes256Crop224  77.76  51.56
+Mo2022When_Swin-B                          timm:swin_base_patch4_window7_224        Res224                74.66  38.30
+Mo2022When_ViT-B                           timm:vit_base_patch16_224                Res224                68.38  34.40
+"""
+# RobustBench builds Standard_R50 as resnet50(pretrained=True): torchvision's V1 weights.
+_TORCHVISION_WEIGHTS = {"Standard_R50": "ResNet50_Weights.IMAGENET1K_V1"}
 
 
-def _card_from_entry(entry: _Entry) -> ModelCard:
-    weights = entry.torchvision_weights or f"robustbench {entry.name}"
+def _card_from_row(row: str) -> ModelCard:
+    name, arch, preprocessing, clean, autoattack = row.split()
     return ModelCard(
-        name=f"robustbench:{entry.name}",
+        name=f"robustbench:{name}",
         source="robustbench",
-        arch=f"{entry.source}:{entry.arch}",
-        weights=weights,
-        preprocess=PREPROCESSINGS[entry.preprocessing],
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
+        arch=arch,
+        weights=_TORCHVISION_WEIGHTS.get(name, f"robustbench {name}"),
+        preprocess=PREPROCESSINGS[preprocessing],
+        mean=cards.IMAGENET_MEAN,
+        std=cards.IMAGENET_STD,
         categories=torchvision_source.imagenet_categories(),
         num_classes=1000,
         dataset="imagenet",
         threat_model="Linf",
-        published=Published(
-            clean=round(entry.clean / 100, 4),
-            robust=round(entry.autoattack / 100, 4),
+        published=cards.Published(
+            clean=round(float(clean) / 100, 4),
+            robust=round(float(autoattack) / 100, 4),
             attack="autoattack",
             norm="Linf",
             eps=4 / 255,
@@ -123,8 +98,8 @@ def _card_from_entry(entry: _Entry) -> ModelCard:
     )
 
 
-for _entry in _IMAGENET_LINF:
-    register_card(_card_from_entry(_entry))
+for _row in _IMAGENET_LINF.strip().splitlines()[1:]:
+    cards.register_card(_card_from_row(_row))
 
 
 def card(
@@ -138,8 +113,8 @@ def card(
     if threat_model not in THREAT_MODELS:
         raise UserError(suggest(threat_model, THREAT_MODELS, what="RobustBench threat model"))
     full = f"robustbench:{name}"
-    if full in list_cards("robustbench") and (dataset, threat_model) == ("imagenet", "Linf"):
-        base = get_card(full)
+    if full in cards.list_cards("robustbench") and (dataset, threat_model) == ("imagenet", "Linf"):
+        base = cards.get_card(full)
     else:
         base = _package_card(name, dataset, threat_model)
     wl = weights.lower()
@@ -148,7 +123,7 @@ def card(
             raise UserError(
                 f"robustbench:{name} has no card here, so its architecture is unknown "
                 f"without the robustbench package's weights; carded models: "
-                + ", ".join(n.removeprefix("robustbench:") for n in list_cards("robustbench"))
+                + ", ".join(n.removeprefix("robustbench:") for n in cards.list_cards("robustbench"))
             )
         return base.replace(weights="random", seed=seed)
     if wl == "default":
@@ -158,7 +133,7 @@ def card(
         raise UserError(
             f"a local checkpoint for robustbench:{name} needs its architecture, which only "
             "the carded models declare; carded: "
-            + ", ".join(n.removeprefix("robustbench:") for n in list_cards("robustbench"))
+            + ", ".join(n.removeprefix("robustbench:") for n in cards.list_cards("robustbench"))
         )
     return base.replace(weights=f"checkpoint {path}", checkpoint=path)
 
