@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 from modelzoo import output_and_grad, rel_error
@@ -60,6 +62,14 @@ def test_batchnorm_act_folds_bn_and_keeps_activation():
     assert type(replaced.act) is type(net.get_submodule(norm_acts[0]).act)
     tuned = advtune.tune(net, "tune")
     assert type(tuned.get_submodule(norm_acts[0])).__name__ == "FoldedBatchNormAct2d"
+    # The class made on demand pickles like those registered at import.
+    buffer = io.BytesIO()
+    torch.save(tuned, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    y = torch.rand(2, 3, 64, 64, dtype=F64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_error(loaded(y), net(y)) <= 1e-10
     # Training mode falls back to the module's own BN + act forward.
     x = torch.rand(4, 3, 64, 64, dtype=F64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
