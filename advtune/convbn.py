@@ -259,7 +259,7 @@ class _FoldedBNMixin:
         if self.training:  # type: ignore[attr-defined]
             return super().forward(input)  # type: ignore[misc]
         if isinstance(self, _norm_act_types()):
-            return self.act(self.drop(input))  # type: ignore[attr-defined]
+            return self.act(self.drop(input))  # type: ignore[attr-defined,operator]
         return input
 
 
@@ -583,7 +583,7 @@ def _apply_deploy(model: nn.Module, pairs: list[FoldedPair]) -> None:
         conv.weight = nn.Parameter(weight.to(dtype), requires_grad=conv.weight.requires_grad)
         conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)
         if _is_norm_act(bn):
-            replacement: nn.Module = DeployedBatchNormAct(pair.conv, bn.drop, bn.act)
+            replacement: nn.Module = DeployedBatchNormAct(pair.conv, bn.drop, bn.act)  # type: ignore[arg-type]
         else:
             replacement = DeployedBatchNorm(pair.conv)
         for parent, name in places[id(bn)]:

@@ -134,7 +134,7 @@ def _resolve(
         def reinit() -> nn.Module:
             for m in net.modules():
                 if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
+                    m.reset_parameters()  # type: ignore[operator]
             return net
 
         if card.weights == "random":
@@ -328,7 +328,7 @@ def load_model(
         if categories is None and num_classes == 1000:
             categories = torchvision_source.imagenet_categories()
         card = card.replace(num_classes=num_classes, categories=categories)
-    net = tune(net, convbn, inplace=True)
+    net = tune(net, convbn, inplace=True)  # type: ignore[arg-type]  # checked above
     for p in net.parameters():  # deploy/frozen create new parameters
         p.requires_grad_(False)
     model = ImageClassifier(
