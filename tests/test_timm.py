@@ -148,3 +148,25 @@ def test_weights_tags_and_errors(monkeypatch):
 def timm_default(arch: str) -> str:
     cfg = timm.models.get_pretrained_cfg(arch)
     return f"timm/{arch}.{cfg.tag}"
+
+
+class _ScaledBatchNormAct(BatchNormAct2d):
+    """A user's BatchNormAct2d whose forward differs: folding it would be wrong."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+def test_norm_act_subclass_with_own_forward_is_not_folded():
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=False), _ScaledBatchNormAct(4), torch.nn.Conv2d(4, 2, 1)
+    ).to(F64)
+    x = torch.rand(2, 3, 8, 8, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model.eval()(x)
+    for mode in ("tune", "deploy"):
+        converted = advtune.tune(model, mode)
+        report = advtune.convbn_report(converted)
+        assert report.folded == [] and [s.module for s in report.skipped] == ["1"]
+        with torch.no_grad():
+            assert rel_error(converted(x), ref) <= 1e-12
