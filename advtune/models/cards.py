@@ -16,7 +16,6 @@ Cards of torchvision and timm models are made on demand from the libraries' own 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -240,7 +239,3 @@ def get_card(name: str) -> ModelCard:
 def list_cards(source: str | None = None) -> list[str]:
     """Names of the registered cards (of one ``source`` if given), in registration order."""
     return [n for n, c in _REGISTRY.items() if source is None or c.source == source]
-
-
-def categories_tuple(values: Sequence[str] | None) -> tuple[str, ...] | None:
-    return tuple(values) if values is not None else None

@@ -153,7 +153,7 @@ def _robustbench() -> Any:
 
 def _package_card(name: str, dataset: str, threat_model: str) -> ModelCard:
     """A card from the robustbench package's model zoo, for names advtune has no card for."""
-    rb = _robustbench()
+    _robustbench()  # a clear error when the package is missing
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 
@@ -162,7 +162,6 @@ def _package_card(name: str, dataset: str, threat_model: str) -> ModelCard:
         raise UserError(
             suggest(name, list(zoo), what=f"RobustBench {dataset} {threat_model} model")
         )
-    del rb
     key = zoo[name].get("preprocessing")
     if dataset == "imagenet":
         if key not in PREPROCESSINGS:
