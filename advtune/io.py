@@ -365,6 +365,8 @@ class ManifestWriter:
         rows: rows already in the file (from :func:`read_manifest` when resuming; or use
             :meth:`resume`).
         fsync: flush each batch to the disk (off only for tests and benchmarks).
+        keep_sorted: rewrite the file when a batch comes out of order, so it is sorted
+            after every :meth:`extend` (``False``: only at :meth:`close`).
 
     Rows are identified by :func:`row_key`; adding a row whose key is already present
     raises ``ValueError`` (a resumed run must never attack an image twice).
@@ -381,9 +383,12 @@ class ManifestWriter:
       again on resume); rows are written after their PNGs, so every complete row has one.
     * While each batch's keys lie above every key on disk (a sequential run, or a resume
       of one) the file stays sorted, byte for byte what a rewrite would give. A batch
-      that does not (e.g. resuming a torchrun run's scattered rows) is still appended,
-      and :meth:`close` rewrites the file sorted, once, atomically; until then the rows
-      are all there but out of order (:attr:`sorted_on_disk` is ``False``).
+      that does not (e.g. resuming a torchrun run's scattered rows) is, by default
+      (``keep_sorted=True``), sorted in by an atomic rewrite of the whole file, so the
+      file is sorted after every call. With ``keep_sorted=False`` it is appended too, and
+      :meth:`close` rewrites the file sorted, once; until then the rows are all there
+      but out of order (:attr:`sorted_on_disk` is ``False``). Use that (and call
+      :meth:`close`, e.g. as a context manager, when the run ends) to stay linear then.
     * Before appending, the file's size and inode are checked against what this writer
       last left there: a file replaced, truncated or grown by someone else (another run
       on the same folder) raises :class:`~advtune.errors.UserError` instead of mixing
@@ -401,9 +406,11 @@ class ManifestWriter:
         rows: Sequence[Mapping[str, Any]] = (),
         *,
         fsync: bool = True,
+        keep_sorted: bool = True,
     ):
         self.path = Path(path)
         self._fsync = fsync
+        self._keep_sorted = keep_sorted
         self._rows: dict[tuple[int, float], dict[str, Any]] = {}
         self._sorted_cache: list[dict[str, Any]] | None = None
         # What this writer last left on disk: (st_ino, size), None before its first write.
@@ -414,13 +421,15 @@ class ManifestWriter:
             self._add(row)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike[str], *, fsync: bool = True) -> ManifestWriter:
+    def resume(
+        cls, path: str | os.PathLike[str], *, fsync: bool = True, keep_sorted: bool = True
+    ) -> ManifestWriter:
         """A writer holding the rows already in ``path`` (a torn last line dropped).
 
         Raises:
             ValueError: the file is unreadable or holds a bad row (names file and line).
         """
-        return cls(path, read_manifest(path), fsync=fsync)
+        return cls(path, read_manifest(path), fsync=fsync, keep_sorted=keep_sorted)
 
     def _add(self, row: Mapping[str, Any]) -> None:
         key = row_key(row)
@@ -481,7 +490,10 @@ class ManifestWriter:
             self._rows[row_key(row)] = row
         self._sorted_cache = None
         try:
-            if self._disk is None:
+            in_order = (
+                self._max_on_disk is None or not batch or row_key(batch[0]) > self._max_on_disk
+            )
+            if self._disk is None or (self._keep_sorted and not in_order):
                 self.flush()
             elif batch:
                 self._append(batch)

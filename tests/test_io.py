@@ -60,19 +60,23 @@ def test_appends_batches_and_matches_a_sorted_rewrite(tmp_path):
     assert path.stat().st_ino == inode  # nothing to consolidate
 
 
-def test_out_of_order_batch_is_sorted_in_by_close(tmp_path):
+@pytest.mark.parametrize("keep_sorted", [True, False])
+def test_out_of_order_batch_is_sorted_in(tmp_path, keep_sorted):
     path = tmp_path / "manifest.csv"
     # A resumed torchrun run: the done rows are scattered over the dataset.
     path.write_text(format_manifest(rows([1, 4, 7])))
-    with ManifestWriter.resume(path) as writer:
+    with ManifestWriter.resume(path, keep_sorted=keep_sorted) as writer:
         writer.extend(rows([0, 2]))  # first write: rewrite, sorted
         assert writer.sorted_on_disk
-        writer.extend(rows([3, 5]))  # below index 7 on disk: appended out of order
-        assert not writer.sorted_on_disk
+        writer.extend(rows([3, 5]))  # below index 7 on disk
+        # keep_sorted: rewritten sorted now; else appended, sorted in at close
+        assert writer.sorted_on_disk is keep_sorted
         on_disk = read_manifest(path)
         assert sorted(map(row_key, on_disk)) == [row_key(r) for r in writer.rows]
+        writer.extend(rows([8]))  # in order again: appended either way
+        assert writer.sorted_on_disk is keep_sorted
     assert writer.sorted_on_disk
-    assert path.read_text() == format_manifest(rows([0, 1, 2, 3, 4, 5, 7]))
+    assert path.read_text() == format_manifest(rows([0, 1, 2, 3, 4, 5, 7, 8]))
 
 
 def test_duplicate_rows_are_refused_whole_batch(tmp_path):
