@@ -30,6 +30,7 @@ import functools
 import os
 import random
 import re
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -46,6 +47,8 @@ from advtune.errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LOADER_TIMEOUT",
+    "MAX_IMAGE_PIXELS",
     "ImageDataset",
     "Sample",
     "build_dataset",
@@ -71,6 +74,17 @@ DEVKIT_WNIDS = "devkit_wnids.txt"
 _WNID = re.compile(r"n\d{8}")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 _SHOW = 5  # how many offending names an error message lists
+
+#: Images with more pixels (width × height, read from the file's header) are skipped
+#: before decoding: Pillow's own decompression-bomb threshold (89,478,485 pixels, about
+#: 9459 × 9459; 256 MiB as 8-bit RGB), so one file cannot exhaust a worker's memory.
+#: (Pillow itself refuses files over twice its threshold while reading the header.)
+MAX_IMAGE_PIXELS = 89_478_485
+
+#: Seconds :func:`make_loader`'s default waits for the next batch from its workers before
+#: it gives up with a :class:`~advtune.errors.UserError` (a worker stuck on a file that
+#: blocks, or a batch that could not be handed over), instead of hanging the run.
+LOADER_TIMEOUT = 600.0
 
 
 # --------------------------------------------------------------------------- shipped data
@@ -121,13 +135,93 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     (``F``) from 0..1 when all values lie there, else clipped to 0..255. CMYK and the
     other modes use Pillow's conversion. No colour management (ICC profiles are ignored).
 
+    The file is checked before anything is decoded: it must be a regular file (a FIFO,
+    socket or device named like an image is refused without reading from it; a broken
+    symbolic link too) and its header's width × height must not exceed
+    :data:`MAX_IMAGE_PIXELS`.
+
     Raises:
+        SkipImage: not a regular file, or too many pixels (the reason is the message).
         Whatever Pillow raises for an undecodable file (``OSError`` and others).
     """
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
+    with _open_regular(path) as fh, warnings.catch_warnings():
+        # Pillow warns between 1x and 2x its threshold; ours refuses those below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fh)
+        except Image.UnidentifiedImageError:
+            # Pillow would name the file object, not the file.
+            raise Image.UnidentifiedImageError(
+                f"cannot identify image file {os.fspath(path)!r}"
+            ) from None
+        with img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise SkipImage(
+                    f"{width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{MAX_IMAGE_PIXELS:,} (advtune.data.MAX_IMAGE_PIXELS)"
+                )
+            img.load()
+            img = ImageOps.exif_transpose(img)
     return _to_rgb(img)
+
+
+class SkipImage(ValueError):
+    """A file that is not read as an image; the message is the reason."""
+
+
+def _reason(err: Exception) -> str:
+    """One line saying why a file was skipped."""
+    text = str(err) if isinstance(err, SkipImage) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+def _decode_error(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or ``None`` when it can."""
+    try:
+        decode_image(path)
+    except Exception as err:  # as in ImageDataset._load
+        return _reason(err)
+    return None
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"{kind}, not a regular file" if kind != "not a regular file" else kind
+
+
+def _open_regular(path: str | os.PathLike) -> Any:
+    """Open ``path`` for reading only if it is a regular file, never blocking on it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            raise SkipImage(f"broken symbolic link to {os.readlink(path)!r}") from None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise SkipImage(_not_regular(st.st_mode))
+    # O_NONBLOCK: should the file have been swapped for a FIFO since the stat, opening it
+    # still returns at once, and the fstat below refuses it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SkipImage(_not_regular(st.st_mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -234,7 +328,7 @@ class ImageDataset(Dataset):
         try:
             img = decode_image(self.root / rel)
         except Exception as err:  # Pillow plugins raise many types on broken files
-            return _Skipped(rel, f"{type(err).__name__}: {err}")
+            return _Skipped(rel, _reason(err))
         image = self.transform(img)
         if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(
@@ -255,6 +349,24 @@ class ImageDataset(Dataset):
             self._skipped_paths.add(path)
             self.skipped.append((path, reason))
             warnings.warn(f"skipping {path}: cannot decode it ({reason})", stacklevel=3)
+
+    def _require_one_image(self) -> None:
+        """UserError unless some image decodes; stops at the first that does.
+
+        Nothing is recorded: undecodable files are still found (and warned about) when
+        read, in the process that reads them, as without this check.
+        """
+        first: tuple[str, str] | None = None
+        for rel in self.paths:
+            reason = _decode_error(self.root / rel)
+            if reason is None:
+                return
+            first = first or (rel, reason)
+        if first is not None:
+            raise UserError(
+                f"no decodable image in {str(self.root)!r}: all {len(self)} failed; the first, "
+                f"{first[0]}: {first[1]}"
+            )
 
 
 def build_dataset(
@@ -317,7 +429,11 @@ def build_dataset(
         files = files[:limit]
     ys = [label_of(f) for f in files]
     labeled = layout not in ("image-folder", "sample")
-    return ImageDataset(folder, files, ys, transform=transform, layout=layout, labeled=labeled)
+    dataset = ImageDataset(folder, files, ys, transform=transform, layout=layout, labeled=labeled)
+    # Like an empty folder, a folder of files that are all undecodable is an error, not a
+    # complete run over 0 images. Normally this decodes one image.
+    dataset._require_one_image()
+    return dataset
 
 
 # --------------------------------------------------------------------------- layouts

@@ -411,9 +411,10 @@ def test_loader_skips_and_records_undecodable(tmp_path, workers):
 
 def test_batch_of_only_broken_files_is_not_yielded(tmp_path):
     _with_broken_files(tmp_path)
-    ds = build_dataset(tmp_path, transform=SMALL, subset=["garbage.jpg", "truncated.jpg"])
+    ds = build_dataset(tmp_path, transform=SMALL)
+    broken = [ds.paths.index("garbage.jpg"), ds.paths.index("truncated.jpg")]
     with pytest.warns(UserWarning, match="skipping"):
-        assert list(make_loader(ds, batch_size=2, num_workers=0)) == []
+        assert list(make_loader(ds, batch_size=2, num_workers=0, sampler=broken)) == []
     assert len(ds.skipped) == 2
     empty = collate_samples([None])
     assert empty["image"].shape[0] == 0 and empty["path"] == []
