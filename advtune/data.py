@@ -51,12 +51,14 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "ImageDataset",
     "Sample",
+    "SkipImage",
     "build_dataset",
     "collate_samples",
     "decode_image",
     "imagenet_categories",
     "imagenet_wnids",
     "make_loader",
+    "resolve_subset_path",
     "robustbench_subset",
     "sample_dir",
 ]
@@ -618,11 +620,34 @@ def _devkit_mapping(data_dir: Path) -> dict[int, str]:
 # --------------------------------------------------------------------------- subsets
 
 
+def resolve_subset_path(subset: str | os.PathLike) -> Path:
+    """The subset file ``subset`` names, from any working directory.
+
+    A path that exists is used as given. A relative one starting with ``datasets/`` that
+    does not exist here is looked up in advtune's packaged ``datasets`` folder, so the
+    README's ``--subset datasets/imagenet_val_5000_robustbench.txt`` works outside the
+    repository too.
+
+    Raises:
+        UserError: no such file; the message lists every path tried.
+    """
+    path = Path(subset).expanduser()
+    if path.is_file():
+        return path
+    tried = [str(path)]
+    parts = Path(subset).parts
+    if not path.is_absolute() and len(parts) > 1 and parts[0] == "datasets":
+        packaged = datasets_dir().joinpath(*parts[1:])
+        if packaged.is_file():
+            return packaged
+        tried.append(str(packaged))
+    what = "is not a file" if path.exists() else "not found"
+    raise UserError(f"subset file {str(subset)!r} {what} (tried {', '.join(tried)})")
+
+
 def _read_subset(subset: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(subset, (str, os.PathLike)):
-        path = Path(subset).expanduser()
-        if not path.is_file():
-            raise UserError(f"subset file {str(subset)!r} not found")
+        path = resolve_subset_path(subset)
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as err:
@@ -686,14 +711,55 @@ class ImageLoader(DataLoader):
     Batches are :func:`collate_samples` dicts. Undecodable images are warned about and
     added to ``dataset.skipped`` here, in the main process, even when worker processes
     found them; a batch whose images were all undecodable is not yielded.
+
+    A worker that produces no batch within ``timeout`` seconds, or that dies, ends the
+    iteration with a one-line :class:`~advtune.errors.UserError` instead of a hang or
+    torch's multi-line error.
     """
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                raise _worker_error(err, self.timeout) from err
             if batch["skipped"]:
                 _record_skipped(self.dataset, batch["skipped"])
             if batch["path"]:
                 yield batch
+
+
+def _worker_error(err: RuntimeError, timeout: float) -> Exception:
+    """torch's errors for stuck or dead workers, as one line saying what to do."""
+    message = str(err)
+    if message.startswith("DataLoader timed out"):
+        return UserError(
+            f"the data loader's worker processes produced no batch in {timeout:g} s (stuck "
+            "on a file that does not answer, e.g. a stalled network file system, or a "
+            "batch that could not be handed over: see any error printed above); rerun with "
+            "--workers 0 to load in this process"
+        )
+    if message.startswith("DataLoader worker") and (
+        "exited unexpectedly" in message or "killed by signal" in message
+    ):
+        return UserError(
+            f"{' '.join(message.split()).rstrip('.')}; if it ran out of memory, lower "
+            "--batch-size or --workers (--workers 0 loads in this process)"
+        )
+    return err
+
+
+def _file_size_limit() -> int | None:
+    """The soft ``RLIMIT_FSIZE`` (``ulimit -f``) in bytes, ``None`` when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _record_skipped(dataset: Any, items: list) -> None:
@@ -713,7 +779,8 @@ def make_loader(
     batch_size: int,
     num_workers: int = 2,
     device: str | torch.device = "cpu",
-    sampler: Sampler | None = None,
+    sampler: Sampler | Sequence[int] | None = None,
+    timeout: float | None = None,
 ) -> ImageLoader:
     """Batch a dataset in order (or by ``sampler``), decoding in worker processes.
 
@@ -723,7 +790,15 @@ def make_loader(
             images were undecodable).
         num_workers: Decoding processes (``0``: in this process).
         device: Where the batches will go; memory is pinned only for CUDA.
-        sampler: E.g. a ``DistributedSampler``; default: sequential order.
+        sampler: E.g. a ``DistributedSampler`` or a list of indices; default:
+            sequential order.
+        timeout: Seconds to wait for each batch from the workers before a
+            :class:`~advtune.errors.UserError` (default :data:`LOADER_TIMEOUT`; ``0``:
+            forever). Unused with ``num_workers=0``.
+
+    With a finite file-size limit (``ulimit -f``) workers are not used (a warning says
+    so): torch hands their batches over through shared-memory files, which that limit
+    also caps, and a worker whose batch cannot be handed over leaves the run waiting.
 
     Returns:
         An :class:`ImageLoader` yielding :func:`collate_samples` batches.
@@ -732,6 +807,19 @@ def make_loader(
         raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if timeout is None:
+        timeout = LOADER_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise UserError(f"loader timeout must be a number of seconds >= 0, got {timeout!r}")
+    limit = _file_size_limit() if num_workers > 0 else None
+    if limit is not None:
+        warnings.warn(
+            f"the file size limit (ulimit -f) is {limit} bytes: loading images in this "
+            "process, since worker processes hand batches over through shared-memory "
+            "files that the limit also caps",
+            stacklevel=2,
+        )
+        num_workers = 0
     return ImageLoader(
         dataset,
         batch_size=batch_size,
@@ -742,4 +830,5 @@ def make_loader(
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
         drop_last=False,
+        timeout=float(timeout) if num_workers > 0 else 0.0,
     )
