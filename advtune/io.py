@@ -115,11 +115,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
         # Before the rename: the file never appears under its name with the wrong mode.
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         # Also on KeyboardInterrupt: never leave temporary files behind.
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise _naming(e, path) from e
         raise
+
+
+def _naming(err: OSError, path: Path) -> OSError:
+    """``err`` with ``path`` as its file name (so its message says which file failed).
+
+    Disk full, ``ulimit -f`` (``EFBIG``) and the like surface as ``OSError`` from a write
+    to a temporary file or descriptor, whose message names no file.
+    """
+    if err.filename is not None and err.filename == os.fspath(path):
+        return err
+    return OSError(err.errno, err.strerror or str(err), os.fspath(path))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
@@ -524,11 +537,13 @@ class ManifestWriter:
                     view = view[os.write(f.fileno(), view) :]
                 if self._fsync:
                     os.fsync(f.fileno())
-            except BaseException:
+            except BaseException as e:
                 # A failed write (EFBIG, ENOSPC) may have left part of the batch: cut it,
                 # so the file keeps whole rows and the next append finds the size it expects.
                 with contextlib.suppress(OSError):
                     os.ftruncate(f.fileno(), st.st_size)
+                if isinstance(e, OSError):
+                    raise _naming(e, self.path) from e
                 raise
         self._disk = (st.st_ino, st.st_size + len(data))
         first, last = row_key(batch[0]), row_key(batch[-1])

@@ -100,8 +100,9 @@ def test_failed_write_leaves_whole_rows_and_rolls_back(tmp_path, monkeypatch):
         raise OSError(errno.EFBIG, "File too large")
 
     monkeypatch.setattr(aio.os, "fsync", full_disk)
-    with pytest.raises(OSError, match="File too large"):
+    with pytest.raises(OSError, match=r"File too large: '.*m\.csv'") as info:
         writer.extend(rows([2, 3]))
+    assert info.value.errno == errno.EFBIG
     assert path.read_bytes() == before, "a failed append must be cut back"
     assert len(writer) == 2 and writer.done_paths() == {"dir/img0.png", "dir/img1.png"}
     monkeypatch.setattr(aio.os, "fsync", real_fsync)
@@ -191,6 +192,16 @@ def test_corrupt_manifest_errors_name_file_and_line(tmp_path, content, message):
     with pytest.raises(ValueError, match=message) as info:
         read_manifest(path)
     assert str(path) in str(info.value)
+
+
+def test_atomic_write_failure_names_the_file(tmp_path, monkeypatch):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(aio.os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"No space left on device: '.*report\.json'") as info:
+        aio.write_json(tmp_path / "report.json", {"a": 1})
+    assert info.value.errno == errno.ENOSPC and os.listdir(tmp_path) == []
 
 
 def test_unreadable_manifest_is_a_valueerror_naming_it(tmp_path):
