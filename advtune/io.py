@@ -75,6 +75,11 @@ _FLOAT_COLUMNS = frozenset({"linf", "l2", "clean_conf", "adv_conf"})
 _OPT_FLOAT_COLUMNS = frozenset({"eps"})
 
 
+#: Manifest files are UTF-8; file names that are not (POSIX allows any bytes) travel as
+#: Python's surrogate escapes, so they round-trip through the file unchanged.
+_ENCODING = ("utf-8", "surrogateescape")
+
+
 def _umask() -> int:
     """The process umask, read without changing it where the OS allows."""
     # os.umask can only be read by setting it; between the two calls another thread
@@ -136,8 +141,12 @@ def _naming(err: OSError, path: Path) -> OSError:
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Atomically write UTF-8 text (see :func:`atomic_write_bytes`).
+
+    Surrogate escapes (from file names that are not UTF-8) are written as the bytes they
+    stand for.
+    """
+    atomic_write_bytes(path, text.encode(*_ENCODING))
 
 
 def _json_default(obj: Any) -> Any:
@@ -244,10 +253,14 @@ def row_key(row: Mapping[str, Any]) -> tuple[int, float]:
 def _format_rows(rows: Iterable[Mapping[str, Any]], *, header: bool) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
+    # Python < 3.12 leaves a lone "\r" unquoted with a "\n" line end, which splits the
+    # row when read back: such rows (a file name with a carriage return) are quoted whole.
+    quoted = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_ALL)
     if header:
         writer.writerow(MANIFEST_COLUMNS)
     for row in rows:
-        writer.writerow([_format_value(row.get(c)) for c in MANIFEST_COLUMNS])
+        values = [_format_value(row.get(c)) for c in MANIFEST_COLUMNS]
+        (quoted if any("\r" in v for v in values) else writer).writerow(values)
     return buffer.getvalue()
 
 
@@ -361,12 +374,7 @@ def read_manifest(path: str | os.PathLike[str], *, recover: bool = True) -> list
         return []
     except OSError as e:
         raise ValueError(f"cannot read manifest {str(path)!r}: {e.strerror or e}") from e
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path}, line {line}: not UTF-8 text ({e.reason})") from e
-    return parse_manifest(text, source=str(path), recover=recover)
+    return parse_manifest(data.decode(*_ENCODING), source=str(path), recover=recover)
 
 
 class ManifestWriter:
@@ -518,7 +526,7 @@ class ManifestWriter:
             raise
 
     def _append(self, batch: list[dict[str, Any]]) -> None:
-        data = _format_rows(batch, header=False).encode("utf-8")
+        data = _format_rows(batch, header=False).encode(*_ENCODING)
         # Unbuffered, so a failed write leaves no buffer behind to retry at close.
         with open(self.path, "ab", buffering=0) as f:
             st = os.fstat(f.fileno())
@@ -555,7 +563,7 @@ class ManifestWriter:
     def flush(self) -> None:
         """Atomically (re)write the whole file with the current rows, sorted."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = format_manifest(self.rows).encode("utf-8")
+        data = format_manifest(self.rows).encode(*_ENCODING)
         atomic_write_bytes(self.path, data, fsync=self._fsync)
         st = os.stat(self.path)
         self._disk = (st.st_ino, st.st_size)

@@ -182,7 +182,7 @@ def test_torn_quoted_field_is_dropped(tmp_path):
         (format_manifest(rows([0, 1]))[:-1].encode() + b",extra\n", "line 3: expected 14"),
         (format_manifest(rows([0]) + rows([0])).encode(), "line 3: duplicate row.*line 2"),
         (format_manifest(rows([0])).replace(",0,0.0", ",-1,0.0").encode(), "'index' must be"),
-        (format_manifest(rows([0, 1])).encode() + b"\xff\xfe\n", "line 4: not UTF-8"),
+        (format_manifest(rows([0, 1])).encode() + b"\xff\xfe\n", "line 4: expected 14 fields"),
         (format_manifest(rows([0])).encode() + b'p,"x"y\n', "line 3"),
     ],
 )
@@ -209,6 +209,22 @@ def test_unreadable_manifest_is_a_valueerror_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"cannot read manifest .*manifest\.csv"):
         read_manifest(tmp_path / "manifest.csv")
     assert read_manifest(tmp_path / "missing.csv") == []
+
+
+def test_odd_file_names_round_trip(tmp_path):
+    # Carriage returns, quotes, commas, newlines, and bytes that are not UTF-8 (as
+    # os.listdir gives them: surrogate escapes) are all legal in POSIX file names.
+    names = ["a\rb.png", 'q"uo,te.png', "new\nline.png", b"\xff\xfe.png".decode(*aio._ENCODING)]
+    odd = [row(i, path=name, adv_path=name) for i, name in enumerate(names)]
+    path = tmp_path / "m.csv"
+    with ManifestWriter(path) as writer:
+        writer.extend(odd[:2])
+        writer.extend(odd[2:])
+    assert read_manifest(path) == odd
+    # header, 4 rows, the quoted newline in path and adv_path
+    assert path.read_bytes().count(b"\n") == 1 + 4 + 2
+    assert aio.merge_manifests([path], tmp_path / "merged.csv") == odd
+    assert (tmp_path / "merged.csv").read_bytes() == path.read_bytes()
 
 
 def test_reordered_columns_still_parse():
