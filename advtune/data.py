@@ -179,9 +179,12 @@ def _reason(err: Exception) -> str:
 
 
 def _decode_error(path: Path) -> str | None:
-    """Why ``path`` cannot be decoded, or ``None`` when it can."""
+    """Why ``path`` cannot be decoded, or ``None`` when it can (silently: Pillow's
+    warnings come when the file is read for real)."""
     try:
-        decode_image(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decode_image(path)
     except Exception as err:  # as in ImageDataset._load
         return _reason(err)
     return None
