@@ -89,6 +89,11 @@ MAX_IMAGE_PIXELS = 89_478_485
 LOADER_TIMEOUT = 600.0
 
 
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
 # --------------------------------------------------------------------------- shipped data
 
 
@@ -327,7 +332,7 @@ class ImageDataset(Dataset):
 
     def _load(self, index: int) -> Sample | _Skipped:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
+            raise IndexError(f"index {index} out of range for {_count(len(self), 'image')}")
         index %= len(self)
         rel = self.paths[index]
         try:
@@ -526,7 +531,8 @@ def _require_all(files: list[str], table: dict[str, int], source: Path, key) -> 
     missing = [f for f in files if key(f) not in table]
     if missing:
         raise UserError(
-            f"{len(missing)} images have no label in {str(source)!r}: "
+            f"{_count(len(missing), 'image')} {'has' if len(missing) == 1 else 'have'} no "
+            f"label in {str(source)!r}: "
             + ", ".join(missing[:_SHOW])
             + (", ..." if len(missing) > _SHOW else "")
         )
@@ -678,7 +684,8 @@ def _apply_subset(files: list[str], entries: list[str], *, by_name: bool) -> lis
     missing = [e for e, k in zip(entries, keys) if k not in index]
     if missing:
         raise UserError(
-            f"{len(missing)} of {len(entries)} subset entries are not in the data folder: "
+            f"{len(missing)} of {_count(len(entries), 'subset entry', 'subset entries')} "
+            f"{'is' if len(missing) == 1 else 'are'} not in the data folder: "
             + ", ".join(missing[:_SHOW])
             + (", ..." if len(missing) > _SHOW else "")
         )

@@ -142,7 +142,7 @@ def test_loc_csv_errors(tmp_path):
     _flat_val(tmp_path, 2)
     csv = tmp_path / "LOC_val_solution.csv"
     csv.write_text(f"ImageId,PredictionString\n{val_name(1)[:-5]},{WNIDS[1]} 1 2 3 4\n")
-    with pytest.raises(UserError, match=r"1 images have no label in .*ILSVRC2012_val_00000002"):
+    with pytest.raises(UserError, match=r"1 image has no label in .*ILSVRC2012_val_00000002"):
         build_dataset(tmp_path, transform=SMALL)
     csv.write_text("id,label\n")
     with pytest.raises(UserError, match=r"is not a LOC_val_solution\.csv"):
@@ -257,6 +257,8 @@ def test_subset_errors(folders, tmp_path):
     missing = [f"{WNIDS[0]}/nope{i}.jpg" for i in range(7)]
     with pytest.raises(UserError, match=r"7 of 8 subset entries .*nope0\.jpg.*nope4\.jpg, \.\.\."):
         build_dataset(folders, transform=SMALL, subset=[f"{WNIDS[0]}/img00.jpg", *missing])
+    with pytest.raises(UserError, match=r"^1 of 1 subset entry is not in the data folder"):
+        build_dataset(folders, transform=SMALL, subset=missing[:1])
     with pytest.raises(UserError, match=r"subset file .* not found"):
         build_dataset(folders, transform=SMALL, subset=tmp_path / "none.txt")
     empty = tmp_path / "empty.txt"
