@@ -169,8 +169,8 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
                     f"{MAX_IMAGE_PIXELS:,} (advtune.data.MAX_IMAGE_PIXELS)"
                 )
             img.load()
-            img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+            upright = ImageOps.exif_transpose(img)
+    return _to_rgb(upright)
 
 
 class SkipImage(ValueError):
@@ -215,7 +215,8 @@ def _open_regular(path: str | os.PathLike) -> Any:
         st = os.stat(path)
     except FileNotFoundError:
         if os.path.islink(path):
-            raise SkipImage(f"broken symbolic link to {os.readlink(path)!r}") from None
+            target = os.readlink(os.fspath(path))
+            raise SkipImage(f"broken symbolic link to {target!r}") from None
         raise
     if not stat.S_ISREG(st.st_mode):
         raise SkipImage(_not_regular(st.st_mode))
