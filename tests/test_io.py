@@ -235,3 +235,14 @@ def test_reordered_columns_still_parse():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert parse_manifest(text) == rows([2])
+
+
+def test_bench_manifest_script(capsys):
+    from fakes import load_script
+
+    load_script("bench_manifest").main(["--sizes", "10,50", "--repeats", "2", "--no-fsync"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "batch 32 rows, 2 repeats, fsync False"
+    table = [line.split("|") for line in lines[2:]]
+    assert [int(r[0]) for r in table] == [10, 50]
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in table)
