@@ -388,6 +388,7 @@ def build_dataset(
     subset: str | os.PathLike | Sequence[str] | None = None,
     shuffle_seed: int | None = None,
     labels: str | os.PathLike | None = None,
+    exclude: Iterable[str | os.PathLike] = (),
 ) -> ImageDataset:
     """Find the layout of ``root`` and list its images.
 
@@ -403,13 +404,17 @@ def build_dataset(
         shuffle_seed: Shuffle (deterministically) instead of sorting by path.
         labels: A ``LOC_val_solution.csv`` or ``ILSVRC2012_validation_ground_truth.txt``
             that is not where it would be found automatically.
+        exclude: Folders whose images are left out, e.g. the run's output folder, so
+            that ``--data .`` does not read a run's own (or an earlier run's) adversarial
+            images back as input. Ones outside ``root`` change nothing.
 
     Returns:
         An :class:`ImageDataset`. Order: subset → sort (or shuffle) → limit.
 
     Raises:
         UserError: Missing/empty folder, bad limit, subset entries not found, images
-            without labels, unreadable label files.
+            without labels, unreadable label files, no decodable image, ``root`` inside
+            an ``exclude`` folder.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive integer, got {limit!r}")
@@ -428,7 +433,8 @@ def build_dataset(
     folder = folder.resolve()
     if layout is None and folder == sample_dir().resolve():
         layout = "sample"
-    layout, files, label_of = _detect(folder, layout, labels)
+    excluded = _excluded(folder, exclude)
+    layout, files, label_of = _detect(folder, layout, labels, excluded)
 
     flat = layout in ("imagenet-loc-csv", "imagenet-devkit")
     if subset is not None:
@@ -450,10 +456,13 @@ def build_dataset(
 # --------------------------------------------------------------------------- layouts
 
 
-def _list_images(folder: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``folder`` (hidden ones left out)."""
+def _list_images(folder: Path, exclude: Iterable[str] = ()) -> list[str]:
+    """Relative POSIX paths of the image files under ``folder`` (hidden ones left out).
+
+    ``exclude``: real paths of folders not to enter.
+    """
     found = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)  # pruned like a folder already walked
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
@@ -470,9 +479,9 @@ def _list_images(folder: Path) -> list[str]:
 
 
 def _detect(
-    folder: Path, layout: str | None, labels: str | os.PathLike | None
+    folder: Path, layout: str | None, labels: str | os.PathLike | None, exclude: Iterable[str]
 ) -> tuple[str, list[str], Callable[[str], int]]:
-    files = _list_images(folder)
+    files = _list_images(folder, exclude)
     if not files:
         raise UserError(
             f"no images in {str(folder)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -519,6 +528,20 @@ def _detect(
             if candidate.is_file():
                 return "imagenet-devkit", files, _devkit_labels(candidate, files)
     return "image-folder", files, unlabeled
+
+
+def _excluded(folder: Path, exclude: Iterable[str | os.PathLike]) -> set[str]:
+    """Real paths of the ``exclude`` folders; a UserError if ``folder`` is in one."""
+    real = set()
+    for item in exclude:
+        path = os.path.realpath(Path(item).expanduser())
+        if os.path.commonpath([path, str(folder)]) == path:
+            raise UserError(
+                f"data folder {str(folder)!r} is inside {str(item)!r}, which is excluded "
+                "from the data (the output folder?); choose another --data or --out"
+            )
+        real.add(path)
+    return real
 
 
 def _wnid_to_label(wnid: str, source: Path) -> int:

@@ -587,3 +587,16 @@ def test_packaged_subset_found_from_any_directory(tmp_path, monkeypatch):
     assert str(robustbench_subset().parent / "nope.txt") in str(info.value)
     with pytest.raises(UserError, match=r"subset file 'other\.txt' not found \(tried other\.txt\)"):
         resolve_subset_path("other.txt")
+
+
+def test_excluded_output_folder_is_not_read(tmp_path, monkeypatch):
+    write_image(tmp_path / "photo.png")
+    write_image(tmp_path / "runs" / "out" / "adv" / "photo.png")  # an earlier run's output
+    write_image(tmp_path / "runs" / "keep.png")
+    monkeypatch.chdir(tmp_path)
+    assert len(build_dataset(".", transform=SMALL)) == 3
+    ds = build_dataset(".", transform=SMALL, exclude=["runs/out", tmp_path.parent / "x"])
+    assert ds.paths == ["photo.png", "runs/keep.png"]
+    for inside in (".", "runs", tmp_path):
+        with pytest.raises(UserError, match=r"is inside .* excluded from the data"):
+            build_dataset("runs/out/adv", transform=SMALL, exclude=[inside])
