@@ -30,6 +30,7 @@ import functools
 import os
 import random
 import re
+import stat
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -46,14 +47,18 @@ from advtune.errors import UserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LOADER_TIMEOUT",
+    "MAX_IMAGE_PIXELS",
     "ImageDataset",
     "Sample",
+    "SkipImage",
     "build_dataset",
     "collate_samples",
     "decode_image",
     "imagenet_categories",
     "imagenet_wnids",
     "make_loader",
+    "resolve_subset_path",
     "robustbench_subset",
     "sample_dir",
 ]
@@ -71,6 +76,22 @@ DEVKIT_WNIDS = "devkit_wnids.txt"
 _WNID = re.compile(r"n\d{8}")
 _VAL_NUMBER = re.compile(r"ILSVRC2012_val_(\d{8})")
 _SHOW = 5  # how many offending names an error message lists
+
+#: Images with more pixels (width × height, read from the file's header) are skipped
+#: before decoding: Pillow's own decompression-bomb threshold (89,478,485 pixels, about
+#: 9459 × 9459; 256 MiB as 8-bit RGB), so one file cannot exhaust a worker's memory.
+#: (Pillow itself refuses files over twice its threshold while reading the header.)
+MAX_IMAGE_PIXELS = 89_478_485
+
+#: Seconds :func:`make_loader`'s default waits for the next batch from its workers before
+#: it gives up with a :class:`~advtune.errors.UserError` (a worker stuck on a file that
+#: blocks, or a batch that could not be handed over), instead of hanging the run.
+LOADER_TIMEOUT = 600.0
+
+
+def _count(n: int, singular: str, plural: str | None = None) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
 
 
 # --------------------------------------------------------------------------- shipped data
@@ -121,13 +142,97 @@ def decode_image(path: str | os.PathLike) -> Image.Image:
     (``F``) from 0..1 when all values lie there, else clipped to 0..255. CMYK and the
     other modes use Pillow's conversion. No colour management (ICC profiles are ignored).
 
+    The file is checked before anything is decoded: it must be a regular file (a FIFO,
+    socket or device named like an image is refused without reading from it; a broken
+    symbolic link too) and its header's width × height must not exceed
+    :data:`MAX_IMAGE_PIXELS`.
+
     Raises:
+        SkipImage: not a regular file, or too many pixels (the reason is the message).
         Whatever Pillow raises for an undecodable file (``OSError`` and others).
     """
-    with Image.open(path) as img:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    return _to_rgb(img)
+    with _open_regular(path) as fh, warnings.catch_warnings():
+        # Pillow warns between 1x and 2x its threshold; ours refuses those below.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(fh)
+        except Image.UnidentifiedImageError:
+            # Pillow would name the file object, not the file.
+            raise Image.UnidentifiedImageError(
+                f"cannot identify image file {os.fspath(path)!r}"
+            ) from None
+        with img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise SkipImage(
+                    f"{width}x{height} = {width * height:,} pixels, over the limit of "
+                    f"{MAX_IMAGE_PIXELS:,} (advtune.data.MAX_IMAGE_PIXELS)"
+                )
+            img.load()
+            upright = ImageOps.exif_transpose(img)
+    return _to_rgb(upright)
+
+
+class SkipImage(ValueError):
+    """A file that is not read as an image; the message is the reason."""
+
+
+def _reason(err: Exception) -> str:
+    """One line saying why a file was skipped."""
+    text = str(err) if isinstance(err, SkipImage) else f"{type(err).__name__}: {err}"
+    return " ".join(text.split())
+
+
+def _decode_error(path: Path) -> str | None:
+    """Why ``path`` cannot be decoded, or ``None`` when it can (silently: Pillow's
+    warnings come when the file is read for real)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            decode_image(path)
+    except Exception as err:  # as in ImageDataset._load
+        return _reason(err)
+    return None
+
+
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def _not_regular(mode: int) -> str:
+    kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    return f"{kind}, not a regular file" if kind != "not a regular file" else kind
+
+
+def _open_regular(path: str | os.PathLike) -> Any:
+    """Open ``path`` for reading only if it is a regular file, never blocking on it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            target = os.readlink(os.fspath(path))
+            raise SkipImage(f"broken symbolic link to {target!r}") from None
+        raise
+    if not stat.S_ISREG(st.st_mode):
+        raise SkipImage(_not_regular(st.st_mode))
+    # O_NONBLOCK: should the file have been swapped for a FIFO since the stat, opening it
+    # still returns at once, and the fstat below refuses it.
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SkipImage(_not_regular(st.st_mode))
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -228,13 +333,13 @@ class ImageDataset(Dataset):
 
     def _load(self, index: int) -> Sample | _Skipped:
         if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
+            raise IndexError(f"index {index} out of range for {_count(len(self), 'image')}")
         index %= len(self)
         rel = self.paths[index]
         try:
             img = decode_image(self.root / rel)
         except Exception as err:  # Pillow plugins raise many types on broken files
-            return _Skipped(rel, f"{type(err).__name__}: {err}")
+            return _Skipped(rel, _reason(err))
         image = self.transform(img)
         if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(
@@ -256,6 +361,24 @@ class ImageDataset(Dataset):
             self.skipped.append((path, reason))
             warnings.warn(f"skipping {path}: cannot decode it ({reason})", stacklevel=3)
 
+    def _require_one_image(self) -> None:
+        """UserError unless some image decodes; stops at the first that does.
+
+        Nothing is recorded: undecodable files are still found (and warned about) when
+        read, in the process that reads them, as without this check.
+        """
+        first: tuple[str, str] | None = None
+        for rel in self.paths:
+            reason = _decode_error(self.root / rel)
+            if reason is None:
+                return
+            first = first or (rel, reason)
+        if first is not None:
+            raise UserError(
+                f"no decodable image in {str(self.root)!r}: all {len(self)} failed; the first, "
+                f"{first[0]}: {first[1]}"
+            )
+
 
 def build_dataset(
     root: str | os.PathLike | None = None,
@@ -265,6 +388,7 @@ def build_dataset(
     subset: str | os.PathLike | Sequence[str] | None = None,
     shuffle_seed: int | None = None,
     labels: str | os.PathLike | None = None,
+    exclude: Iterable[str | os.PathLike] = (),
 ) -> ImageDataset:
     """Find the layout of ``root`` and list its images.
 
@@ -280,13 +404,17 @@ def build_dataset(
         shuffle_seed: Shuffle (deterministically) instead of sorting by path.
         labels: A ``LOC_val_solution.csv`` or ``ILSVRC2012_validation_ground_truth.txt``
             that is not where it would be found automatically.
+        exclude: Folders whose images are left out, e.g. the run's output folder, so
+            that ``--data .`` does not read a run's own (or an earlier run's) adversarial
+            images back as input. Ones outside ``root`` change nothing.
 
     Returns:
         An :class:`ImageDataset`. Order: subset → sort (or shuffle) → limit.
 
     Raises:
         UserError: Missing/empty folder, bad limit, subset entries not found, images
-            without labels, unreadable label files.
+            without labels, unreadable label files, no decodable image, ``root`` inside
+            an ``exclude`` folder.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise UserError(f"limit must be a positive integer, got {limit!r}")
@@ -305,7 +433,8 @@ def build_dataset(
     folder = folder.resolve()
     if layout is None and folder == sample_dir().resolve():
         layout = "sample"
-    layout, files, label_of = _detect(folder, layout, labels)
+    excluded = _excluded(folder, exclude)
+    layout, files, label_of = _detect(folder, layout, labels, excluded)
 
     flat = layout in ("imagenet-loc-csv", "imagenet-devkit")
     if subset is not None:
@@ -317,16 +446,23 @@ def build_dataset(
         files = files[:limit]
     ys = [label_of(f) for f in files]
     labeled = layout not in ("image-folder", "sample")
-    return ImageDataset(folder, files, ys, transform=transform, layout=layout, labeled=labeled)
+    dataset = ImageDataset(folder, files, ys, transform=transform, layout=layout, labeled=labeled)
+    # Like an empty folder, a folder of files that are all undecodable is an error, not a
+    # complete run over 0 images. Normally this decodes one image.
+    dataset._require_one_image()
+    return dataset
 
 
 # --------------------------------------------------------------------------- layouts
 
 
-def _list_images(folder: Path) -> list[str]:
-    """Relative POSIX paths of the image files under ``folder`` (hidden ones left out)."""
+def _list_images(folder: Path, exclude: Iterable[str] = ()) -> list[str]:
+    """Relative POSIX paths of the image files under ``folder`` (hidden ones left out).
+
+    ``exclude``: real paths of folders not to enter.
+    """
     found = []
-    seen: set[str] = set()
+    seen: set[str] = set(exclude)  # pruned like a folder already walked
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)
         if real in seen:  # a symlink loop
@@ -343,9 +479,9 @@ def _list_images(folder: Path) -> list[str]:
 
 
 def _detect(
-    folder: Path, layout: str | None, labels: str | os.PathLike | None
+    folder: Path, layout: str | None, labels: str | os.PathLike | None, exclude: Iterable[str]
 ) -> tuple[str, list[str], Callable[[str], int]]:
-    files = _list_images(folder)
+    files = _list_images(folder, exclude)
     if not files:
         raise UserError(
             f"no images in {str(folder)!r} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
@@ -394,6 +530,20 @@ def _detect(
     return "image-folder", files, unlabeled
 
 
+def _excluded(folder: Path, exclude: Iterable[str | os.PathLike]) -> set[str]:
+    """Real paths of the ``exclude`` folders; a UserError if ``folder`` is in one."""
+    real = set()
+    for item in exclude:
+        path = os.path.realpath(Path(item).expanduser())
+        if os.path.commonpath([path, str(folder)]) == path:
+            raise UserError(
+                f"data folder {str(folder)!r} is inside {str(item)!r}, which is excluded "
+                "from the data (the output folder?); choose another --data or --out"
+            )
+        real.add(path)
+    return real
+
+
 def _wnid_to_label(wnid: str, source: Path) -> int:
     label = _wnid_index().get(wnid)
     if label is None:
@@ -405,7 +555,8 @@ def _require_all(files: list[str], table: dict[str, int], source: Path, key) -> 
     missing = [f for f in files if key(f) not in table]
     if missing:
         raise UserError(
-            f"{len(missing)} images have no label in {str(source)!r}: "
+            f"{_count(len(missing), 'image')} {'has' if len(missing) == 1 else 'have'} no "
+            f"label in {str(source)!r}: "
             + ", ".join(missing[:_SHOW])
             + (", ..." if len(missing) > _SHOW else "")
         )
@@ -502,11 +653,34 @@ def _devkit_mapping(data_dir: Path) -> dict[int, str]:
 # --------------------------------------------------------------------------- subsets
 
 
+def resolve_subset_path(subset: str | os.PathLike) -> Path:
+    """The subset file ``subset`` names, from any working directory.
+
+    A path that exists is used as given. A relative one starting with ``datasets/`` that
+    does not exist here is looked up in advtune's packaged ``datasets`` folder, so the
+    README's ``--subset datasets/imagenet_val_5000_robustbench.txt`` works outside the
+    repository too.
+
+    Raises:
+        UserError: no such file; the message lists every path tried.
+    """
+    path = Path(subset).expanduser()
+    if path.is_file():
+        return path
+    tried = [str(path)]
+    parts = Path(subset).parts
+    if not path.is_absolute() and len(parts) > 1 and parts[0] == "datasets":
+        packaged = datasets_dir().joinpath(*parts[1:])
+        if packaged.is_file():
+            return packaged
+        tried.append(str(packaged))
+    what = "is not a file" if path.exists() else "not found"
+    raise UserError(f"subset file {str(subset)!r} {what} (tried {', '.join(tried)})")
+
+
 def _read_subset(subset: str | os.PathLike | Sequence[str]) -> list[str]:
     if isinstance(subset, (str, os.PathLike)):
-        path = Path(subset).expanduser()
-        if not path.is_file():
-            raise UserError(f"subset file {str(subset)!r} not found")
+        path = resolve_subset_path(subset)
         try:
             lines = path.read_text().splitlines()
         except (OSError, UnicodeDecodeError) as err:
@@ -534,7 +708,8 @@ def _apply_subset(files: list[str], entries: list[str], *, by_name: bool) -> lis
     missing = [e for e, k in zip(entries, keys) if k not in index]
     if missing:
         raise UserError(
-            f"{len(missing)} of {len(entries)} subset entries are not in the data folder: "
+            f"{len(missing)} of {_count(len(entries), 'subset entry', 'subset entries')} "
+            f"{'is' if len(missing) == 1 else 'are'} not in the data folder: "
             + ", ".join(missing[:_SHOW])
             + (", ..." if len(missing) > _SHOW else "")
         )
@@ -570,14 +745,55 @@ class ImageLoader(DataLoader):
     Batches are :func:`collate_samples` dicts. Undecodable images are warned about and
     added to ``dataset.skipped`` here, in the main process, even when worker processes
     found them; a batch whose images were all undecodable is not yielded.
+
+    A worker that produces no batch within ``timeout`` seconds, or that dies, ends the
+    iteration with a one-line :class:`~advtune.errors.UserError` instead of a hang or
+    torch's multi-line error.
     """
 
     def __iter__(self) -> Iterator[dict[str, Any]]:  # type: ignore[override]
-        for batch in super().__iter__():
+        batches = super().__iter__()
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except RuntimeError as err:
+                raise _worker_error(err, self.timeout) from err
             if batch["skipped"]:
                 _record_skipped(self.dataset, batch["skipped"])
             if batch["path"]:
                 yield batch
+
+
+def _worker_error(err: RuntimeError, timeout: float) -> Exception:
+    """torch's errors for stuck or dead workers, as one line saying what to do."""
+    message = str(err)
+    if message.startswith("DataLoader timed out"):
+        return UserError(
+            f"the data loader's worker processes produced no batch in {timeout:g} s (stuck "
+            "on a file that does not answer, e.g. a stalled network file system, or a "
+            "batch that could not be handed over: see any error printed above); rerun with "
+            "--workers 0 to load in this process"
+        )
+    if message.startswith("DataLoader worker") and (
+        "exited unexpectedly" in message or "killed by signal" in message
+    ):
+        return UserError(
+            f"{' '.join(message.split()).rstrip('.')}; if it ran out of memory, lower "
+            "--batch-size or --workers (--workers 0 loads in this process)"
+        )
+    return err
+
+
+def _file_size_limit() -> int | None:
+    """The soft ``RLIMIT_FSIZE`` (``ulimit -f``) in bytes, ``None`` when unlimited."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return None
+    soft, _hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _record_skipped(dataset: Any, items: list) -> None:
@@ -597,7 +813,8 @@ def make_loader(
     batch_size: int,
     num_workers: int = 2,
     device: str | torch.device = "cpu",
-    sampler: Sampler | None = None,
+    sampler: Sampler | Sequence[int] | None = None,
+    timeout: float | None = None,
 ) -> ImageLoader:
     """Batch a dataset in order (or by ``sampler``), decoding in worker processes.
 
@@ -607,7 +824,15 @@ def make_loader(
             images were undecodable).
         num_workers: Decoding processes (``0``: in this process).
         device: Where the batches will go; memory is pinned only for CUDA.
-        sampler: E.g. a ``DistributedSampler``; default: sequential order.
+        sampler: E.g. a ``DistributedSampler`` or a list of indices; default:
+            sequential order.
+        timeout: Seconds to wait for each batch from the workers before a
+            :class:`~advtune.errors.UserError` (default :data:`LOADER_TIMEOUT`; ``0``:
+            forever). Unused with ``num_workers=0``.
+
+    With a finite file-size limit (``ulimit -f``) workers are not used (a warning says
+    so): torch hands their batches over through shared-memory files, which that limit
+    also caps, and a worker whose batch cannot be handed over leaves the run waiting.
 
     Returns:
         An :class:`ImageLoader` yielding :func:`collate_samples` batches.
@@ -616,6 +841,19 @@ def make_loader(
         raise UserError(f"batch size must be a positive integer, got {batch_size!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise UserError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    if timeout is None:
+        timeout = LOADER_TIMEOUT
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+        raise UserError(f"loader timeout must be a number of seconds >= 0, got {timeout!r}")
+    limit = _file_size_limit() if num_workers > 0 else None
+    if limit is not None:
+        warnings.warn(
+            f"the file size limit (ulimit -f) is {limit} bytes: loading images in this "
+            "process, since worker processes hand batches over through shared-memory "
+            "files that the limit also caps",
+            stacklevel=2,
+        )
+        num_workers = 0
     return ImageLoader(
         dataset,
         batch_size=batch_size,
@@ -626,4 +864,5 @@ def make_loader(
         pin_memory=torch.device(device).type == "cuda",
         persistent_workers=False,
         drop_last=False,
+        timeout=float(timeout) if num_workers > 0 else 0.0,
     )

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 
@@ -11,13 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
+from advtune import data
 from advtune.data import (
+    SkipImage,
     build_dataset,
     collate_samples,
     decode_image,
     imagenet_categories,
     imagenet_wnids,
     make_loader,
+    resolve_subset_path,
     robustbench_subset,
     sample_dir,
 )
@@ -136,7 +142,7 @@ def test_loc_csv_errors(tmp_path):
     _flat_val(tmp_path, 2)
     csv = tmp_path / "LOC_val_solution.csv"
     csv.write_text(f"ImageId,PredictionString\n{val_name(1)[:-5]},{WNIDS[1]} 1 2 3 4\n")
-    with pytest.raises(UserError, match=r"1 images have no label in .*ILSVRC2012_val_00000002"):
+    with pytest.raises(UserError, match=r"1 image has no label in .*ILSVRC2012_val_00000002"):
         build_dataset(tmp_path, transform=SMALL)
     csv.write_text("id,label\n")
     with pytest.raises(UserError, match=r"is not a LOC_val_solution\.csv"):
@@ -251,6 +257,8 @@ def test_subset_errors(folders, tmp_path):
     missing = [f"{WNIDS[0]}/nope{i}.jpg" for i in range(7)]
     with pytest.raises(UserError, match=r"7 of 8 subset entries .*nope0\.jpg.*nope4\.jpg, \.\.\."):
         build_dataset(folders, transform=SMALL, subset=[f"{WNIDS[0]}/img00.jpg", *missing])
+    with pytest.raises(UserError, match=r"^1 of 1 subset entry is not in the data folder"):
+        build_dataset(folders, transform=SMALL, subset=missing[:1])
     with pytest.raises(UserError, match=r"subset file .* not found"):
         build_dataset(folders, transform=SMALL, subset=tmp_path / "none.txt")
     empty = tmp_path / "empty.txt"
@@ -411,9 +419,10 @@ def test_loader_skips_and_records_undecodable(tmp_path, workers):
 
 def test_batch_of_only_broken_files_is_not_yielded(tmp_path):
     _with_broken_files(tmp_path)
-    ds = build_dataset(tmp_path, transform=SMALL, subset=["garbage.jpg", "truncated.jpg"])
+    ds = build_dataset(tmp_path, transform=SMALL)
+    broken = [ds.paths.index("garbage.jpg"), ds.paths.index("truncated.jpg")]
     with pytest.warns(UserWarning, match="skipping"):
-        assert list(make_loader(ds, batch_size=2, num_workers=0)) == []
+        assert list(make_loader(ds, batch_size=2, num_workers=0, sampler=broken)) == []
     assert len(ds.skipped) == 2
     empty = collate_samples([None])
     assert empty["image"].shape[0] == 0 and empty["path"] == []
@@ -430,3 +439,164 @@ def test_loader_options(folders):
         make_loader(ds, batch_size=0)
     with pytest.raises(UserError, match="num_workers must be an integer >= 0, got -1"):
         make_loader(ds, batch_size=2, num_workers=-1)
+
+
+# --------------------------------------------------------------------------- hostile folders
+
+
+def _with_special_files(root: Path) -> dict[str, str]:
+    """Good images plus files named like images that must never be opened."""
+    import socket
+
+    for i in range(3):
+        write_image(root / f"good{i}.png", seed=i)
+    expected = {}
+    os.mkfifo(root / "fifo.png")  # opening it for reading would block forever
+    expected["fifo.png"] = "a FIFO, not a regular file"
+    (root / "dangling.jpg").symlink_to(root / "gone.jpg")
+    expected["dangling.jpg"] = "broken symbolic link"
+    if Path("/dev/zero").exists():
+        (root / "zero.png").symlink_to("/dev/zero")  # reading never ends
+        expected["zero.png"] = "a character device, not a regular file"
+    sock = socket.socket(socket.AF_UNIX)
+    try:
+        sock.bind(str(root / "sock.png"))
+        expected["sock.png"] = "a socket, not a regular file"
+    except OSError:  # path too long for a socket address
+        pass
+    finally:
+        sock.close()
+    return expected
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("workers", [0, 1])
+def test_non_regular_files_are_skipped_unopened(tmp_path, workers):
+    expected = _with_special_files(tmp_path)
+    ds = build_dataset(tmp_path, transform=SMALL)
+    loader = make_loader(ds, batch_size=4, num_workers=workers, timeout=60)
+    with pytest.warns(UserWarning, match="skipping"):
+        paths = [p for b in loader for p in b["path"]]
+    assert paths == ["good0.png", "good1.png", "good2.png"]
+    reasons = dict(ds.skipped)
+    assert reasons.keys() == expected.keys()
+    for name, reason in expected.items():
+        assert reasons[name].startswith(reason), (name, reasons[name])
+    with pytest.raises(SkipImage, match="FIFO"):
+        decode_image(tmp_path / "fifo.png")
+
+
+def test_image_dimensions_checked_before_decoding(tmp_path, monkeypatch):
+    write_image(tmp_path / "small.png", size=(8, 8))
+    write_image(tmp_path / "large.png", size=(40, 30))
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    decoded = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
+    with pytest.raises(SkipImage, match=r"40x30 = 1,200 pixels, over the limit of 1,000"):
+        decode_image(tmp_path / "large.png")
+    assert decoded == [], "the pixels must not be decoded"
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    ds = build_dataset(tmp_path, transform=SMALL)
+    with pytest.warns(UserWarning, match="skipping large.png"):
+        batches = list(make_loader(ds, batch_size=2, num_workers=0))
+    assert [p for b in batches for p in b["path"]] == ["small.png"]
+    assert ds.skipped == [("large.png", ds.skipped[0][1])]
+    assert "over the limit of 1,000 (advtune.data.MAX_IMAGE_PIXELS)" in ds.skipped[0][1]
+
+
+def test_folder_of_only_undecodable_files_is_an_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "c.png")
+    with pytest.raises(UserError) as info:
+        build_dataset(tmp_path, transform=SMALL)
+    message = str(info.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "no decodable image" in message and "the first, a.jpg: UnidentifiedImageError" in message
+    write_image(tmp_path / "z.png")  # one good image, sorted last: fine
+    assert len(build_dataset(tmp_path, transform=SMALL)) == 4
+
+
+class _Stuck(torch.utils.data.Dataset):
+    """A dataset whose worker never answers (sleeps) or dies (SIGKILL)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        if self.how == "sleep":
+            time.sleep(120)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_stuck_worker_times_out_with_a_user_error():
+    loader = make_loader(_Stuck("sleep"), batch_size=1, num_workers=1, timeout=2)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"produced no batch in 2 s.*--workers 0") as info:
+        next(iter(loader))
+    assert time.monotonic() - start < 60 and "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+def test_dead_worker_is_a_user_error():
+    loader = make_loader(_Stuck("kill"), batch_size=1, num_workers=1, timeout=60)
+    with pytest.raises(
+        UserError, match=r"DataLoader worker .*(killed by signal|exited unexpectedly).*--workers"
+    ):
+        next(iter(loader))
+
+
+def test_loader_timeout_option(folders):
+    ds = build_dataset(folders, transform=SMALL)
+    assert make_loader(ds, batch_size=2).timeout == data.LOADER_TIMEOUT
+    assert make_loader(ds, batch_size=2, num_workers=0, timeout=5).timeout == 0
+    with pytest.raises(UserError, match=r"loader timeout must be .* got -1"):
+        make_loader(ds, batch_size=2, timeout=-1)
+
+
+def test_file_size_limit_loads_in_process(folders):
+    resource = pytest.importorskip("resource")
+    ds = build_dataset(folders, transform=SMALL)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50 * 1024, hard))
+    try:
+        with pytest.warns(UserWarning, match=r"file size limit \(ulimit -f\) is 51200 bytes"):
+            loader = make_loader(ds, batch_size=2, num_workers=2)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert loader.num_workers == 0
+    assert make_loader(ds, batch_size=2, num_workers=2).num_workers == 2
+
+
+def test_packaged_subset_found_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name = "datasets/imagenet_val_5000_robustbench.txt"
+    assert resolve_subset_path(name) == robustbench_subset()
+    local = tmp_path / "datasets" / "imagenet_val_5000_robustbench.txt"
+    local.parent.mkdir()
+    local.write_text("n01440764/x.JPEG\n")
+    assert resolve_subset_path(name) == Path(name)  # a file that exists wins
+    with pytest.raises(UserError) as info:
+        resolve_subset_path("datasets/nope.txt")
+    assert "datasets/nope.txt" in str(info.value)
+    assert str(robustbench_subset().parent / "nope.txt") in str(info.value)
+    with pytest.raises(UserError, match=r"subset file 'other\.txt' not found \(tried other\.txt\)"):
+        resolve_subset_path("other.txt")
+
+
+def test_excluded_output_folder_is_not_read(tmp_path, monkeypatch):
+    write_image(tmp_path / "photo.png")
+    write_image(tmp_path / "runs" / "out" / "adv" / "photo.png")  # an earlier run's output
+    write_image(tmp_path / "runs" / "keep.png")
+    monkeypatch.chdir(tmp_path)
+    assert len(build_dataset(".", transform=SMALL)) == 3
+    ds = build_dataset(".", transform=SMALL, exclude=["runs/out", tmp_path.parent / "x"])
+    assert ds.paths == ["photo.png", "runs/keep.png"]
+    for inside in (".", "runs", tmp_path):
+        with pytest.raises(UserError, match=r"is inside .* excluded from the data"):
+            build_dataset("runs/out/adv", transform=SMALL, exclude=[inside])
