@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from digits import digits_model, digits_test_set
-from test_attacks_contract import tiny_net
+from modelzoo import tiny_bn_net as tiny_net
 
 from advtune import attacks
 
