@@ -172,32 +172,23 @@ class Param:
             return value
         if self.type is int:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer{self._bounds()}, got {value!r}")
+                raise ValueError(f"{name} must be an integer, got {value!r}")
             value = int(value)
+        elif (
+            not isinstance(value, numbers.Real)
+            or isinstance(value, bool)
+            or not math.isfinite(float(value))
+        ):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         else:
-            if (
-                not isinstance(value, numbers.Real)
-                or isinstance(value, bool)
-                or not math.isfinite(float(value))
-            ):
-                raise ValueError(f"{name} must be a finite number{self._bounds()}, got {value!r}")
             value = float(value)
-        too_low = self.low is not None and (
-            value <= self.low if self.low_open else value < self.low
-        )
-        too_high = self.high is not None and value > self.high
-        if too_low or too_high:
-            what = "an integer" if self.type is int else "a finite number"
-            raise ValueError(f"{name} must be {what}{self._bounds()}, got {value!r}")
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise ValueError(
+                f"{name} must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+            )
+        if self.high is not None and value > self.high:
+            raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
         return value
-
-    def _bounds(self) -> str:
-        parts = []
-        if self.low is not None:
-            parts.append(f" {'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f" <= {self.high:g}")
-        return " and".join(parts)
 
     def parse(self, text: str) -> Any:
         """Type and validate a command-line value (``"4/255"``, ``"10"``, ``"true"``).
