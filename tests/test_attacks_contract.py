@@ -515,16 +515,6 @@ def test_bad_hyperparameter_raises_naming_it(name, key, bad, net, data):
         attacks.get(name)(net, x, y, **kw)
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if attacks.spec(n).threat().name == "linf"])
-def test_linf_radius_above_one_raises(name, net, data):
-    spec = attacks.spec(name)
-    if spec.radius_key is None:
-        pytest.skip("unbounded attack")
-    x, y, _, _ = data
-    with pytest.raises(ValueError, match=rf"{spec.radius_key} 1\.5 is out of range"):
-        attacks.get(name)(net, x, y, **hyper(name) | {spec.radius_key: 1.5})
-
-
 def test_bad_input_labels_cover_every_case(data):
     x, y, target, _ = data
     assert set(BAD_INPUTS) == set(_bad_inputs(x, y, target))

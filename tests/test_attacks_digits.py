@@ -64,9 +64,9 @@ def test_eval_and_tune_agree(digits, name):
     xs, ys = x[:32].double(), y[:32]
     seeds = torch.arange(32)
     spec = attacks.spec(name)
-    kw: dict = {"eps": EPS if spec.norm == "linf" else 0.5} if spec.uses_eps else {}
-    if name == "cw_l2":
-        kw |= {"steps": 30, "binary_search_steps": 3}
+    kw = spec.cheap_hyperparameters()
+    if spec.radius_key is not None:
+        kw[spec.radius_key] = {"linf": EPS, "l2": 0.5}[spec.threat(kw).name]
     ref = attacks.get(name)(ref_model, xs, ys, seeds=seeds, **kw)
     res = attacks.get(name)(tuned, xs, ys, seeds=seeds, **kw)
     assert torch.equal(res.success, ref.success)
