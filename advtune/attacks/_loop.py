@@ -23,6 +23,7 @@ from advtune.attacks._random import (
     restart_seeds,
     sample_generators,
 )
+from advtune.attacks._registry import Param
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
@@ -35,7 +36,27 @@ from advtune.attacks._result import (
 )
 from advtune.attacks.threat import ThreatModel
 
-__all__ = ["Objective", "bind", "gradient_steps", "steepest_ascent", "with_restarts"]
+__all__ = [
+    "EPS",
+    "Objective",
+    "bind",
+    "gradient_steps",
+    "steepest_ascent",
+    "step_size_param",
+    "with_restarts",
+]
+
+#: The radius hyperparameter of the projected-gradient attacks.
+EPS = Param("eps", float, low=0.0, role="radius", help="radius of the threat model's ball")
+
+
+def step_size_param(rule: str) -> Param:
+    """``step_size``: an absolute step ``> 0``, or ``None`` for the attack's ``rule``."""
+    return Param(
+        "step_size", float, None, low=0.0, low_open=True, nullable=True,
+        help=f"absolute step; None: {rule}",
+    )  # fmt: skip
+
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -256,15 +277,8 @@ def with_restarts(
         todo = todo[~success[todo]]
         if todo.numel() == 0:
             break
-    linf, l2 = norms(x_adv - x.detach())
-    return AttackResult(
-        x_adv=x_adv,
-        success=success,
-        logits=logits,
-        linf=linf,
-        l2=l2,
-        model_calls=calls,  # type: ignore[arg-type]
-    )
+    # AttackResult fields in order: x_adv, success, logits, (linf, l2), model_calls.
+    return AttackResult(x_adv, success, logits, *norms(x_adv - x.detach()), calls)  # type: ignore[arg-type]
 
 
 def bind(fn: Callable[..., AttackResult], **hyperparameters: Any) -> Callable[..., AttackResult]:

@@ -48,15 +48,19 @@ ROLES = ("radius", "budget", "norm")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class _Required:
-    """Marks a hyperparameter without a default (``eps``)."""
+class _Marker:
+    """A named sentinel (readable in reprs)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
 
     def __repr__(self) -> str:
-        return "REQUIRED"
+        return self._name
 
 
-REQUIRED: Any = _Required()
-_UNSET: Any = object()
+#: Default of a hyperparameter that has none (``eps``).
+REQUIRED: Any = _Marker("REQUIRED")
+_UNSET: Any = _Marker("UNSET")
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")

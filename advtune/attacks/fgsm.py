@@ -5,17 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._loop import steepest_ascent
-from advtune.attacks._registry import Param, register
+from advtune.attacks._loop import EPS, steepest_ascent
+from advtune.attacks._registry import register
 from advtune.attacks._result import AttackResult, ce_loss
 from advtune.attacks.threat import Linf
 
 __all__ = ["fgsm"]
 
 
-@register(
-    "fgsm", norm="linf", params=(Param("eps", float, low=0.0, role="radius", help="L∞ budget"),)
-)
+@register("fgsm", norm="linf", params=(EPS,))
 def fgsm(
     model: nn.Module,
     x: torch.Tensor,

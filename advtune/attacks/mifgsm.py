@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._loop import steepest_ascent
+from advtune.attacks._loop import EPS, steepest_ascent, step_size_param
 from advtune.attacks._registry import Param, register
 from advtune.attacks._result import AttackResult, ce_loss
 from advtune.attacks.threat import Linf
@@ -13,12 +13,9 @@ from advtune.attacks.threat import Linf
 __all__ = ["mifgsm"]
 
 MIFGSM_PARAMS = (
-    Param("eps", float, low=0.0, role="radius", help="L∞ budget"),
+    EPS,
     Param("steps", int, 10, low=1, role="budget", cheap=3, help="iterations"),
-    Param(
-        "step_size", float, None, low=0.0, low_open=True, nullable=True,
-        help="absolute step; None: eps / steps",
-    ),
+    step_size_param("eps / steps"),
     Param("decay", float, 1.0, low=0.0, help="momentum factor μ (0: I-FGSM)"),
 )  # fmt: skip
 

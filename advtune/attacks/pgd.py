@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._loop import bind, steepest_ascent, with_restarts
+from advtune.attacks._loop import EPS, bind, steepest_ascent, step_size_param, with_restarts
 from advtune.attacks._registry import NORMS, Param, register
 from advtune.attacks._result import LOSSES, AttackResult
 from advtune.attacks.threat import threat_model
@@ -14,12 +14,9 @@ __all__ = ["PGD_PARAMS", "pgd"]
 
 #: PGD's hyperparameters, declared once (validation, presets, CLI, tests read them).
 PGD_PARAMS = (
-    Param("eps", float, low=0.0, role="radius", help="radius of the ball"),
+    EPS,
     Param("steps", int, 10, low=1, role="budget", cheap=3, help="gradient steps per restart"),
-    Param(
-        "step_size", float, None, low=0.0, low_open=True, nullable=True,
-        help="absolute step; None: 2.5 · eps / steps",
-    ),
+    step_size_param("2.5 · eps / steps"),
     Param("norm", str, "linf", choices=NORMS, role="norm", help="threat model"),
     Param("random_start", bool, True, help="start at a random point of the ball"),
     Param("restarts", int, 1, low=1, role="budget", cheap=1, help="runs per sample"),

@@ -245,23 +245,15 @@ def lookup_external(name: str) -> tuple[Any, AttackSpec] | None:
     if canonical in _ATTACKS:
         return _ATTACKS[canonical]
 
-    def attack(
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        target: torch.Tensor | None = None,
-        generator: torch.Generator | None = None,
-        seeds: torch.Tensor | None = None,
-        **hyperparameters: Any,
-    ) -> AttackResult:
-        hyperparameters = entry[1].validate(hyperparameters)
+    def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> AttackResult:
+        # kwargs: target, generator, seeds and the class's hyperparameters.
+        common = {k: kwargs.pop(k, None) for k in ("target", "generator", "seeds")}
+        hyperparameters = entry[1].validate(kwargs)
         entry[1].threat(hyperparameters)  # eps in range for the norm
         if isinstance(hyperparameters.get("norm"), str):
             norm = hyperparameters["norm"]
             hyperparameters["norm"] = _TA_NORM.get(norm.lower(), norm)
-        wrapped = torchattacks(cls.__name__, **hyperparameters)
-        return wrapped(model, x, y, target=target, generator=generator, seeds=seeds)
+        return torchattacks(cls.__name__, **hyperparameters)(model, x, y, **common)
 
     attack.__name__ = attack.__qualname__ = canonical
     attack.__doc__ = f"torchattacks {cls.__name__} through the adapter (see advtune.attacks)."
