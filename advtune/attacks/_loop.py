@@ -12,6 +12,7 @@ seeds, on the samples not yet broken, and keeps each sample's best run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -95,6 +96,12 @@ class _Kept:
         self.found[pick] = True
 
 
+def _apply(
+    objective: Objective, y: torch.Tensor, target: torch.Tensor | None, logits: torch.Tensor
+) -> torch.Tensor:
+    return objective(logits, y, target)
+
+
 def gradient_steps(
     guard: ModelGuard,
     x: torch.Tensor,
@@ -143,7 +150,7 @@ def gradient_steps(
         clean, cur = (x, xa) if whole else (x[active], xa[active])
         ya = y if whole else y[active]
         ta = None if target is None else (target if whole else target[active])
-        g, logits = guard.grad(cur.to(model_dtype), lambda z, ya=ya, ta=ta: objective(z, ya, ta))
+        g, logits = guard.grad(cur.to(model_dtype), functools.partial(_apply, objective, ya, ta))
         won = success_of(logits, ya, ta)
         kept.offer(active, cur, logits, won, objective(logits, ya, ta))
         # A non-finite gradient (a model returning NaN/inf) would poison the iterate: such
@@ -155,7 +162,7 @@ def gradient_steps(
             active, g, clean, cur = active[going], g[going], clean[going], cur[going]
             if active.numel() == 0:
                 break
-        if mom is not None:
+        if mom is not None and momentum is not None:
             # A zero gradient (saturated softmax) would divide 0/0: keep it at zero.
             scale = g.abs().flatten(1).mean(dim=1).reshape(-1, *([1] * (g.dim() - 1)))
             g = g / torch.where(scale > 0, scale, torch.ones_like(scale))

@@ -14,6 +14,7 @@ import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -183,8 +184,9 @@ def check_inputs(
         ValueError: Naming the offending argument and value.
     """
     check_images(model, x)
-    check_model_dtype(model, x)  # type: ignore[arg-type]
-    n = x.shape[0]  # type: ignore[union-attr]
+    x = cast(torch.Tensor, x)  # checked above
+    check_model_dtype(cast(nn.Module, model), x)
+    n = x.shape[0]
     y = _check_labels("y", y, n, x.device)
     if target is not None:
         target = _check_labels("target", target, n, x.device)

@@ -67,6 +67,7 @@ class ThreatModel(ABC):
     default_eps: ClassVar[float]
 
     __slots__ = ("eps",)
+    eps: float | None
 
     def __init__(self, eps: float | None = None) -> None:
         if eps is not None:

@@ -105,6 +105,7 @@ def _seeded_global_rngs(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch/NumPy/Python global RNGs inside, restore their states on exit."""
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     py_state = random.getstate()
+    np: Any
     try:
         import numpy as np
 
@@ -204,7 +205,7 @@ _TA_NORM = {"linf": "Linf", "l2": "L2", "l1": "L1"}
 def _class_spec(cls: type, name: str) -> AttackSpec:
     params = []
     norm = "l2" if "L2" in cls.__name__ or cls.__name__ in ("CW", "DeepFool") else "linf"
-    for p in list(inspect.signature(cls.__init__).parameters.values())[2:]:
+    for p in list(inspect.signature(cls).parameters.values())[1:]:  # after the model
         if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
             continue
         if p.name == "norm" and isinstance(p.default, str):
@@ -281,7 +282,7 @@ def torchattacks(name: str, **kwargs: Any) -> TorchattacksAttack:
     """
     cls = _find_class(name)
     try:
-        inspect.signature(cls.__init__).bind(None, None, **kwargs)
+        inspect.signature(cls).bind(None, **kwargs)
     except TypeError as exc:
         raise UserError(f"bad arguments for torchattacks {cls.__name__}: {exc}") from None
     return TorchattacksAttack(cls, kwargs)
