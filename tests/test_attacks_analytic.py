@@ -383,3 +383,25 @@ def test_quantize_stays_inside_and_matches_evaluate(norm, eps_levels):
     # The same as the run's saving code (which the coordinator points at this method).
     assert torch.equal(q, quantize_adv(x_adv, x, norm=norm, eps=eps))
     assert threat.survives_quantization == (eps * 255 >= 1 - 1e-9)
+
+
+def test_with_restarts_is_a_generic_combinator():
+    """Wrapping the one-restart registered PGD reproduces PGD's own restarts exactly."""
+    from advtune.attacks._loop import bind
+
+    gen = torch.Generator().manual_seed(8)
+    weight = torch.randn(5, D, generator=gen, dtype=F64)
+    model = linear_model(weight, torch.zeros(5, dtype=F64))
+    x = torch.rand(16, *SHAPE, generator=gen, dtype=F64)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    seeds = torch.arange(16)
+    run = bind(attacks.pgd, eps=0.02, steps=2)
+    wrapped = attacks.with_restarts(run, model, x, y, restarts=3, randomized=True, seeds=seeds)
+    own = attacks.pgd(model, x, y, eps=0.02, steps=2, restarts=3, seeds=seeds)
+    assert torch.equal(wrapped.x_adv, own.x_adv) and torch.equal(wrapped.success, own.success)
+    assert wrapped.model_calls == own.model_calls
+    with pytest.raises(ValueError, match="restarts=2 without randomness"):
+        attacks.with_restarts(
+            bind(attacks.fgsm, eps=0.1), model, x, y, restarts=2, randomized=False
+        )
