@@ -578,6 +578,10 @@ def test_spec_parse_types_and_errors():
         spec.parse("stepz", "3")
     with pytest.raises(ValueError, match="'cw_l2' takes no eps"):
         attacks.spec("cw_l2").parse("eps", "0.5")
+    assert spec.param("steps").describe() == "steps: integer >= 1, default 10"
+    assert spec.param("norm").describe() == "norm: one of l2, linf, default 'linf'"
+    untyped = Param("n_targets", object, None, nullable=True)
+    assert untyped.parse("5") == 5 and untyped.parse("none") is None
 
 
 def test_register_declared_params_validate_and_must_match_signature():

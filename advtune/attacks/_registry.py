@@ -217,6 +217,11 @@ class Param:
                 return self.validate(int(number))
             if self.type is float:
                 return self.validate(_number(raw, self.name))
+            if self.type is object:
+                # Untyped (derived from a None default): the generic --param typing.
+                from advtune.presets import parse_value
+
+                return parse_value(raw)
             if self.choices is not None and raw not in self.choices:
                 raise UserError(
                     suggest(raw, [str(c) for c in self.choices], what=f"{self.name} value")
