@@ -213,13 +213,19 @@ def test_pgd_margin_loss_and_early_stop(binary):
     assert early.model_calls < full.model_calls
 
 
-def test_pgd_restarts_keep_successes():
-    gen = torch.Generator().manual_seed(4)
+def five_class_linear(seed: int, n: int):
+    """A random 5-class linear model, ``n`` random images and the labels it gives them."""
+    gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(5, D, generator=gen, dtype=F64)
     model = linear_model(weight, torch.zeros(5, dtype=F64))
-    x = torch.rand(32, *SHAPE, generator=gen, dtype=F64)
+    x = torch.rand(n, *SHAPE, generator=gen, dtype=F64)
     with torch.no_grad():
         y = model(x).argmax(1)
+    return model, x, y
+
+
+def test_pgd_restarts_keep_successes():
+    model, x, y = five_class_linear(4, 32)
     seeds = torch.arange(32)
     one = attacks.pgd(model, x, y, eps=0.02, steps=2, seeds=seeds)
     three = attacks.pgd(model, x, y, eps=0.02, steps=2, seeds=seeds, restarts=3)
@@ -389,12 +395,7 @@ def test_with_restarts_is_a_generic_combinator():
     """Wrapping the one-restart registered PGD reproduces PGD's own restarts exactly."""
     from advtune.attacks._loop import bind
 
-    gen = torch.Generator().manual_seed(8)
-    weight = torch.randn(5, D, generator=gen, dtype=F64)
-    model = linear_model(weight, torch.zeros(5, dtype=F64))
-    x = torch.rand(16, *SHAPE, generator=gen, dtype=F64)
-    with torch.no_grad():
-        y = model(x).argmax(1)
+    model, x, y = five_class_linear(8, 16)
     seeds = torch.arange(16)
     run = bind(attacks.pgd, eps=0.02, steps=2)
     wrapped = attacks.with_restarts(run, model, x, y, restarts=3, randomized=True, seeds=seeds)
