@@ -307,6 +307,8 @@ def resolve_attack(
     targeted = targeted if targeted is not None else (loaded.targeted if loaded else None)
     if targeted is not None and targeted not in TARGETED_MODES:
         raise UserError(f"targeted must be one of {', '.join(TARGETED_MODES)}, got {targeted!r}")
+    if targeted is not None and not spec.targeted:
+        raise UserError(f"attack {attack!r} has no targeted mode; drop --targeted")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     return AttackConfig(

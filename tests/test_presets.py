@@ -139,6 +139,15 @@ def test_resolve_errors(kwargs, match):
         resolve_attack(attack, **kwargs)
 
 
+def test_torchattacks_names_resolve_against_their_spec():
+    pytest.importorskip("torchattacks")
+    config = resolve_attack("torchattacks:APGD", overrides={"steps": "5", "norm": "l2"})
+    assert config.norm == "l2" and config.params == {"steps": 5, "norm": "l2"}
+    assert config.eps == (8 / 255,)  # the class's own default eps
+    with pytest.raises(UserError, match="'torchattacks:APGD' has no targeted mode"):
+        resolve_attack("torchattacks:APGD", targeted="random")
+
+
 def test_bad_preset_files(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("attack = \n")
