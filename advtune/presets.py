@@ -9,18 +9,20 @@ A preset is a small TOML file naming an attack and its settings::
     steps = 10
     step_size = "1/255"
 
-``attack``, ``description``, ``eps`` and ``targeted`` (``"random"`` or
-``"least-likely"``) are reserved keys; every other key is a keyword argument of the
-attack function. Strings that read as numbers (``"4/255"``, ``"1e-3"``) become numbers.
+``attack``, ``description``, ``eps`` (the attack's threat-model radius, whatever its
+spec calls it) and ``targeted`` (``"random"`` or ``"least-likely"``) are reserved keys;
+every other key is a hyperparameter declared in the attack's spec. Strings that read as
+numbers (``"4/255"``, ``"1e-3"``) become numbers.
 
 :func:`resolve_attack` merges, in increasing priority, the attack's own defaults, a
-preset and explicit overrides (command-line flags), validates everything against
-``advtune.attacks.spec(name)`` and returns an :class:`advtune.evaluate.AttackConfig`.
+preset and explicit overrides (command-line flags; raw strings are parsed with
+:meth:`advtune.attacks.AttackSpec.parse`), validates everything against the attack's
+declared :class:`~advtune.attacks.Param` s and threat model, and returns an
+:class:`advtune.evaluate.AttackConfig`. Nothing here knows a hyperparameter by name.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 import sys
@@ -55,12 +57,6 @@ TARGETED_MODES: tuple[str, ...] = ("random", "least-likely")
 
 # Keys of a preset file that are not attack keyword arguments.
 _RESERVED = frozenset({"attack", "description", "eps", "targeted"})
-# Keyword arguments the evaluator supplies itself; never from a preset or --param.
-_INTERNAL = frozenset({"target", "generator", "seeds", "model", "x", "y"})
-# Integer hyperparameters that must be >= 1, and positive float ones.
-_POSITIVE_INTS = frozenset({"steps", "restarts", "binary_search_steps"})
-_POSITIVE_FLOATS = frozenset({"step_size", "lr", "initial_const"})
-_NORMS = ("linf", "l2")
 
 _NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
 _NUMBER_RE = re.compile(rf"^\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?$")
@@ -215,21 +211,22 @@ def list_presets() -> list[Preset]:
     return [load_preset(name) for name in preset_names()]
 
 
-def _check_param(attack: str, key: str, value: Any) -> Any:
-    if key in _POSITIVE_INTS:
-        try:
-            value = parse_int(value, what=key)
-        except UserError as e:
-            raise UserError(f"attack {attack!r}: {e}") from None
-        if value < 1:
-            raise UserError(f"{key} must be >= 1, got {value}")
-    elif key in _POSITIVE_FLOATS and value is not None:
-        value = parse_number(value, what=key)
-        if value <= 0:
-            raise UserError(f"{key} must be > 0, got {value}")
-    elif key == "norm" and value not in _NORMS:
-        raise UserError(f"norm must be one of {', '.join(_NORMS)}, got {value!r}")
-    return value
+def _check_param(spec: Any, key: str, value: Any) -> Any:
+    """``value`` typed and validated against the attack's declared :class:`Param`."""
+    if spec.radius_key is not None and key == spec.radius_key:
+        raise UserError(
+            f"{key} is the budget of attack {spec.name!r}, not a setting: give it with "
+            f"--eps (several values for a curve, e.g. --eps 1/255,4/255) or as eps = in a preset"
+        )
+    param = spec.param(key)  # UserError with suggestions for an unknown key
+    if isinstance(value, str):
+        return param.parse(value)
+    if param.type is int and isinstance(value, float) and value.is_integer():
+        value = int(value)  # "20/2" in a preset file
+    try:
+        return param.validate(value)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def resolve_attack(
@@ -267,34 +264,18 @@ def resolve_attack(
         if loaded is None:
             raise UserError("no attack given: pass --attack NAME or --preset NAME")
         attack = loaded.attack
-    names = attacks.names()
-    if attack not in names:
-        raise UserError(suggest(attack, names, what="attack"))
+    attacks.spec(attack)  # UserError suggesting close names if unknown
     if loaded is not None and loaded.attack != attack:
         raise UserError(
             f"preset {loaded.name!r} is for attack {loaded.attack!r}, not {attack!r}; "
             "drop --attack or choose another preset"
         )
     spec = attacks.spec(attack)
-    allowed = set(spec.defaults) - _INTERNAL - {"eps"}
-
     params: dict[str, Any] = {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     for source in (loaded.params if loaded else {}, given):
         for key, value in source.items():
-            if key not in allowed:
-                known = sorted(allowed)
-                close = difflib.get_close_matches(key, known, n=3)
-                if close:
-                    hint = f"; did you mean: {', '.join(close)}?"
-                else:
-                    hint = f"; it takes: {', '.join(known)}" if known else "; it takes none"
-                raise UserError(f"attack {attack!r} has no setting {key!r}{hint}")
-            params[key] = _check_param(attack, key, value)
-
-    norm = spec.norm_of(params)
-    if norm not in _NORMS:
-        raise UserError(f"norm must be one of {', '.join(_NORMS)}, got {norm!r}")
+            params[key] = _check_param(spec, key, value)
 
     eps_values: tuple[float, ...] | None
     if eps is not None:
@@ -303,18 +284,21 @@ def resolve_attack(
         eps_values = loaded.eps
     else:
         eps_values = None
-    if spec.uses_eps:
+    radius = spec.radius_key
+    try:
+        threat = spec.threat(params)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if radius is not None:
         if eps_values is None:
-            default = spec.defaults.get("eps")
-            eps_values = (float(default),) if default is not None else (_default_eps(norm),)
+            default = spec.defaults.get(radius)
+            eps_values = (float(default) if default is not None else threat.default_eps,)
         for value in eps_values:
-            if not math.isfinite(value) or value < 0:
-                raise UserError(f"eps must be >= 0, got {value}")
-            if norm == "linf" and value > 1:
-                raise UserError(
-                    f"eps {value} is out of range for L∞ on [0, 1] images (0 <= eps <= 1); "
-                    "did you mean a fraction like 4/255?"
-                )
+            try:
+                spec.param(radius).validate(value)
+                threat.with_eps(value)
+            except ValueError as e:
+                raise UserError(str(e)) from None
         if len(set(eps_values)) != len(eps_values):
             raise UserError(f"eps values must be distinct, got {list(eps_values)}")
     elif eps_values is not None:
@@ -323,18 +307,15 @@ def resolve_attack(
     targeted = targeted if targeted is not None else (loaded.targeted if loaded else None)
     if targeted is not None and targeted not in TARGETED_MODES:
         raise UserError(f"targeted must be one of {', '.join(TARGETED_MODES)}, got {targeted!r}")
+    if targeted is not None and not spec.targeted:
+        raise UserError(f"attack {attack!r} has no targeted mode; drop --targeted")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"seed must be a non-negative integer, got {seed!r}")
     return AttackConfig(
         attack=attack,
-        norm=norm,
-        eps=eps_values if spec.uses_eps else None,
+        norm=threat.name,
+        eps=eps_values if radius is not None else None,
         params=params,
         targeted=targeted,
         seed=seed,
     )
-
-
-def _default_eps(norm: str) -> float:
-    # The standard ImageNet budgets: L∞ 4/255, L2 0.5 (on [0, 1] images).
-    return 4 / 255 if norm == "linf" else 0.5

@@ -17,9 +17,15 @@ For every registered attack (or those given) and every ConvBN mode this measures
 The model is a torchvision architecture with random weights and calibrated BN
 statistics (``advtune.bench.build_model``): the benchmark measures cost, not accuracy.
 
+Every attack runs with its registered defaults (``advtune.attacks.spec``), its threat
+model's usual radius (``ThreatModel.default_eps``) and any ``--set ATTACK.KEY=VALUE``
+overrides, parsed and validated by the attack's spec. Nothing here knows an attack or a
+hyperparameter by name, so a newly registered attack is benchmarked with no edit.
+
 Example::
 
-    python scripts/bench_attacks.py --model resnet18 --size 64 --batch-size 8 --device cpu
+    python scripts/bench_attacks.py --model resnet18 --size 64 --batch-size 8 --device cpu \
+        --set cw_l2.steps=10 --set cw_l2.binary_search_steps=1 --set cw_l2.abort_early=false
 """
 
 from __future__ import annotations
@@ -41,14 +47,23 @@ from advtune import attacks
 from advtune.bench import build_model
 
 MIB = 2**20
-# Hyperparameters per attack: the same work for every mode; CW runs a fixed number of
-# Adam steps (no early abort) so its step count is comparable across modes.
-CONFIGS: dict[str, dict] = {
-    "fgsm": {"eps": 4 / 255},
-    "pgd": {"eps": 4 / 255, "steps": 10},
-    "mifgsm": {"eps": 4 / 255, "steps": 10},
-    "cw_l2": {"steps": 10, "binary_search_steps": 1, "abort_early": False},
-}
+
+
+def hyperparameters(name: str, overrides: list[str]) -> dict:
+    """The attack's hyperparameters: the radius its threat model usually gets, then the
+    ``ATTACK.KEY=VALUE`` overrides for this attack, typed by its spec."""
+    spec = attacks.spec(name)
+    kw: dict = {}
+    for item in overrides:
+        target, _, assignment = item.partition(".")
+        key, sep, text = assignment.partition("=")
+        if not sep:
+            raise SystemExit(f"bench_attacks: --set takes ATTACK.KEY=VALUE, got {item!r}")
+        if target == name:
+            kw[key.strip()] = spec.parse(key.strip(), text)
+    if spec.radius_key is not None and spec.radius_key not in kw:
+        kw[spec.radius_key] = spec.threat(kw).default_eps
+    return kw
 
 
 class SavedBytesProbe(nn.Module):
@@ -93,9 +108,9 @@ def saved_mib_per_image(
 ) -> float:
     """Marginal saved MiB per image between batches ``batch // 2`` and ``batch``.
 
-    Every gradient step saves the same tensors, so one step is enough (``steps=1``).
+    Every gradient step saves the same tensors, so the attack's budgets at their minimum
+    (``AttackSpec.probe_hyperparameters``) are enough.
     """
-    kw = {**kw, "steps": 1} if "steps" in kw else kw
     small = max(batch // 2, 1)
     if small == batch:
         raise ValueError(f"--batch-size must be >= 2 to measure saved bytes, got {batch}")
@@ -109,9 +124,16 @@ def saved_mib_per_image(
 
 
 def measure(
-    name: str, model: nn.Module, *, batch: int, size: int, device: torch.device, repeats: int
+    name: str,
+    model: nn.Module,
+    *,
+    batch: int,
+    size: int,
+    device: torch.device,
+    repeats: int,
+    overrides: tuple[str, ...] = (),
 ) -> dict:
-    fn, kw = attacks.get(name), CONFIGS.get(name, {})
+    fn, kw = attacks.get(name), hyperparameters(name, list(overrides))
     x, y, seeds = _inputs(batch, size, device, 1000)
     res = fn(model, x, y, seeds=seeds, **kw)  # warm-up
     times = []
@@ -134,8 +156,14 @@ def measure(
         "seconds_median": statistics.median(times),
         "img_steps_per_s": batch * res.model_calls / min(times),
         "saved_mib_per_img": saved_mib_per_image(
-            fn, model, kw, batch=batch, size=size, device=device
+            fn,
+            model,
+            attacks.spec(name).probe_hyperparameters(kw),
+            batch=batch,
+            size=size,
+            device=device,
         ),
+        "hyperparameters": kw,
         "peak_mib_per_img": peak,
     }
 
@@ -147,7 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--modes", nargs="+", default=["eval", "tune"], choices=advtune.MODES)
-    parser.add_argument("--attacks", nargs="+", default=attacks.names(), choices=attacks.names())
+    parser.add_argument(
+        "--attacks", nargs="+", default=attacks.names(),
+        help="registered names (default: all), or torchattacks:<Class>",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+        help="override one hyperparameter of one attack (repeatable)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="also write the rows to this file")
@@ -168,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
                 size=args.size,
                 device=device,
                 repeats=args.repeats,
+                overrides=tuple(args.set),
             )
             rows.append({"mode": mode, **row})
 

@@ -129,3 +129,30 @@ def output_and_grad(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, to
     w = torch.linspace(-1, 1, out.shape[1], dtype=out.dtype)
     (grad,) = torch.autograd.grad((out * w).sum() + out.square().sum(), x)
     return out.detach(), grad
+
+
+def tiny_bn_net(classes: int = 5, *, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Conv→BN blocks on 8×8 RGB with random weights and calibrated BN, in eval mode.
+
+    Cheap enough to run every attack of the registry in the default suite. Weights and
+    calibration come from a local generator (the global RNG is not used).
+    """
+    gen = torch.Generator().manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, classes),
+    ).to(torch.float64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.5)
+        net.train()
+        for _ in range(3):
+            net(torch.rand(32, 3, 8, 8, generator=gen, dtype=torch.float64))
+    return net.to(dtype).eval()

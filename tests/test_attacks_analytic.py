@@ -213,13 +213,19 @@ def test_pgd_margin_loss_and_early_stop(binary):
     assert early.model_calls < full.model_calls
 
 
-def test_pgd_restarts_keep_successes():
-    gen = torch.Generator().manual_seed(4)
+def five_class_linear(seed: int, n: int):
+    """A random 5-class linear model, ``n`` random images and the labels it gives them."""
+    gen = torch.Generator().manual_seed(seed)
     weight = torch.randn(5, D, generator=gen, dtype=F64)
     model = linear_model(weight, torch.zeros(5, dtype=F64))
-    x = torch.rand(32, *SHAPE, generator=gen, dtype=F64)
+    x = torch.rand(n, *SHAPE, generator=gen, dtype=F64)
     with torch.no_grad():
         y = model(x).argmax(1)
+    return model, x, y
+
+
+def test_pgd_restarts_keep_successes():
+    model, x, y = five_class_linear(4, 32)
     seeds = torch.arange(32)
     one = attacks.pgd(model, x, y, eps=0.02, steps=2, seeds=seeds)
     three = attacks.pgd(model, x, y, eps=0.02, steps=2, seeds=seeds, restarts=3)
@@ -279,3 +285,124 @@ def test_margin_loss_masks_with_minus_inf():
     torch.testing.assert_close(margin_loss(logits, y, None), torch.tensor([-1.0, -2.0], dtype=F64))
     t = torch.tensor([2, 1])
     torch.testing.assert_close(margin_loss(logits, y, t), torch.tensor([-2.0, -6.0], dtype=F64))
+
+
+class _Band(nn.Module):
+    """Two classes; class 1 exactly when ``t = mean(x) − c`` lies in (−0.1, 0.1)."""
+
+    def __init__(self, c: float) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.flatten(1).sum(dim=1) - self.c
+        return torch.stack([torch.zeros_like(t), 1 - 100 * t * t], dim=1)
+
+
+@pytest.mark.parametrize("steps", [2, 4])
+def test_pgd_keeps_a_successful_iterate(steps):
+    """Each step moves t by ±0.3 across the band: iterates 1, 3, ... succeed, 0, 2, ... fail.
+
+    With an even number of steps the last iterate fails; PGD returns iterate 1 instead.
+    """
+    x = torch.full((1, *SHAPE), 0.5, dtype=F64)
+    model = _Band(c=float(x.sum()) + 0.25).eval()  # t = −0.25 at x
+    alpha = 0.3 / D  # sum(x) moves by D · alpha = 0.3 per L∞ step
+    y = torch.tensor([0])
+    res = attacks.pgd(model, x, y, eps=0.05, steps=steps, step_size=alpha, random_start=False)
+    assert bool(res.success[0])
+    torch.testing.assert_close(res.x_adv, x + alpha, rtol=0, atol=1e-15)
+    with torch.no_grad():
+        torch.testing.assert_close(res.logits, model(res.x_adv))
+
+
+def test_linf_and_l2_threat_models():
+    from advtune.attacks import L2, Linf, threat_model
+
+    assert threat_model("LINF", 0.1) == Linf(0.1) and threat_model("l2") == L2(None)
+    assert threat_model(Linf(0.1), 0.2) == Linf(0.2)
+    gen = torch.Generator().manual_seed(6)
+    g = torch.randn(5, *SHAPE, generator=gen, dtype=F64)
+    for threat, dual in (
+        (Linf(0.1), g.flatten(1).abs().sum(1)),
+        (L2(0.1), g.flatten(1).norm(dim=1)),
+    ):
+        step = threat.ascent(g)
+        # Steepest ascent: unit norm and <g, step> equals the dual norm of g.
+        torch.testing.assert_close(threat.norm(step), torch.ones(5, dtype=F64))
+        torch.testing.assert_close((g * step).flatten(1).sum(1), dual)
+    x = torch.rand(5, *SHAPE, generator=gen, dtype=F64)
+    for threat in (Linf(0.1), L2(0.3)):
+        p = threat.project(x + g, x)
+        assert bool(threat.contains(p, x).all())
+        outside = threat.project(x + g, x) + 1e-3 * threat.ascent(p - x + 1e-9)
+        assert not bool(threat.contains(outside.clamp(0, 1), x, rtol=0).all())
+
+
+@pytest.mark.parametrize("call", [
+    lambda: __import__("advtune.attacks", fromlist=["x"]).threat_model("l3"),
+    lambda: __import__("advtune.attacks", fromlist=["x"]).Linf(1.5),
+    lambda: __import__("advtune.attacks", fromlist=["x"]).L2(-1.0),
+], ids=["unknown", "linf>1", "negative"])  # fmt: skip
+def test_threat_model_errors(call):
+    with pytest.raises(ValueError, match=r"threat model 'l3'|eps 1\.5 is out of range|got -1\.0"):
+        call()
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_starts_inside_ball_and_per_sample(norm):
+    from advtune.attacks import threat_model
+
+    threat = threat_model(norm, 0.05 if norm == "linf" else 0.3)
+    x = torch.full((20, *SHAPE), 0.5, dtype=F64)
+    start = threat.random_start(x, sample_generators(torch.arange(20), stream=1))
+    assert bool(threat.contains(start, x).all()) and bool((start != x).any())
+    again = threat.random_start(x[5:9], sample_generators(torch.arange(5, 9), stream=1))
+    torch.testing.assert_close(again, start[5:9], rtol=0, atol=0)
+
+
+def test_l2_start_radius_is_uniform():
+    from advtune.attacks import L2
+
+    like = torch.zeros(1, dtype=F64)
+    draws = L2(2.0).ball(sample_generators(torch.arange(4000), 1), (300,), like, start="radius")
+    r = draws.norm(dim=1) / 2.0
+    assert float(r.max()) <= 1.0
+    assert abs(float(r.mean()) - 0.5) < 0.02  # uniform on [0, 1]; volume-uniform gives ~0.997
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("eps_levels", [0.4, 1.0, 2.5, 4.0])
+def test_quantize_stays_inside_and_matches_evaluate(norm, eps_levels):
+    from advtune.attacks import threat_model
+    from advtune.evaluate import quantize_adv
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randint(0, 256, (6, 3, 5, 5), generator=gen).double() / 255
+    eps = eps_levels / 255 * (1 if norm == "linf" else 6.0)
+    threat = threat_model(norm, eps)
+    direction = torch.randn(x.shape, generator=gen, dtype=F64)
+    x_adv = threat.project(x + direction, x)  # on the sphere: rounding would step out
+    q = threat.quantize(x_adv, x)
+    assert q.dtype == torch.uint8
+    assert bool(threat.contains(q.double() / 255, x, rtol=1e-12).all())
+    # The same as the run's saving code (which the coordinator points at this method).
+    assert torch.equal(q, quantize_adv(x_adv, x, norm=norm, eps=eps))
+    assert threat.survives_quantization == (eps * 255 >= 1 - 1e-9)
+
+
+def test_with_restarts_is_a_generic_combinator():
+    """Wrapping the one-restart registered PGD reproduces PGD's own restarts exactly."""
+    from advtune.attacks._loop import bind
+
+    model, x, y = five_class_linear(8, 16)
+    seeds = torch.arange(16)
+    run = bind(attacks.pgd, eps=0.02, steps=2)
+    wrapped = attacks.with_restarts(run, model, x, y, restarts=3, randomized=True, seeds=seeds)
+    own = attacks.pgd(model, x, y, eps=0.02, steps=2, restarts=3, seeds=seeds)
+    assert torch.equal(wrapped.x_adv, own.x_adv) and torch.equal(wrapped.success, own.success)
+    assert wrapped.model_calls == own.model_calls
+    with pytest.raises(ValueError, match="restarts=2 without randomness"):
+        attacks.with_restarts(
+            bind(attacks.fgsm, eps=0.1), model, x, y, restarts=2, randomized=False
+        )

@@ -1,26 +1,31 @@
-"""The contract every registered attack obeys (parametrized over ``attacks.names()``).
+"""The contract every registered attack obeys, one test per (attack, property).
 
-A new attack registered in ``advtune.attacks`` is tested here automatically: output
-bounds and shapes, threat-model norms, no mutation of inputs or model, restored model
-state, ``no_grad`` use, determinism, batch-size invariance, the global RNG left alone,
-each invalid argument, and agreement between Eval and Tune/Deploy/Frozen models.
+Parametrized over ``attacks.names()`` — every registered attack, including ones added
+later — plus wrapped torchattacks classes when torchattacks is installed. Hyperparameters
+come from each attack's spec (:meth:`AttackSpec.cheap_hyperparameters`), the radius from
+its threat model, so a new attack is tested here with no edit.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import math
-import sys
+import re
 
 import pytest
 import torch
+from modelzoo import tiny_bn_net
 from torch import nn
 
 import advtune
 from advtune import attacks
+from advtune.attacks import Param
 
 F64 = torch.float64
 K = 5  # classes of the tiny model
+N = 8
+# Radius per threat model: large enough that every attack succeeds on the tiny model.
 EPS = {"linf": 8 / 255, "l2": 0.5}
 # Extra variants of attacks whose options change the code path.
 VARIANTS = {
@@ -30,11 +35,20 @@ VARIANTS = {
         {"norm": "l2", "random_start": False, "early_stop": True},
     ],
 }
+# torchattacks classes run through the adapter (registered on first lookup).
+EXTERNAL = (
+    ["torchattacks:FGSM", "torchattacks:PGD", "torchattacks:APGD"]
+    if importlib.util.find_spec("torchattacks")
+    else []
+)
+for _name in EXTERNAL:
+    attacks.get(_name)
+NAMES = attacks.names()
 
 
-def _cases() -> list[pytest.param]:
+def _cases() -> list:
     cases = []
-    for name in attacks.names():
+    for name in NAMES:
         cases.append(pytest.param(name, {}, id=name))
         for i, extra in enumerate(VARIANTS.get(name, [])):
             cases.append(pytest.param(name, extra, id=f"{name}-{i}"))
@@ -44,66 +58,46 @@ def _cases() -> list[pytest.param]:
 CASES = _cases()
 
 
-def kwargs_for(name: str, extra: dict | None = None) -> dict:
-    """Small, valid hyperparameters for any registered attack (kept fast)."""
+def hyper(name: str, extra: dict | None = None) -> dict:
+    """The attack's cheap hyperparameters from its spec, with a radius that works here."""
     spec = attacks.spec(name)
-    extra = dict(extra or {})
-    kw: dict = {}
-    if spec.uses_eps:
-        kw["eps"] = EPS[spec.norm_of(extra)]
-    if "steps" in spec.defaults:
-        kw["steps"] = 5
-    if "binary_search_steps" in spec.defaults:
-        kw["binary_search_steps"] = 3
-    if "lr" in spec.defaults:
-        kw["lr"] = 0.05
-    kw.update(extra)
+    kw = spec.cheap_hyperparameters(extra)
+    if spec.radius_key is not None and spec.radius_key not in (extra or {}):
+        kw[spec.radius_key] = EPS[spec.threat(kw).name]
     return kw
-
-
-def tiny_net() -> nn.Module:
-    """Conv→BN blocks on 8×8 RGB, float64, BN statistics calibrated, eval mode."""
-    gen = torch.Generator().manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1),
-        nn.BatchNorm2d(6),
-        nn.ReLU(),
-        nn.Conv2d(6, 8, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(8, K),
-    ).to(F64)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5)
-        net.train()
-        for _ in range(3):
-            net(torch.rand(32, 3, 8, 8, generator=gen, dtype=F64))
-    return net.eval()
 
 
 @pytest.fixture(scope="module")
 def net() -> nn.Module:
-    return tiny_net()
+    return tiny_bn_net(K)
 
 
 @pytest.fixture(scope="module")
 def data(net):
     gen = torch.Generator().manual_seed(1)
-    x = torch.rand(8, 3, 8, 8, generator=gen, dtype=F64)
+    x = torch.rand(N, 3, 8, 8, generator=gen, dtype=F64)
     x[0, 0, :2] = 0.0  # pixels exactly on the box boundary
     x[1, 1, :2] = 1.0
     with torch.no_grad():
         y = net(x).argmax(1)  # labels the model gets right: untargeted attacks must act
-    target = (y + 1 + torch.arange(8) % (K - 1)) % K
-    seeds = torch.arange(100, 108, dtype=torch.int64)
+    target = (y + 1 + torch.arange(N) % (K - 1)) % K
+    seeds = torch.arange(100, 100 + N, dtype=torch.int64)
     return x, y, target, seeds
 
 
-def run(name, extra, net, x, y, **kw):
-    return attacks.get(name)(net, x, y, **kwargs_for(name, extra), **kw)
+def _skip_untargetable(name: str, targeted: bool) -> None:
+    if targeted and not attacks.spec(name).targeted:
+        pytest.skip("the attack has no targeted mode")
+
+
+def run(name, extra, model, x, y, **kw):
+    _skip_untargetable(name, kw.get("target") is not None)
+    return attacks.get(name)(model, x, y, **hyper(name, extra), **kw)
+
+
+def _expected_success(logits, y, target):
+    pred = logits.argmax(1)
+    return (pred == target if target is not None else pred != y) & logits.isfinite().all(1)
 
 
 # --------------------------------------------------------------------------- results
@@ -111,62 +105,80 @@ def run(name, extra, net, x, y, **kw):
 
 @pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_result_shapes_bounds_and_success(name, extra, targeted, net, data):
+def test_result_shapes_and_dtypes(name, extra, targeted, net, data):
+    x, y, target, seeds = data
+    res = run(name, extra, net, x, y, target=target if targeted else None, seeds=seeds)
+    assert isinstance(res, attacks.AttackResult)
+    assert (res.x_adv.shape, res.x_adv.dtype, res.x_adv.device) == (x.shape, x.dtype, x.device)
+    assert not res.x_adv.requires_grad
+    assert (res.success.shape, res.success.dtype) == ((N,), torch.bool)
+    assert (res.finite.shape, res.finite.dtype) == ((N,), torch.bool)
+    assert res.logits.shape == (N, K)
+    assert res.linf.shape == (N,) and res.l2.shape == (N,)
+    assert isinstance(res.model_calls, int) and res.model_calls >= 2
+
+
+@pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_inside_box_and_threat_model(name, extra, targeted, net, data):
+    _skip_untargetable(name, targeted)
+    x, y, target, seeds = data
+    kw = hyper(name, extra)
+    res = attacks.get(name)(net, x, y, target=target if targeted else None, seeds=seeds, **kw)
+    threat = attacks.spec(name).threat(kw)
+    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
+    assert bool(threat.contains(res.x_adv, x).all()), threat.norm(res.x_adv - x)
+
+
+@pytest.mark.parametrize("targeted", [False, True], ids=["untargeted", "targeted"])
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_success_consistent_with_logits(name, extra, targeted, net, data):
     x, y, target, seeds = data
     t = target if targeted else None
     res = run(name, extra, net, x, y, target=t, seeds=seeds)
-    assert isinstance(res, attacks.AttackResult)
-    n = x.shape[0]
-    assert res.x_adv.shape == x.shape and res.x_adv.dtype == x.dtype
-    assert res.x_adv.device == x.device
-    assert not res.x_adv.requires_grad
-    assert float(res.x_adv.min()) >= 0.0 and float(res.x_adv.max()) <= 1.0
-    assert res.success.shape == (n,) and res.success.dtype == torch.bool
-    assert res.logits.shape == (n, K)
-    assert res.linf.shape == (n,) and res.l2.shape == (n,)
-    assert isinstance(res.model_calls, int) and res.model_calls >= 2
-    # Logits and success are those of x_adv.
     with torch.no_grad():
         logits = net(res.x_adv)
     torch.testing.assert_close(res.logits, logits, rtol=1e-9, atol=1e-9)
-    pred = logits.argmax(1)
-    assert torch.equal(res.success, pred == target if targeted else pred != y)
-    # Reported norms are the norms of the perturbation.
+    assert torch.equal(res.success, _expected_success(logits, y, t))
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_reported_norms(name, extra, net, data):
+    x, y, _, seeds = data
+    res = run(name, extra, net, x, y, seeds=seeds)
     delta = (res.x_adv - x).flatten(1)
     torch.testing.assert_close(res.linf, delta.abs().amax(1))
     torch.testing.assert_close(res.l2, delta.norm(dim=1))
-    # The attacks work on this model: something succeeds.
-    assert bool(res.success.any()), f"{name} {extra}: no success at all"
 
 
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_threat_model(name, extra, net, data):
+def test_attack_succeeds_somewhere(name, extra, net, data):
     x, y, _, seeds = data
+    assert bool(run(name, extra, net, x, y, seeds=seeds).success.any())
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_zero_radius_returns_clean(name, extra, net, data):
     spec = attacks.spec(name)
-    kw = kwargs_for(name, extra)
-    res = attacks.get(name)(net, x, y, seeds=seeds, **kw)
-    if spec.uses_eps:
-        norm = spec.norm_of(kw)
-        bound = res.linf if norm == "linf" else res.l2
-        assert float(bound.max()) <= kw["eps"] * (1 + 1e-9), (norm, float(bound.max()))
-    # Unsuccessful samples of minimum-norm attacks (no eps) come back unchanged.
-    if not spec.uses_eps:
-        assert torch.equal(res.x_adv[~res.success], x[~res.success])
-
-
-@pytest.mark.parametrize(("name", "extra"), CASES)
-def test_eps_zero_returns_clean(name, extra, net, data):
-    if not attacks.spec(name).uses_eps:
-        pytest.skip("no eps budget")
+    if spec.radius_key is None:
+        pytest.skip("unbounded attack: no radius")
     x, y, _, seeds = data
-    kw = kwargs_for(name, extra) | {"eps": 0.0}
-    kw.pop("step_size", None)
+    kw = hyper(name, extra) | {spec.radius_key: 0.0}
     res = attacks.get(name)(net, x, y, seeds=seeds, **kw)
     assert torch.equal(res.x_adv, x)
     assert not bool(res.success.any())
 
 
-# --------------------------------------------------------------------------- hygiene
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_unbounded_failures_return_clean(name, extra, net, data):
+    if attacks.spec(name).radius_key is not None:
+        pytest.skip("bounded attack")
+    x, y, _, seeds = data
+    res = run(name, extra, net, x, y, seeds=seeds)
+    assert torch.equal(res.x_adv[~res.success], x[~res.success])
+
+
+# --------------------------------------------------------------------------- purity
 
 
 def _odd_state(net: nn.Module) -> nn.Module:
@@ -179,195 +191,330 @@ def _odd_state(net: nn.Module) -> nn.Module:
     return odd
 
 
-def _snapshot(model: nn.Module):
+def _flags(model: nn.Module):
     return (
         [(n, m.training) for n, m in model.named_modules()],
         [(n, p.requires_grad) for n, p in model.named_parameters()],
-        {k: v.clone() for k, v in model.state_dict().items()},
     )
 
 
-def _same_snapshot(a, b) -> bool:
-    return a[0] == b[0] and a[1] == b[1] and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+def _tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Parameters and buffers (BN running statistics, num_batches_tracked).
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_no_mutation_and_state_restored(name, extra, net, data):
+def test_inputs_unchanged(name, extra, net, data):
     x, y, target, seeds = data
-    model = _odd_state(net)
-    before = _snapshot(model)
-    xc = x.clone().requires_grad_(False)
-    yc, tc, sc = y.clone(), target.clone(), seeds.clone()
-    run(name, extra, model, xc, yc, target=tc, seeds=sc)
-    assert _same_snapshot(before, _snapshot(model))
-    assert all(p.grad is None for p in model.parameters())
+    xc, yc, tc, sc = x.clone(), y.clone(), target.clone(), seeds.clone()
+    run(name, extra, net, xc, yc, target=tc, seeds=sc)
     assert torch.equal(xc, x) and xc.grad is None and not xc.requires_grad
     assert torch.equal(yc, y) and torch.equal(tc, target) and torch.equal(sc, seeds)
 
 
-@pytest.mark.parametrize("name", attacks.names())
+SNAPSHOTS = {"flags": _flags, "parameters-and-buffers": _tensors}
+
+
+@pytest.mark.parametrize("part", list(SNAPSHOTS))
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_model_unchanged(name, extra, part, net, data):
+    x, y, target, seeds = data
+    model = _odd_state(net)
+    snapshot = SNAPSHOTS[part]
+    before = snapshot(model)
+    run(name, extra, model, x, y, target=target, seeds=seeds)
+    after = snapshot(model)
+    assert _same_tensors(before, after) if isinstance(before, dict) else before == after
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_no_parameter_grad_left(name, extra, net, data):
+    x, y, _, seeds = data
+    model = copy.deepcopy(net).requires_grad_(True)
+    run(name, extra, model, x, y, seeds=seeds)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_state_restored_after_error(name, net, data):
     x, y, _, _ = data
     model = _odd_state(net)
-    before = _snapshot(model)
+    flags, tensors = _flags(model), _tensors(model)
     bad_y = y.clone()
     bad_y[-1] = K  # detected at the first model call, inside the attack
     with pytest.raises(ValueError, match="y must be < num_classes"):
         run(name, {}, model, x, bad_y)
-    assert _same_snapshot(before, _snapshot(model))
+    assert _flags(model) == flags and _same_tensors(tensors, _tensors(model))
 
 
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_works_under_no_grad_and_inference_callers(name, extra, net, data):
+def test_same_result_under_no_grad(name, extra, net, data):
     x, y, _, seeds = data
     ref = run(name, extra, net, x, y, seeds=seeds)
     with torch.no_grad():
         res = run(name, extra, net, x, y, seeds=seeds)
         assert not torch.is_grad_enabled()
-    assert torch.equal(res.x_adv, ref.x_adv)
     assert torch.is_grad_enabled()
-    # x that requires grad is fine too and gets no .grad.
+    assert torch.equal(res.x_adv, ref.x_adv)
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_x_requiring_grad_gets_none(name, extra, net, data):
+    x, y, _, seeds = data
+    ref = run(name, extra, net, x, y, seeds=seeds)
     xg = x.clone().requires_grad_(True)
     res = run(name, extra, net, xg, y, seeds=seeds)
     assert xg.grad is None and torch.equal(res.x_adv, ref.x_adv)
 
 
-def test_train_mode_batchnorm_warns(net, data):
-    x, y, _, _ = data
+# --------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_batchnorm_refused(name, net, data):
+    x, y, _, seeds = data
     model = copy.deepcopy(net).train()
-    with pytest.warns(RuntimeWarning, match="eval-mode model"):
-        attacks.fgsm(model, x, y, eps=0.01)
-    assert model.training  # the mode the caller chose is kept
+    first_bn = next(p for p, m in model.named_modules() if isinstance(m, nn.BatchNorm2d))
+    tensors = _tensors(model)
+    with pytest.raises(ValueError, match=rf"module '{re.escape(first_bn)}' \(BatchNorm2d\)"):
+        run(name, {}, model, x, y, seeds=seeds)
+    assert model.training and _same_tensors(tensors, _tensors(model))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_training_dropout_refused(name, net, data):
+    x, y, _, seeds = data
+    model = nn.Sequential(copy.deepcopy(net), nn.Dropout(0.5)).to(F64)
+    model[1].train()
+    state = torch.get_rng_state()
+    with pytest.raises(ValueError, match=r"module '1' \(Dropout\)"):
+        run(name, {}, model, x, y, seeds=seeds)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_dtype_mismatch_refused(name, net, data):
+    x, y, _, seeds = data
+    with pytest.raises(ValueError, match=r"x has dtype torch\.float16"):
+        run(name, {}, net, x.half(), y, seeds=seeds)
+
+
+class _NaNLogits(nn.Module):
+    """Logits that are NaN for the images whose first pixel is above one half."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        bad = x[:, 0, 0, 0] > 0.5
+        return torch.where(bad[:, None], torch.full_like(out, math.nan), out)
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_nonfinite_logits_never_succeed(name, extra, net, data):
+    x, y, _, seeds = data
+    x = x.clone()
+    x[::2, 0, 0, 0] = 0.9  # NaN logits for the even samples, wherever the attack goes
+    x[1::2, 0, 0, 0] = 0.0
+    res = run(name, extra, _NaNLogits(net), x, y, seeds=seeds)
+    expected_finite = res.x_adv[:, 0, 0, 0] <= 0.5
+    assert torch.equal(res.finite, expected_finite)
+    assert not bool(res.success[~res.finite].any())
+    assert bool(res.x_adv.isfinite().all())
 
 
 # --------------------------------------------------------------------------- randomness
 
 
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_deterministic_with_generator(name, extra, net, data):
+def test_generator_reproducible(name, extra, net, data):
     x, y, _, _ = data
     a = run(name, extra, net, x, y, generator=torch.Generator().manual_seed(5))
     b = run(name, extra, net, x, y, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.success, b.success)
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_seed_dependence_matches_spec(name, extra, net, data):
+    x, y, _, _ = data
+    a = run(name, extra, net, x, y, generator=torch.Generator().manual_seed(5))
     c = run(name, extra, net, x, y, generator=torch.Generator().manual_seed(6))
-    kw = kwargs_for(name, extra)
-    randomized = attacks.spec(name).randomized and kw.get("random_start", True)
+    randomized = attacks.spec(name).randomized and hyper(name, extra).get("random_start", True)
     # Only randomized attacks may (and here must) depend on the seed.
     assert torch.equal(a.x_adv, c.x_adv) != bool(randomized)
 
 
+def _per_sample_or_skip(name: str) -> None:
+    if not attacks.spec(name).per_sample:
+        pytest.skip("randomness per batch (documented for wrapped torchattacks classes)")
+
+
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_batch_size_and_order_invariance(name, extra, net, data):
+def test_sub_batches_give_the_same_result(name, extra, net, data):
+    _per_sample_or_skip(name)
     x, y, target, seeds = data
     full = run(name, extra, net, x, y, target=target, seeds=seeds)
     parts = [
         run(name, extra, net, x[s], y[s], target=target[s], seeds=seeds[s])
-        for s in (slice(0, 3), slice(3, 4), slice(4, 8))
+        for s in (slice(0, 3), slice(3, 4), slice(4, N))
     ]
     torch.testing.assert_close(torch.cat([p.x_adv for p in parts]), full.x_adv, rtol=0, atol=1e-9)
     assert torch.equal(torch.cat([p.success for p in parts]), full.success)
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_batch_order_does_not_matter(name, extra, net, data):
+    _per_sample_or_skip(name)
+    x, y, target, seeds = data
+    full = run(name, extra, net, x, y, target=target, seeds=seeds)
     perm = torch.tensor([5, 2, 7, 0, 1, 6, 3, 4])
     shuffled = run(name, extra, net, x[perm], y[perm], target=target[perm], seeds=seeds[perm])
     torch.testing.assert_close(shuffled.x_adv, full.x_adv[perm], rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("source", ["none", "seeds", "generator"])
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_global_rng_untouched(name, extra, net, data):
+def test_global_rng_untouched(name, extra, source, net, data):
+    x, y, _, seeds = data
+    kw = {"none": {}, "seeds": {"seeds": seeds}}.get(source, {})
+    if source == "generator":
+        kw = {"generator": torch.Generator().manual_seed(1)}
+    state = torch.get_rng_state()
+    run(name, extra, net, x, y, **kw)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_results_ignore_global_rng(name, extra, net, data):
     x, y, _, seeds = data
     state = torch.get_rng_state()
-    for kw in ({}, {"seeds": seeds}, {"generator": torch.Generator().manual_seed(1)}):
-        run(name, extra, net, x, y, **kw)
-    assert torch.equal(state, torch.get_rng_state())
-    # ...and results with seeds do not depend on the global RNG either.
-    torch.manual_seed(123)
-    a = run(name, extra, net, x, y, seeds=seeds)
-    torch.manual_seed(456)
-    b = run(name, extra, net, x, y, seeds=seeds)
-    torch.set_rng_state(state)
+    try:
+        torch.manual_seed(123)
+        a = run(name, extra, net, x, y, seeds=seeds)
+        torch.manual_seed(456)
+        b = run(name, extra, net, x, y, seeds=seeds)
+    finally:
+        torch.set_rng_state(state)
     assert torch.equal(a.x_adv, b.x_adv)
 
 
-# --------------------------------------------------------------------------- invalid input
+# --------------------------------------------------------------------------- precision
 
 
-def _bad_calls(name: str, x, y, target):
-    """(label, kwargs overriding the call, regex the message must match)."""
-    spec = attacks.spec(name)
-    nan_x = x.clone()
-    nan_x[0, 0, 0, 0] = math.nan
-    calls = [
-        ("x>1", {"x": x + 0.5}, r"x must lie in \[0, 1\]"),
-        ("x<0", {"x": x - 0.5}, r"x must lie in \[0, 1\]"),
-        ("x nan", {"x": nan_x}, "x must be finite"),
-        ("x 3-D", {"x": x[0]}, r"x must have shape \(N, C, H, W\)"),
-        ("x int", {"x": (x * 255).to(torch.uint8)}, "floating-point"),
-        ("x empty", {"x": x[:0], "y": y[:0]}, "at least one"),
-        ("y too big", {"y": torch.full_like(y, K)}, f"y must be < num_classes = {K}, got {K}"),
-        ("y negative", {"y": y - 10}, "y must be >= 0"),
-        ("y shape", {"y": y[:3]}, r"y must have shape \(8,\)"),
-        ("y float", {"y": y.double()}, "y must have an integer dtype"),
-        ("target == y", {"target": y.clone()}, "target must differ from y"),
-        ("target shape", {"target": target[:2]}, r"target must have shape \(8,\)"),
-        ("target range", {"target": torch.full_like(y, 99)}, "target must be < num_classes"),
-        ("seeds shape", {"seeds": torch.arange(3)}, r"seeds must have shape \(8,\)"),
-        ("seeds float", {"seeds": torch.rand(8)}, "seeds must be an integer tensor"),
-        ("generator", {"generator": 3}, "generator must be a torch.Generator"),
-        ("model", {"model": lambda z: z}, "model must be a torch.nn.Module"),
-    ]
-    if spec.uses_eps:
-        calls += [
-            ("eps<0", {"eps": -0.1}, "eps must be a finite number >= 0, got -0.1"),
-            ("eps nan", {"eps": math.nan}, "eps must be a finite number >= 0, got nan"),
-            ("eps str", {"eps": "0.1"}, "eps must be a finite number >= 0"),
-        ]
-    for key, bad in (("steps", 0), ("binary_search_steps", 0), ("restarts", 0)):
-        if key in spec.defaults:
-            calls.append((f"{key}={bad}", {key: bad}, f"{key} must be an integer >= 1, got {bad}"))
-    if "steps" in spec.defaults:
-        calls.append(("steps float", {"steps": 2.5}, "steps must be an integer >= 1, got 2.5"))
-    for key in ("step_size", "lr", "initial_const"):
-        if key in spec.defaults:
-            calls.append((f"{key}<=0", {key: -1.0}, f"{key} must be a finite number > 0"))
-    for key in ("decay", "kappa"):
-        if key in spec.defaults:
-            calls.append((f"{key}<0", {key: -1.0}, f"{key} must be a finite number >= 0"))
-    for key, bad in (("norm", "l1"), ("loss", "hinge")):
-        if key in spec.defaults:
-            calls.append((f"{key}={bad}", {key: bad}, f"{key} must be one of .*got '{bad}'"))
-    return calls
-
-
-@pytest.mark.parametrize("name", attacks.names())
-def test_invalid_arguments_raise(name, net, data):
-    x, y, target, _ = data
-    for label, override, pattern in _bad_calls(name, x, y, target):
-        call = {"model": net, "x": x, "y": y} | kwargs_for(name) | override
-        model, xx, yy = call.pop("model"), call.pop("x"), call.pop("y")
-        with pytest.raises(ValueError, match=pattern):
-            attacks.get(name)(model, xx, yy, **call)
-        assert label  # every case carries a readable label for failure reports
+@pytest.mark.parametrize(("name", "extra"), CASES)
+def test_bfloat16_autocast(name, extra, net, data):
+    """Under CPU autocast (bf16 logits) results stay valid: in the threat model, success
+    consistent with the returned logits, float32 images."""
+    x, y, _, seeds = data
+    model, x32 = copy.deepcopy(net).float(), x.float()
+    kw = hyper(name, extra)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = attacks.get(name)(model, x32, y, seeds=seeds, **kw)
+    assert res.x_adv.dtype == torch.float32
+    assert bool(attacks.spec(name).threat(kw).contains(res.x_adv, x32).all())
+    assert torch.equal(res.success, _expected_success(res.logits, y, None))
 
 
 # --------------------------------------------------------------------------- ConvBN modes
 
 
-MODES = ["tune", "deploy", "frozen"]
-
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", ["tune", "deploy", "frozen"])
 @pytest.mark.parametrize(("name", "extra"), CASES)
-def test_convbn_modes_match_eval(name, extra, mode, net, data):
+def test_convbn_mode_matches_eval(name, extra, mode, net, data):
     """Through a converted model every attack gives Eval mode's examples (float64, CPU)."""
-    if mode == "frozen":
-        pytest.importorskip("advtune.frozen", reason="frozen mode not built yet")
     x, y, target, seeds = data
     converted = advtune.tune(net, mode)
-    for t in (None, target):
-        ref = run(name, extra, net, x, y, target=t, seeds=seeds)
-        res = run(name, extra, converted, x, y, target=t, seeds=seeds)
-        assert torch.equal(res.success, ref.success), (name, mode)
-        assert float((res.x_adv - ref.x_adv).abs().max()) <= 1e-6, (name, mode)
-        assert res.model_calls == ref.model_calls
+    ref = run(name, extra, net, x, y, target=target, seeds=seeds)
+    res = run(name, extra, converted, x, y, target=target, seeds=seeds)
+    assert torch.equal(res.success, ref.success)
+    assert float((res.x_adv - ref.x_adv).abs().max()) <= 1e-6
+    assert res.model_calls == ref.model_calls
+
+
+# --------------------------------------------------------------------------- invalid input
+
+
+def _bad_inputs(x, y, target) -> dict[str, tuple[dict, str]]:
+    """Bad call arguments every attack rejects: label -> (overrides, message regex)."""
+    nan_x = x.clone()
+    nan_x[0, 0, 0, 0] = math.nan
+    return {
+        "x>1": ({"x": x + 0.5}, r"x must lie in \[0, 1\]"),
+        "x<0": ({"x": x - 0.5}, r"x must lie in \[0, 1\]"),
+        "x-nan": ({"x": nan_x}, "x must be finite"),
+        "x-3d": ({"x": x[0]}, r"x must have shape \(N, C, H, W\)"),
+        "x-int": ({"x": (x * 255).to(torch.uint8)}, "floating-point"),
+        "x-empty": ({"x": x[:0], "y": y[:0]}, "at least one"),
+        "y-too-big": ({"y": torch.full_like(y, K)}, f"y must be < num_classes = {K}, got {K}"),
+        "y-negative": ({"y": y - 10}, "y must be >= 0"),
+        "y-shape": ({"y": y[:3]}, rf"y must have shape \({N},\)"),
+        "y-float": ({"y": y.double()}, "y must have an integer dtype"),
+        "target-eq-y": ({"target": y.clone()}, "target must differ from y"),
+        "target-shape": ({"target": target[:2]}, rf"target must have shape \({N},\)"),
+        "target-range": ({"target": torch.full_like(y, 99)}, "target must be < num_classes"),
+        "seeds-shape": ({"seeds": torch.arange(3)}, rf"seeds must have shape \({N},\)"),
+        "seeds-float": ({"seeds": torch.rand(N)}, "seeds must be an integer tensor"),
+        "generator": ({"generator": 3}, "generator must be a torch.Generator"),
+        "model": ({"model": lambda z: z}, "model must be a torch.nn.Module"),
+    }
+
+
+def _bad_values(p: Param) -> list:
+    """Values outside a declared parameter's type or bounds."""
+    if p.type is bool:
+        return ["yes"]
+    if p.choices is not None:
+        return ["not-a-choice"]
+    if p.type is int and p.low is not None:
+        return [p.minimum - 1, 2.5]
+    if p.type is float and p.low is not None:
+        return [p.low - 1.0, math.nan, "0.1"]
+    return []
+
+
+def _bad_hyperparameter_cases() -> list:
+    cases = []
+    for name in NAMES:
+        for p in attacks.spec(name).params:
+            for bad in _bad_values(p):
+                cases.append(pytest.param(name, p.name, bad, id=f"{name}-{p.name}={bad!r}"))
+    return cases
+
+
+BAD_INPUTS = ("x>1", "x<0", "x-nan", "x-3d", "x-int", "x-empty", "y-too-big", "y-negative",
+              "y-shape", "y-float", "target-eq-y", "target-shape", "target-range", "seeds-shape",
+              "seeds-float", "generator", "model")  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_raises(name, case, net, data):
+    _skip_untargetable(name, case.startswith("target"))
+    x, y, target, _ = data
+    override, pattern = _bad_inputs(x, y, target)[case]
+    call = {"model": net, "x": x, "y": y} | hyper(name) | override
+    model, xx, yy = call.pop("model"), call.pop("x"), call.pop("y")
+    with pytest.raises(ValueError, match=pattern):
+        attacks.get(name)(model, xx, yy, **call)
+
+
+@pytest.mark.parametrize(("name", "key", "bad"), _bad_hyperparameter_cases())
+def test_bad_hyperparameter_raises_naming_it(name, key, bad, net, data):
+    x, y, _, _ = data
+    kw = hyper(name) | {key: bad}
+    with pytest.raises(ValueError, match=rf"{key}\b.*{re.escape(repr(bad))}"):
+        attacks.get(name)(net, x, y, **kw)
+
+
+def test_bad_input_labels_cover_every_case(data):
+    x, y, target, _ = data
+    assert set(BAD_INPUTS) == set(_bad_inputs(x, y, target))
 
 
 # --------------------------------------------------------------------------- registry
@@ -381,10 +528,14 @@ def test_registry_names_get_spec():
     pgd = attacks.spec("pgd")
     assert (pgd.name, pgd.norm, pgd.uses_eps, pgd.randomized) == ("pgd", "linf", True, True)
     assert pgd.defaults["steps"] == 10 and pgd.defaults["step_size"] is None
-    assert pgd.required == ("eps",)
+    assert pgd.required == ("eps",) and pgd.radius_key == "eps"
+    assert pgd.budget_keys == ("eps", "steps", "restarts")
+    assert pgd.cost_keys == ("steps", "restarts")
     assert pgd.norm_of({"norm": "l2"}) == "l2" and pgd.norm_of({}) == "linf"
+    assert pgd.threat({"eps": 0.5, "norm": "l2"}) == attacks.L2(0.5)
     cw = attacks.spec("cw_l2")
-    assert (cw.norm, cw.uses_eps, cw.randomized) == ("l2", False, False)
+    assert (cw.norm, cw.uses_eps, cw.randomized, cw.declared) == ("l2", False, False, False)
+    assert cw.threat({}) == attacks.L2(None)
     assert cw.defaults == {
         "steps": 100,
         "lr": 0.01,
@@ -393,11 +544,68 @@ def test_registry_names_get_spec():
         "kappa": 0.0,
         "abort_early": True,
     }
-    assert (attacks.spec("fgsm").norm, attacks.spec("mifgsm").defaults["decay"]) == ("linf", 1.0)
-    for name in names:
-        spec = attacks.spec(name)
-        assert not {"target", "generator", "seeds"} & set(spec.defaults)
-        assert spec.summary
+    assert set(cw.cost_keys) == {"steps", "binary_search_steps"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_spec_is_complete(name):
+    spec = attacks.spec(name)
+    assert not {"target", "generator", "seeds"} & {p.name for p in spec.params}
+    assert spec.summary
+    assert spec.threat(spec.cheap_hyperparameters()).name in attacks.threat_names()
+    probe = spec.probe_hyperparameters(spec.cheap_hyperparameters())
+    assert all(probe[k] == spec.param(k).minimum for k in spec.cost_keys)
+
+
+def test_spec_parse_types_and_errors():
+    spec = attacks.spec("pgd")
+    assert spec.parse("steps", "20") == 20 and isinstance(spec.parse("steps", "20"), int)
+    assert spec.parse("eps", "4/255") == 4 / 255
+    assert spec.parse("step_size", "none") is None
+    assert spec.parse("random_start", "false") is False
+    assert spec.parse("norm", "l2") == "l2"
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        spec.parse("steps", "0")
+    with pytest.raises(ValueError, match=r"steps must be a whole number, got '2\.5'"):
+        spec.parse("steps", "2.5")
+    with pytest.raises(ValueError, match="invalid steps 'abc': expected an integer"):
+        spec.parse("steps", "abc")
+    with pytest.raises(ValueError, match="unknown norm value 'l3'; choose from: l2, linf"):
+        spec.parse("norm", "l3")
+    with pytest.raises(ValueError, match="random_start must be true or false, got 'maybe'"):
+        spec.parse("random_start", "maybe")
+    with pytest.raises(ValueError, match="'pgd' has no setting 'stepz'; did you mean: steps"):
+        spec.parse("stepz", "3")
+    with pytest.raises(ValueError, match="'cw_l2' takes no eps"):
+        attacks.spec("cw_l2").parse("eps", "0.5")
+    assert spec.param("steps").describe() == "steps: integer >= 1, default 10"
+    assert spec.param("norm").describe() == "norm: one of l2, linf, default 'linf'"
+    untyped = Param("n_targets", object, None, nullable=True)
+    assert untyped.parse("5") == 5 and untyped.parse("none") is None
+
+
+def test_register_declared_params_validate_and_must_match_signature():
+    def toy(model, x, y, *, eps, steps=4, target=None, generator=None, seeds=None):
+        return steps
+
+    declared = (Param("eps", float, low=0.0, role="radius"),
+                Param("steps", int, 4, low=1, role="budget", cheap=1))  # fmt: skip
+    fn = attacks.register("x_toy", params=declared)(toy)
+    try:
+        assert attacks.spec("x_toy").declared and attacks.get("x_toy") is fn
+        assert fn(None, None, None, eps=1, steps=2) == 2
+        with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+            fn(None, None, None, eps=1, steps=0)
+        assert attacks.spec("x_toy").cheap_hyperparameters() == {"steps": 1, "eps": 4 / 255}
+    finally:
+        from advtune.attacks._registry import _ATTACKS
+
+        _ATTACKS.pop("x_toy")
+    with pytest.raises(ValueError, match=r"params .* must name each keyword-only"):
+        attacks.register("x_toy2", params=declared[:1])(toy)
+    with pytest.raises(ValueError, match=r"declares default 5 but the signature has 4"):
+        attacks.register("x_toy3", params=(declared[0], Param("steps", int, 5, low=1)))(toy)
+    assert not {"x_toy2", "x_toy3"} & set(attacks.names())
 
 
 def test_registry_errors():
@@ -408,7 +616,7 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="'fgsm' is already registered"):
         attacks.register("fgsm")(attacks.fgsm)
     with pytest.raises(ValueError, match="norm must be one of"):
-        attacks.register("x_bad_norm", norm="l1")
+        attacks.register("x_bad_norm", norm="l3")
 
     def no_seeds(model, x, y, *, eps, target=None, generator=None):
         raise AssertionError
@@ -422,6 +630,12 @@ def test_registry_errors():
     with pytest.raises(ValueError, match="positionally"):
         attacks.register("x_positional")(positional)
     assert not {"x_bad_norm", "x_no_seeds", "x_positional"} & set(attacks.names())
+
+
+def test_restarts_without_random_start_refused(net, data):
+    x, y, _, _ = data
+    with pytest.raises(ValueError, match="restarts=3 without randomness"):
+        attacks.pgd(net, x, y, eps=0.1, restarts=3, random_start=False)
 
 
 # --------------------------------------------------------------------------- targets
@@ -443,30 +657,39 @@ def test_random_target():
     state = torch.get_rng_state()
     attacks.random_target(y, 10)
     assert torch.equal(state, torch.get_rng_state())
-    with pytest.raises(ValueError, match="num_classes must be an integer >= 2, got 1"):
-        attacks.random_target(torch.zeros(3, dtype=torch.long), 1)
-    with pytest.raises(ValueError, match=r"y must lie in \[0, 10\)"):
-        attacks.random_target(torch.tensor([3, 10]), 10)
-    with pytest.raises(ValueError, match="seeds must have shape"):
-        attacks.random_target(y, 10, seeds=seeds[:4])
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: attacks.random_target(torch.zeros(3, dtype=torch.long), 1),
+         "num_classes must be an integer >= 2, got 1"),
+        (lambda: attacks.random_target(torch.tensor([3, 10]), 10), r"y must lie in \[0, 10\)"),
+        (lambda: attacks.random_target(torch.arange(5), 10, seeds=torch.arange(4)),
+         "seeds must have shape"),
+    ],
+    ids=["classes", "range", "seeds"],
+)  # fmt: skip
+def test_random_target_errors(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
 
 
 def test_least_likely_target(net, data):
     x, _, _, _ = data
     model = _odd_state(net)
-    before = _snapshot(model)
+    flags, tensors = _flags(model), _tensors(model)
     t = attacks.least_likely_target(model, x)
     with torch.no_grad():
         assert torch.equal(t, net(x).argmin(1))
-    assert _same_snapshot(before, _snapshot(model))
+    assert _flags(model) == flags and _same_tensors(tensors, _tensors(model))
     with pytest.raises(ValueError, match=r"x must lie in \[0, 1\]"):
         attacks.least_likely_target(net, x * 3)
 
 
-# --------------------------------------------------------------------------- torchattacks
-
-
 def test_missing_torchattacks_names_the_extra(monkeypatch):
+    import sys
+
     monkeypatch.setitem(sys.modules, "torchattacks", None)  # import now raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'advtune\[torchattacks\]'") as info:
         attacks.torchattacks("PGD")

@@ -121,7 +121,12 @@ def test_defaults_without_preset():
         ({"attack": "cw_l2", "eps": [0.5]}, "'cw_l2' takes no eps"),
         ({"attack": "pgd", "overrides": {"steps": 0}}, "steps must be >= 1, got 0"),
         ({"attack": "pgd", "overrides": {"step_size": -1.0}}, "step_size must be > 0"),
-        ({"attack": "pgd", "overrides": {"norm": "l3"}}, "norm must be one of linf, l2, got 'l3'"),
+        ({"attack": "pgd", "overrides": {"norm": "l3"}}, "unknown norm value 'l3'"),
+        ({"attack": "pgd", "overrides": {"norm": 3}}, "norm must be one of 'l2', 'linf'; got 3"),
+        ({"attack": "pgd", "overrides": {"eps": "4/255"}}, "eps is the budget of attack 'pgd'"),
+        ({"attack": "pgd", "overrides": {"steps": "abc"}}, "invalid steps 'abc': expected an"),
+        ({"attack": "pgd", "overrides": {"steps": 2.5}}, "steps must be an integer, got 2.5"),
+        ({"attack": "cw_l2", "overrides": {"eps": 0.5}}, "'cw_l2' takes no eps"),
         ({"attack": "pgd", "overrides": {"stepz": 3}}, "no setting 'stepz'; did you mean: steps"),
         ({"attack": "fgsm", "overrides": {"steps": 3}}, "'fgsm' has no setting 'steps'"),
         ({"attack": "pgd", "targeted": "all"}, "targeted must be one of"),
@@ -132,6 +137,15 @@ def test_resolve_errors(kwargs, match):
     attack = kwargs.pop("attack", None)
     with pytest.raises(UserError, match=match.replace("(", r"\(")):
         resolve_attack(attack, **kwargs)
+
+
+def test_torchattacks_names_resolve_against_their_spec():
+    pytest.importorskip("torchattacks")
+    config = resolve_attack("torchattacks:APGD", overrides={"steps": "5", "norm": "l2"})
+    assert config.norm == "l2" and config.params == {"steps": 5, "norm": "l2"}
+    assert config.eps == (8 / 255,)  # the class's own default eps
+    with pytest.raises(UserError, match="'torchattacks:APGD' has no targeted mode"):
+        resolve_attack("torchattacks:APGD", targeted="random")
 
 
 def test_bad_preset_files(tmp_path):

@@ -2,7 +2,8 @@
 
 Every attack is ``fn(model, x, y, *, target=None, generator=None, seeds=None, **hp)``
 returning an :class:`AttackResult`; find them by name with :func:`get`, list them with
-:func:`names`, and read their hyperparameters with :func:`spec`. ``model`` maps images in
+:func:`names`, and read their declared hyperparameters (:class:`Param`) with :func:`spec`; threat models
+are objects (:class:`Linf`, :class:`L2`, :func:`threat_model`). ``model`` maps images in
 [0, 1] ``(N, C, H, W)`` to logits ``(N, K)`` and should be in eval mode (attacks keep the
 modes you give and restore every flag they touch). See ``docs/attacks.md``.
 
@@ -11,13 +12,15 @@ modes you give and restore every flag they touch). See ``docs/attacks.md``.
 >>> res.success.float().mean()  # doctest: +SKIP
 """
 
+from advtune.attacks._loop import with_restarts
 from advtune.attacks._random import random_target
-from advtune.attacks._registry import AttackSpec, get, names, register, spec
+from advtune.attacks._registry import REQUIRED, AttackSpec, Param, get, names, register, spec
 from advtune.attacks._result import AttackResult, least_likely_target
 from advtune.attacks.cw import cw_l2
 from advtune.attacks.fgsm import fgsm
 from advtune.attacks.mifgsm import mifgsm
 from advtune.attacks.pgd import pgd
+from advtune.attacks.threat import L2, Linf, ThreatModel, threat_model, threat_names
 from advtune.attacks.torchattacks_adapter import (
     MissingDependencyError,
     TorchattacksAttack,
@@ -25,9 +28,14 @@ from advtune.attacks.torchattacks_adapter import (
 )
 
 __all__ = [
+    "L2",
+    "REQUIRED",
     "AttackResult",
     "AttackSpec",
+    "Linf",
     "MissingDependencyError",
+    "Param",
+    "ThreatModel",
     "TorchattacksAttack",
     "cw_l2",
     "fgsm",
@@ -39,5 +47,8 @@ __all__ = [
     "random_target",
     "register",
     "spec",
+    "threat_model",
+    "threat_names",
     "torchattacks",
+    "with_restarts",
 ]

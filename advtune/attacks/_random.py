@@ -16,8 +16,10 @@ __all__ = [
     "STREAM_TARGET",
     "random_target",
     "resolve_seeds",
+    "restart_seeds",
     "sample_generators",
     "uniform_l2_ball",
+    "uniform_l2_radius",
     "uniform_linf_ball",
 ]
 
@@ -61,6 +63,27 @@ def resolve_seeds(
     ).cpu()
 
 
+def restart_seeds(seeds: torch.Tensor, restart: int) -> torch.Tensor:
+    """Per-sample seeds for run ``restart`` of an attack with restarts.
+
+    Run 0 keeps ``seeds`` (one restart is the plain attack); later runs hash in the
+    restart index, so each run draws fresh, per-sample, reproducible randomness.
+
+    Args:
+        seeds: ``(N,)`` int64 CPU seeds (from :func:`resolve_seeds`).
+        restart: Run index ``>= 0``.
+
+    Returns:
+        ``(N,)`` int64 CPU tensor of non-negative seeds.
+    """
+    if restart == 0:
+        return seeds
+    salt = _splitmix64(0x5EED ^ restart)
+    return torch.tensor(
+        [_splitmix64((s & _MASK64) ^ salt) >> 2 for s in seeds.tolist()], dtype=torch.int64
+    )
+
+
 def sample_generators(seeds: torch.Tensor, stream: int) -> list[torch.Generator]:
     """A CPU generator per sample, seeded from ``(seeds[i], stream)``."""
     gens = []
@@ -83,26 +106,49 @@ def uniform_linf_ball(
     return torch.stack(draws).to(device=like.device, dtype=like.dtype)
 
 
+def _l2_draws(
+    gens: list[torch.Generator],
+    shape: tuple[int, ...],
+    eps: float,
+    like: torch.Tensor,
+    exponent: float,
+) -> torch.Tensor:
+    # Gaussian direction, radius eps · u**exponent with u ~ U(0, 1), one per generator.
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = []
+    for g in gens:
+        direction = torch.randn(shape, dtype=dtype, generator=g)
+        u = torch.rand((), dtype=torch.float64, generator=g)
+        radius = eps * float(u) ** exponent
+        out.append(direction * (radius / direction.norm().clamp_min(1e-30)))
+    return torch.stack(out).to(device=like.device, dtype=like.dtype)
+
+
 def uniform_l2_ball(
     gens: list[torch.Generator], shape: tuple[int, ...], eps: float, like: torch.Tensor
 ) -> torch.Tensor:
     """``(N, *shape)`` perturbations uniform in the L2 ball of radius ``eps``.
 
     Direction from a standard normal, radius ``eps · u^(1/d)`` with ``u ~ U(0, 1)`` and
-    ``d = prod(shape)`` (uniform in the *volume*; torchattacks' ``PGDL2`` uses a uniform
-    radius instead, which concentrates starts near the centre).
+    ``d = prod(shape)`` (uniform in the *volume*, so in thousands of dimensions nearly
+    every draw lies close to the sphere).
     """
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
     d = 1
     for s in shape:
         d *= s
-    out = []
-    for g in gens:
-        direction = torch.randn(shape, dtype=dtype, generator=g)
-        u = torch.rand((), dtype=torch.float64, generator=g)
-        radius = eps * float(u) ** (1.0 / d)
-        out.append(direction * (radius / direction.norm().clamp_min(1e-30)))
-    return torch.stack(out).to(device=like.device, dtype=like.dtype)
+    return _l2_draws(gens, shape, eps, like, 1.0 / d)
+
+
+def uniform_l2_radius(
+    gens: list[torch.Generator], shape: tuple[int, ...], eps: float, like: torch.Tensor
+) -> torch.Tensor:
+    """``(N, *shape)`` perturbations in the L2 ball with a radius uniform in [0, eps].
+
+    Direction from a standard normal, radius ``eps · u`` with ``u ~ U(0, 1)``: starts
+    spread over all distances from the centre (not uniform in the volume, which in
+    thousands of dimensions puts nearly every start on the sphere).
+    """
+    return _l2_draws(gens, shape, eps, like, 1.0)
 
 
 def random_target(

@@ -1,26 +1,273 @@
-"""A small strict registry of attack functions.
+"""A small strict registry of attack functions, and their hyperparameters as data.
 
-``register(name, norm=..., randomized=...)`` records a function and derives its
-:class:`AttackSpec` from the signature: the keyword-only hyperparameters and their
-defaults, and whether it takes an ``eps`` budget. Names are unique; unknown names raise.
+``register(name, norm=..., randomized=..., params=...)`` records a function with its
+:class:`AttackSpec`. Each hyperparameter is a :class:`Param`: name, type, bounds,
+default, its role (the threat-model radius ``eps``, a cost budget such as ``steps``, the
+``norm`` switch) and a cheap value for fast tests and batch-size probing. Presets, the
+command line, batch-size probing, the benchmark and the contract tests read the spec, so
+a new attack needs one file and one registration.
+
+``params`` may be omitted: the spec is then derived from the signature (keyword-only
+arguments and their defaults; the type from the default). Derived specs recognise the
+conventional names in :data:`CONVENTIONS` (``eps`` is the radius, ``steps`` a budget...);
+declare ``params`` to say more. Names are unique; unknown names raise.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
-from collections.abc import Callable, Mapping
+import math
+import numbers
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from advtune.attacks.threat import ThreatModel, threat_model, threat_names
 from advtune.errors import UserError, suggest
 
-__all__ = ["NORMS", "AttackSpec", "get", "names", "register", "spec"]
+__all__ = [
+    "CONVENTIONS",
+    "NORMS",
+    "REQUIRED",
+    "AttackSpec",
+    "Param",
+    "get",
+    "names",
+    "register",
+    "spec",
+]
 
-NORMS: tuple[str, ...] = ("linf", "l2")
+NORMS: tuple[str, ...] = tuple(threat_names())
 # Every attack takes these keyword-only arguments; they are not hyperparameters.
 _COMMON = ("target", "generator", "seeds")
+ROLES = ("radius", "budget", "norm")
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _Marker:
+    """A named sentinel (readable in reprs)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: Default of a hyperparameter that has none (``eps``).
+REQUIRED: Any = _Marker("REQUIRED")
+_UNSET: Any = _Marker("UNSET")
+
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _number(text: str, what: str = "number") -> float:
+    # "4/255", "0.5", "1e-3"; the presets module owns the one number grammar.
+    from advtune.presets import parse_number
+
+    return parse_number(text, what=what)
+
+
+# Integers: digits, or a whole fraction/float such as "20/2" or "1e3".
+_INT = re.compile(r"[+-]?[\d.eE+/\s-]+")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter of an attack, declared once.
+
+    Attributes:
+        name: Keyword argument name.
+        type: ``int``, ``float``, ``bool`` or ``str``.
+        default: Default value, or :data:`REQUIRED` (no default; ``eps``).
+        low: Smallest allowed value (numbers), or ``None``.
+        high: Largest allowed value (numbers), or ``None``.
+        low_open: ``low`` itself is excluded (``> low`` rather than ``>= low``).
+        choices: Allowed values (strings), or ``None``.
+        nullable: ``None`` is allowed (``step_size=None``: derived from other values).
+        role: ``"radius"`` (the threat model's ``eps``), ``"budget"`` (a cost: run time
+            grows with it and memory does not — steps, restarts, queries), ``"norm"``
+            (selects the threat model by name), or ``None``.
+        cheap: Value for fast tests (``_UNSET``: the default).
+        help: One line for ``advtune list attacks`` and docs.
+    """
+
+    name: str
+    type: type = float
+    default: Any = REQUIRED
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[Any, ...] | None = None
+    nullable: bool = False
+    role: str | None = None
+    cheap: Any = _UNSET
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if self.type not in (int, float, bool, str, object):
+            raise ValueError(f"Param {self.name!r}: type must be int, float, bool or str")
+        if self.role is not None and self.role not in ROLES:
+            raise ValueError(f"Param {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
+        if self.role == "budget" and self.type is not int:
+            raise ValueError(f"Param {self.name!r}: a budget must be an int")
+        if self.default is not REQUIRED:
+            self.validate(self.default)
+        if self.cheap is not _UNSET:
+            self.validate(self.cheap)
+
+    @property
+    def required(self) -> bool:
+        """Whether the parameter has no default."""
+        return self.default is REQUIRED
+
+    @property
+    def cheap_value(self) -> Any:
+        """The value for fast tests: ``cheap`` if declared, else the default."""
+        return self.default if self.cheap is _UNSET else self.cheap
+
+    @property
+    def minimum(self) -> Any:
+        """The smallest valid value of a budget (``low``), for batch-size probing."""
+        if self.low is None:
+            return self.cheap_value
+        return math.floor(self.low) + (1 if self.low_open else 0)
+
+    def describe(self) -> str:
+        """``"steps: int >= 1, default 10"``: one line for listings and messages."""
+        kind = {int: "integer", float: "number", bool: "bool", str: "string"}.get(
+            self.type, "value"
+        )
+        parts = [kind]
+        if self.low is not None:
+            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
+        if self.high is not None:
+            parts.append(f"<= {self.high:g}")
+        if self.choices:
+            parts = [f"one of {', '.join(map(str, self.choices))}"]
+        if self.nullable:
+            parts.append("or None")
+        text = f"{self.name}: {' '.join(parts)}"
+        return text + ("" if self.required else f", default {self.default!r}")
+
+    def validate(self, value: Any) -> Any:
+        """``value`` normalised (ints to float for a float), or ``ValueError`` naming it."""
+        if value is None and self.nullable:
+            return None
+        name = self.name
+        if self.type is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool, got {value!r}")
+            return value
+        if self.type is str or self.choices is not None:
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, self.choices))}; got {value!r}"
+                )
+            if self.type is str and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string, got {value!r}")
+            return value
+        if self.type is object:
+            return value
+        if self.type is int:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            value = int(value)
+        elif (
+            not isinstance(value, numbers.Real)
+            or isinstance(value, bool)
+            or not math.isfinite(float(value))
+        ):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        else:
+            value = float(value)
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            raise ValueError(
+                f"{name} must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+            )
+        if self.high is not None and value > self.high:
+            raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
+        return value
+
+    def parse(self, text: str) -> Any:
+        """Type and validate a command-line value (``"4/255"``, ``"10"``, ``"true"``).
+
+        Raises:
+            UserError: Naming the parameter, the text and what it expects.
+        """
+        raw = str(text).strip()
+        try:
+            if self.nullable and raw.lower() in ("none", "null"):
+                return None
+            if self.type is bool:
+                if raw.lower() not in _TRUE + _FALSE:
+                    raise ValueError(f"{self.name} must be true or false, got {raw!r}")
+                return raw.lower() in _TRUE
+            if self.type is int:
+                if not _INT.fullmatch(raw):
+                    raise ValueError(f"invalid {self.name} {raw!r}: expected an integer like 10")
+                number = _number(raw)
+                if number != int(number):
+                    raise ValueError(f"{self.name} must be a whole number, got {raw!r}")
+                return self.validate(int(number))
+            if self.type is float:
+                return self.validate(_number(raw, self.name))
+            if self.type is object:
+                # Untyped (derived from a None default): the generic --param typing.
+                from advtune.presets import parse_value
+
+                return parse_value(raw)
+            if self.choices is not None and raw not in self.choices:
+                raise UserError(
+                    suggest(raw, [str(c) for c in self.choices], what=f"{self.name} value")
+                )
+            return self.validate(raw)
+        except UserError:
+            raise
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+
+# Roles and cheap values of conventional names, for specs derived from a signature (an
+# attack that declares ``params`` does not rely on them).
+CONVENTIONS: Mapping[str, Mapping[str, Any]] = {
+    "eps": {"role": "radius", "low": 0.0},
+    "norm": {"role": "norm", "choices": NORMS},
+    "steps": {"role": "budget", "low": 1, "cheap": 3},
+    "restarts": {"role": "budget", "low": 1, "cheap": 1},
+    "n_restarts": {"role": "budget", "low": 1, "cheap": 1},
+    "queries": {"role": "budget", "low": 1, "cheap": 20},
+    "n_queries": {"role": "budget", "low": 1, "cheap": 20},
+    "binary_search_steps": {"role": "budget", "low": 1, "cheap": 2},
+    "n_targets": {"role": "budget", "low": 1, "cheap": 2},
+}
+
+
+def _derive(p: inspect.Parameter) -> Param:
+    default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+    conv = dict(CONVENTIONS.get(p.name, {}))
+    if isinstance(default, bool):
+        kind: type = bool
+    elif isinstance(default, int):
+        kind = int
+    elif isinstance(default, float) or p.name == "eps":
+        kind = float
+    elif isinstance(default, str):
+        kind = str
+    else:
+        kind = object
+    if conv.get("role") == "budget" and kind is not int:
+        conv = {}
+    if "cheap" in conv and default is not REQUIRED:
+        conv["cheap"] = min(conv["cheap"], default)
+    if "choices" in conv and default not in conv["choices"]:
+        conv.pop("choices")
+    return Param(p.name, kind, default, nullable=default is None, **conv)
 
 
 @dataclass(frozen=True)
@@ -31,34 +278,146 @@ class AttackSpec:
         name: Registry name.
         norm: Threat model with default hyperparameters, ``"linf"`` or ``"l2"``. An attack
             with a ``norm`` hyperparameter (``pgd``) uses whatever that is set to; see
-            :meth:`norm_of`.
-        uses_eps: Whether the attack takes an ``eps`` budget (required, no default).
+            :meth:`threat`.
         randomized: Whether results depend on ``generator``/``seeds`` with defaults.
-        defaults: Keyword-only hyperparameters and their defaults (excludes ``target``,
-            ``generator``, ``seeds`` and required ones such as ``eps``).
-        required: Hyperparameters without a default (``("eps",)`` for eps attacks).
+        params: The hyperparameters, in signature order.
+        declared: Whether ``params`` were declared (``False``: derived from the signature).
+        per_sample: Whether randomness comes from per-sample seeds, so results do not
+            depend on batch composition (``False`` for wrapped torchattacks classes).
+        targeted: Whether the attack takes ``target`` (all of advtune's do).
         summary: First line of the function's docstring.
     """
 
     name: str
     norm: str
-    uses_eps: bool
     randomized: bool
-    defaults: Mapping[str, Any] = field(default_factory=dict)
-    required: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()
+    declared: bool = False
+    per_sample: bool = True
+    targeted: bool = True
     summary: str = ""
+    _by_name: Mapping[str, Param] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {p.name: p for p in self.params})
+
+    # ----------------------------------------------------------------- reading
+
+    def param(self, key: str) -> Param:
+        """The :class:`Param` ``key``; ``UserError`` suggesting close names if unknown."""
+        try:
+            return self._by_name[key]
+        except KeyError:
+            raise UserError(self._unknown(key)) from None
+
+    def _unknown(self, key: str) -> str:
+        if self.radius_key is None and CONVENTIONS.get(key, {}).get("role") == "radius":
+            return f"attack {self.name!r} takes no {key} (it has no perturbation budget)"
+        known = sorted(self._by_name)
+        close = difflib.get_close_matches(key, known, n=3)
+        if close:
+            hint = f"; did you mean: {', '.join(close)}?"
+        else:
+            hint = f"; it takes: {', '.join(known)}" if known else "; it takes none"
+        return f"attack {self.name!r} has no setting {key!r}{hint}"
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Hyperparameters with a default, and the default (``required`` ones excluded)."""
+        return {p.name: p.default for p in self.params if not p.required}
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Hyperparameters without a default (``("eps",)`` for eps attacks)."""
+        return tuple(p.name for p in self.params if p.required)
+
+    def _role(self, role: str) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.role == role)
+
+    @property
+    def radius_key(self) -> str | None:
+        """Name of the threat-model radius (``"eps"``), or ``None`` for unbounded attacks."""
+        keys = self._role("radius")
+        return keys[0] if keys else None
+
+    @property
+    def uses_eps(self) -> bool:
+        """Whether the attack takes a threat-model radius."""
+        return self.radius_key is not None
+
+    @property
+    def cost_keys(self) -> tuple[str, ...]:
+        """Budgets that cost time but not memory (``steps``, ``restarts``, ``queries``)."""
+        return self._role("budget")
+
+    @property
+    def budget_keys(self) -> tuple[str, ...]:
+        """Every budget: the radius (first, if any) then the cost budgets."""
+        return self._role("radius") + self._role("budget")
+
+    # ----------------------------------------------------------------- threat model
 
     def norm_of(self, hyperparameters: Mapping[str, Any]) -> str:
-        """The threat model for a call with ``hyperparameters`` (honours a ``norm`` key)."""
-        if "norm" in self.defaults:
-            return str(hyperparameters.get("norm", self.defaults["norm"]))
+        """The threat model's name for a call with ``hyperparameters``."""
+        for key in self._role("norm"):
+            return str(hyperparameters.get(key, self._by_name[key].default))
         return self.norm
+
+    def threat(self, hyperparameters: Mapping[str, Any] | None = None) -> ThreatModel:
+        """The threat model of a call: its norm and radius (``eps=None`` if unbounded)."""
+        hps = dict(hyperparameters or {})
+        radius = self.radius_key
+        eps = hps.get(radius) if radius is not None else None
+        return threat_model(self.norm_of(hps), eps)
+
+    # ----------------------------------------------------------------- values
+
+    def parse(self, key: str, text: str) -> Any:
+        """Type and validate ``-p key=text``; ``UserError`` naming the key and value."""
+        return self.param(key).parse(text)
+
+    def validate(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+        """Check a call's hyperparameters against the declaration.
+
+        Returns:
+            The values normalised (unknown keys and bad values raise; missing ones are
+            not filled in).
+
+        Raises:
+            UserError: Unknown key (with suggestions).
+            ValueError: A value out of its declared type or range, naming it.
+        """
+        out = {}
+        for key, value in hyperparameters.items():
+            out[key] = self.param(key).validate(value)
+        return out
+
+    def cheap_hyperparameters(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Small valid hyperparameters for fast tests: each param's cheap value.
+
+        A radius without a declared cheap value gets the threat model's usual budget
+        (:attr:`ThreatModel.default_eps`). ``overrides`` win.
+        """
+        hps = {p.name: p.cheap_value for p in self.params if p.cheap is not _UNSET}
+        hps.update(overrides or {})
+        radius = self.radius_key
+        if radius is not None and radius not in hps:
+            hps[radius] = type(threat_model(self.norm_of(hps))).default_eps
+        return hps
+
+    def probe_hyperparameters(self, hyperparameters: Mapping[str, Any]) -> dict[str, Any]:
+        """``hyperparameters`` with every cost budget at its minimum (memory probing:
+        the memory of one call does not grow with steps, restarts or queries)."""
+        out = dict(hyperparameters)
+        for key in self.cost_keys:
+            out[key] = self._by_name[key].minimum
+        return out
 
 
 _ATTACKS: dict[str, tuple[Callable[..., Any], AttackSpec]] = {}
 
 
-def _spec_from(fn: Callable[..., Any], name: str, norm: str, randomized: bool) -> AttackSpec:
+def _keyword_hyperparameters(fn: Callable[..., Any], name: str) -> list[inspect.Parameter]:
     params = list(inspect.signature(fn).parameters.values())
     positional = [
         p.name
@@ -73,56 +432,125 @@ def _spec_from(fn: Callable[..., Any], name: str, norm: str, randomized: bool) -
     missing = [k for k in _COMMON if k not in keyword]
     if missing:
         raise ValueError(f"attack {name!r} lacks keyword-only argument(s) {', '.join(missing)}")
-    hyper = {k: p for k, p in keyword.items() if k not in _COMMON}
-    defaults = {k: p.default for k, p in hyper.items() if p.default is not inspect.Parameter.empty}
-    required = tuple(k for k, p in hyper.items() if p.default is inspect.Parameter.empty)
+    return [p for k, p in keyword.items() if k not in _COMMON]
+
+
+def _spec_from(
+    fn: Callable[..., Any],
+    name: str,
+    norm: str,
+    randomized: bool,
+    params: Sequence[Param] | None,
+) -> AttackSpec:
+    signature = _keyword_hyperparameters(fn, name)
+    if params is None:
+        declared = tuple(_derive(p) for p in signature)
+    else:
+        declared = tuple(params)
+        by_sig = {p.name: p for p in signature}
+        names_ = [p.name for p in declared]
+        if sorted(names_) != sorted(by_sig) or len(set(names_)) != len(names_):
+            raise ValueError(
+                f"attack {name!r}: params {names_} must name each keyword-only "
+                f"hyperparameter once: {list(by_sig)}"
+            )
+        for p in declared:
+            sig_default = by_sig[p.name].default
+            sig_default = REQUIRED if sig_default is inspect.Parameter.empty else sig_default
+            if sig_default is not p.default and sig_default != p.default:
+                raise ValueError(
+                    f"attack {name!r}: param {p.name!r} declares default {p.default!r} but "
+                    f"the signature has {sig_default!r}"
+                )
+        order = {k: i for i, k in enumerate(by_sig)}
+        declared = tuple(sorted(declared, key=lambda p: order[p.name]))
     doc = inspect.getdoc(fn) or ""
     return AttackSpec(
         name=name,
         norm=norm,
-        uses_eps="eps" in hyper,
         randomized=randomized,
-        defaults=defaults,
-        required=required,
+        params=declared,
+        declared=params is not None,
         summary=doc.splitlines()[0] if doc else "",
     )
 
 
-def register(name: str, *, norm: str = "linf", randomized: bool = False) -> Callable[[F], F]:
+def register(
+    name: str,
+    *,
+    norm: str = "linf",
+    randomized: bool = False,
+    params: Iterable[Param] | None = None,
+) -> Callable[[F], F]:
     """Decorator adding an attack function to the registry under ``name``.
 
     Args:
         name: Unique registry name (lower-case identifiers by convention).
         norm: ``"linf"`` or ``"l2"``: the threat model with default hyperparameters.
         randomized: Whether the attack draws random numbers with its defaults.
+        params: The hyperparameters as :class:`Param` declarations, one per keyword-only
+            hyperparameter with the signature's default. The registered function then
+            validates every call against them before its body runs. ``None``: derived
+            from the signature (no validation added).
 
     Raises:
-        ValueError: Duplicate ``name``, bad ``norm``, or a function not shaped like
+        ValueError: Duplicate ``name``, bad ``norm``, ``params`` that disagree with the
+            signature, or a function not shaped like
             ``fn(model, x, y, *, target=None, generator=None, seeds=None, **hp)``.
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"attack name must be a non-empty string, got {name!r}")
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {', '.join(NORMS)}; got {norm!r}")
+    declared = None if params is None else tuple(params)
 
     def decorator(fn: F) -> F:
         if name in _ATTACKS:
             raise ValueError(f"attack {name!r} is already registered")
-        _ATTACKS[name] = (fn, _spec_from(fn, name, norm, randomized))
-        return fn
+        attack_spec = _spec_from(fn, name, norm, randomized, declared)
+        registered = fn
+        if declared is not None:
+            registered = _validating(fn, attack_spec)  # type: ignore[assignment]
+        _ATTACKS[name] = (registered, attack_spec)
+        return registered
 
     return decorator
+
+
+def _validating(fn: F, attack_spec: AttackSpec) -> F:
+    by_name = attack_spec._by_name
+
+    @functools.wraps(fn)
+    def attack(model: Any, x: Any, y: Any, **kwargs: Any) -> Any:
+        for key, value in kwargs.items():
+            if key in by_name:
+                kwargs[key] = by_name[key].validate(value)
+        # Unknown or missing keywords: Python's own TypeError from the call below.
+        return fn(model, x, y, **kwargs)
+
+    return attack  # type: ignore[return-value]
 
 
 def _lookup(name: str) -> tuple[Callable[..., Any], AttackSpec]:
     try:
         return _ATTACKS[name]
     except (KeyError, TypeError):
-        raise UserError(suggest(str(name), _ATTACKS, what="attack")) from None
+        pass
+    if isinstance(name, str) and ":" in name:
+        from advtune.attacks.torchattacks_adapter import lookup_external
+
+        found = lookup_external(name)
+        if found is not None:
+            return found
+    raise UserError(suggest(str(name), _ATTACKS, what="attack")) from None
 
 
 def get(name: str) -> Callable[..., Any]:
-    """The attack function registered as ``name``; ``ValueError`` (``UserError``) if unknown."""
+    """The attack function registered as ``name``; ``ValueError`` (``UserError``) if unknown.
+
+    ``"torchattacks:<Class>"`` (``"torchattacks:APGD"``) wraps a torchattacks class on
+    first use (the optional ``torchattacks`` extra); its hyperparameters are the class's.
+    """
     return _lookup(name)[0]
 
 
@@ -132,5 +560,5 @@ def spec(name: str) -> AttackSpec:
 
 
 def names() -> list[str]:
-    """Registered attack names, sorted."""
+    """Registered attack names, sorted (torchattacks classes appear once used)."""
     return sorted(_ATTACKS)

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import math
 import numbers
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
+from torch.nn.modules.instancenorm import _InstanceNorm
+
+from advtune.attacks.threat import L2, Linf, clip_unit
 
 __all__ = [
     "LOSSES",
@@ -29,15 +33,18 @@ __all__ = [
     "check_images",
     "check_inputs",
     "check_int",
+    "check_model_dtype",
     "check_nonnegative",
     "check_positive",
     "clip_unit",
     "finish",
+    "finite_rows",
     "least_likely_target",
     "margin_loss",
     "norms",
     "project_l2",
     "project_linf",
+    "refuse_training_layers",
     "success_of",
     "work_dtype",
 ]
@@ -59,6 +66,10 @@ class AttackResult:
         l2: ``(N,)`` L2 norm of ``x_adv - x`` per sample (dtype of ``x``).
         model_calls: Forward passes used, each on all or part of the batch (a gradient
             step counts once; the final evaluation of ``x_adv`` is included).
+        finite: ``(N,)`` bool: every logit of the sample is finite. A sample with a NaN
+            or infinite logit is never a success (its prediction means nothing), and a
+            run should flag it rather than count it robust. When not given it is
+            computed from ``logits``; ``success`` is always masked with it.
     """
 
     x_adv: torch.Tensor
@@ -67,6 +78,15 @@ class AttackResult:
     linf: torch.Tensor
     l2: torch.Tensor
     model_calls: int
+    finite: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        finite = self.finite
+        if finite is None:
+            finite = finite_rows(self.logits)
+        # The rule is enforced here too, so a result built by hand cannot break it.
+        object.__setattr__(self, "finite", finite)
+        object.__setattr__(self, "success", self.success & finite)
 
 
 # --------------------------------------------------------------------------- checks
@@ -164,7 +184,9 @@ def check_inputs(
         ValueError: Naming the offending argument and value.
     """
     check_images(model, x)
-    n = x.shape[0]  # type: ignore[union-attr]
+    x = cast(torch.Tensor, x)  # checked above
+    check_model_dtype(cast(nn.Module, model), x)
+    n = x.shape[0]
     y = _check_labels("y", y, n, x.device)
     if target is not None:
         target = _check_labels("target", target, n, x.device)
@@ -200,6 +222,61 @@ def work_dtype(x: torch.Tensor) -> torch.dtype:
 # --------------------------------------------------------------------------- model guard
 
 
+def _training_layer_reason(module: nn.Module) -> str | None:
+    if not module.training:
+        return None
+    if isinstance(module, _BatchNorm):
+        return (
+            "normalises with the statistics of the batch and updates its running "
+            "statistics, so results would depend on batch composition and the model changes"
+        )
+    if isinstance(module, _InstanceNorm) and module.track_running_stats:
+        return "updates its running statistics, so the model would change"
+    if isinstance(module, _DropoutNd):
+        return "draws random masks from the global RNG, so results would not be reproducible"
+    return None
+
+
+def refuse_training_layers(model: nn.Module) -> None:
+    """``ValueError`` naming the first BatchNorm or Dropout layer of ``model`` in training mode.
+
+    Attacks must not change the model (a training-mode BatchNorm updates its running
+    statistics) and their results must not depend on the rest of the batch (it also
+    normalises with the batch's statistics) or on the global RNG (dropout): call
+    ``model.eval()`` first. Other modules in training mode are harmless and allowed.
+    """
+    for path, module in model.named_modules():
+        reason = _training_layer_reason(module)
+        if reason is not None:
+            where = f"module {path!r}" if path else "the model itself"
+            raise ValueError(
+                f"{where} ({type(module).__name__}) is in training mode: it {reason}; "
+                "call model.eval() before attacking"
+            )
+
+
+def check_model_dtype(model: nn.Module, x: torch.Tensor) -> None:
+    """``ValueError`` unless ``x``'s dtype is supported and matches the model's parameters.
+
+    Supported: float32, float64, bfloat16 and float16, with the dtype of the model's
+    floating-point parameters (mixed precision is ``torch.autocast``'s job: the attack
+    casts nothing itself).
+    """
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x must have dtype {', '.join(str(d) for d in _DTYPES)}; got {x.dtype}")
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            if p.dtype != x.dtype:
+                raise ValueError(
+                    f"x has dtype {x.dtype} but the model's parameters are {p.dtype}; "
+                    f"pass x.to({p.dtype}) (use torch.autocast for mixed precision)"
+                )
+            return
+
+
+_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 class ModelGuard:
     """Run a model for an attack and leave it exactly as found.
 
@@ -207,9 +284,11 @@ class ModelGuard:
     ``requires_grad``, then sets ``requires_grad=False`` on every parameter: the attack
     needs input gradients only, so autograd then saves nothing for weight gradients and
     no ``.grad`` can appear on a parameter. On exit (also after an exception) both are
-    restored. Training flags are not changed by advtune's attacks (the caller chooses
-    the model's mode; attacks expect an eval-mode model), but they are restored too, so
-    adapters that flip modes (torchattacks calls ``model.eval()``) leave no trace.
+    restored. A BatchNorm or Dropout layer in training mode is refused with a
+    ``ValueError`` (:func:`refuse_training_layers`): it would change the model or make
+    results depend on the batch or the global RNG. Training flags are not changed by
+    advtune's attacks, but they are restored too, so adapters that flip modes
+    (torchattacks calls ``model.eval()``) leave no trace.
 
     Use as ``with ModelGuard(model) as guard:``; :meth:`logits` and :meth:`grad` count
     calls in :attr:`calls`.
@@ -226,18 +305,7 @@ class ModelGuard:
     def __enter__(self) -> ModelGuard:
         self._training = [(m, m.training) for m in self.model.modules()]
         self._requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
-        if any(
-            m.training and isinstance(m, (_BatchNorm, nn.Dropout, nn.AlphaDropout))
-            for m in self.model.modules()
-        ):
-            # Train-mode BN would update its running statistics and dropout would draw
-            # from the global RNG: both break the attack contract, so say so.
-            warnings.warn(
-                "the model has BatchNorm/Dropout layers in training mode; attacks expect an "
-                "eval-mode model (call model.eval() first)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        refuse_training_layers(self.model)
         for p, _ in self._requires_grad:
             p.requires_grad_(False)
         return self
@@ -355,10 +423,20 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], to
 }
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool: every logit of the sample is finite (no NaN, no ±inf)."""
+    return torch.isfinite(logits).all(dim=1)
+
+
 def success_of(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
-    """``(N,)`` bool: argmax ≠ ``y`` (untargeted) or argmax == ``target`` (targeted)."""
+    """``(N,)`` bool: argmax ≠ ``y`` (untargeted) or argmax == ``target`` (targeted).
+
+    A sample with a non-finite logit is never a success: ``argmax`` of a row holding NaN
+    points at the NaN, which would otherwise read as a changed prediction.
+    """
     pred = logits.argmax(dim=1)
-    return pred != y if target is None else pred == target
+    won = pred != y if target is None else pred == target
+    return won & finite_rows(logits)
 
 
 # --------------------------------------------------------------------------- geometry
@@ -370,33 +448,16 @@ def norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return flat.abs().amax(dim=1), flat.norm(p=2, dim=1)
 
 
-def clip_unit(x: torch.Tensor) -> torch.Tensor:
-    """Clamp into the image box [0, 1]."""
-    return x.clamp(0.0, 1.0)
-
-
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Nearest point to ``x_adv`` in the L∞ ball of radius ``eps`` around ``x``, in [0, 1].
-
-    Both sets are boxes, so clamping the perturbation then the image is the exact
-    Euclidean projection onto their intersection.
-    """
-    delta = (x_adv - x).clamp(-eps, eps)
-    return clip_unit(x + delta)
+    """Nearest point to ``x_adv`` in the L∞ ball of radius ``eps`` around ``x``, in [0, 1]
+    (:meth:`advtune.attacks.Linf.project`)."""
+    return Linf(eps).project(x_adv, x)
 
 
 def project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Scale ``x_adv − x`` into the L2 ball of radius ``eps``, then clip into [0, 1].
-
-    Clipping only shrinks every coordinate of the perturbation towards 0, so the result
-    stays in the ball (it is the standard PGD-L2 step, not the exact projection onto the
-    intersection).
-    """
-    delta = x_adv - x
-    l2 = delta.flatten(1).norm(p=2, dim=1)
-    # Only perturbations outside the ball are scaled (also avoids 0/0 when eps = 0).
-    factor = torch.where(l2 > eps, eps / l2, torch.ones_like(l2))
-    return clip_unit(x + delta * factor.reshape(-1, *([1] * (delta.dim() - 1))))
+    """Scale ``x_adv − x`` into the L2 ball of radius ``eps``, then clip into [0, 1]
+    (:meth:`advtune.attacks.L2.project`)."""
+    return L2(eps).project(x_adv, x)
 
 
 def finish(
@@ -411,9 +472,13 @@ def finish(
     """Build the :class:`AttackResult` for ``x_adv`` (cast to ``x``'s dtype).
 
     Recomputes the logits on the final images (one model call) unless ``logits`` of
-    exactly these images are given.
+    exactly these images are given. Samples with non-finite logits are flagged in
+    ``finite`` and never count as successes.
     """
-    x_adv = clip_unit(x_adv.to(x.dtype)).detach()
+    x_adv = x_adv.to(x.dtype).detach()
+    # A non-finite image (an attack fed NaN gradients) is replaced by the clean one, so
+    # x_adv always lies in [0, 1] and inside the threat model.
+    x_adv = clip_unit(torch.where(torch.isfinite(x_adv), x_adv, x.detach()))
     if logits is None:
         logits = guard.logits(x_adv)
     linf, l2 = norms(x_adv - x)

@@ -5,22 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from advtune.attacks._loop import EPS, steepest_ascent
 from advtune.attacks._registry import register
-from advtune.attacks._result import (
-    AttackResult,
-    ModelGuard,
-    ce_loss,
-    check_inputs,
-    check_nonnegative,
-    clip_unit,
-    finish,
-    work_dtype,
-)
+from advtune.attacks._result import AttackResult, ce_loss
+from advtune.attacks.threat import Linf
 
 __all__ = ["fgsm"]
 
 
-@register("fgsm", norm="linf")
+@register("fgsm", norm="linf", params=(EPS,))
 def fgsm(
     model: nn.Module,
     x: torch.Tensor,
@@ -34,12 +27,14 @@ def fgsm(
     """Fast Gradient Sign Method (L∞): ``x + eps·sign(∇ CE)``, clipped to [0, 1].
 
     Untargeted it ascends the cross-entropy of ``y``; targeted it descends the
-    cross-entropy of ``target``. Reference: Goodfellow et al., "Explaining and Harnessing
+    cross-entropy of ``target``. It is the shared projected-gradient loop with one step
+    of ``eps`` from ``x`` (a sample the model already gets wrong on ``x`` and right after
+    the step keeps ``x``). Reference: Goodfellow et al., "Explaining and Harnessing
     Adversarial Examples", ICLR 2015 (arXiv:1412.6572).
 
     Args:
-        model: Classifier on [0, 1] images returning logits ``(N, K)``; expected in eval
-            mode. Its modes and ``requires_grad`` flags are restored afterwards.
+        model: Classifier on [0, 1] images returning logits ``(N, K)``, in eval mode.
+            Its modes and ``requires_grad`` flags are restored afterwards.
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: L∞ budget (absolute, in [0, 1] pixel units), ``>= 0``.
@@ -53,10 +48,7 @@ def fgsm(
     Raises:
         ValueError: Invalid inputs or ``eps``.
     """
-    y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
-        x0 = x.detach().to(work_dtype(x))
-        g, _ = guard.grad(x0.to(x.dtype), lambda z: ce_loss(z, y, target))
-        x_adv = clip_unit(x0 + eps * g.to(x0.dtype).sign())
-        return finish(guard, x, x_adv, y, target)
+    return steepest_ascent(
+        model, x, y, threat=Linf(eps), steps=1, step_size=eps,
+        objective=ce_loss, target=target, generator=generator, seeds=seeds,
+    )  # fmt: skip

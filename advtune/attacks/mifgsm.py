@@ -5,24 +5,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._registry import register
-from advtune.attacks._result import (
-    AttackResult,
-    ModelGuard,
-    ce_loss,
-    check_inputs,
-    check_int,
-    check_nonnegative,
-    check_positive,
-    finish,
-    project_linf,
-    work_dtype,
-)
+from advtune.attacks._loop import EPS, steepest_ascent, step_size_param
+from advtune.attacks._registry import Param, register
+from advtune.attacks._result import AttackResult, ce_loss
+from advtune.attacks.threat import Linf
 
 __all__ = ["mifgsm"]
 
+MIFGSM_PARAMS = (
+    EPS,
+    Param("steps", int, 10, low=1, role="budget", cheap=3, help="iterations"),
+    step_size_param("eps / steps"),
+    Param("decay", float, 1.0, low=0.0, help="momentum factor μ (0: I-FGSM)"),
+)  # fmt: skip
 
-@register("mifgsm", norm="linf")
+
+@register("mifgsm", norm="linf", params=MIFGSM_PARAMS)
 def mifgsm(
     model: nn.Module,
     x: torch.Tensor,
@@ -41,12 +39,13 @@ def mifgsm(
     ``g ← decay·g + ∇/‖∇‖₁`` then ``x ← Π(x + step_size·sign(g))``. The gradient is
     normalised by its mean absolute value (its L1 norm over the number of pixels, the
     same direction and the same sign as the paper's L1 normalisation), as torchattacks'
-    ``MIFGSM`` does. Reference: Dong et al., "Boosting Adversarial Attacks with
-    Momentum", CVPR 2018 (arXiv:1710.06081).
+    ``MIFGSM`` does. A sample whose last iterate fails but an earlier one succeeded
+    returns that earlier iterate. Reference: Dong et al., "Boosting Adversarial Attacks
+    with Momentum", CVPR 2018 (arXiv:1710.06081).
 
     Args:
-        model: Classifier on [0, 1] images returning logits ``(N, K)``; expected in eval
-            mode. Its modes and ``requires_grad`` flags are restored afterwards.
+        model: Classifier on [0, 1] images returning logits ``(N, K)``, in eval mode.
+            Its modes and ``requires_grad`` flags are restored afterwards.
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: L∞ budget (absolute pixel units), ``>= 0``.
@@ -64,21 +63,8 @@ def mifgsm(
     Raises:
         ValueError: Invalid inputs or hyperparameters.
     """
-    y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    steps = check_int("steps", steps, minimum=1)
-    alpha = eps / steps if step_size is None else check_positive("step_size", step_size)
-    decay = check_nonnegative("decay", decay)
-    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
-        x0 = x.detach().to(work_dtype(x))
-        xa = x0.clone()
-        momentum = torch.zeros_like(x0)
-        for _ in range(steps):
-            g, _ = guard.grad(xa.to(x.dtype), lambda z: ce_loss(z, y, target))
-            g = g.to(x0.dtype)
-            # A zero gradient (saturated softmax) would divide 0/0: keep it at zero.
-            scale = g.abs().mean(dim=(1, 2, 3), keepdim=True)
-            g = g / torch.where(scale > 0, scale, torch.ones_like(scale))
-            momentum = decay * momentum + g
-            xa = project_linf(xa + alpha * momentum.sign(), x0, eps)
-        return finish(guard, x, xa, y, target)
+    return steepest_ascent(
+        model, x, y, threat=Linf(eps), steps=steps,
+        step_size=eps / steps if step_size is None else step_size, momentum=decay,
+        objective=ce_loss, target=target, generator=generator, seeds=seeds,
+    )  # fmt: skip

@@ -12,6 +12,14 @@ from advtune's in ways the adapter smooths over:
   the batch seed is a hash of all of them, so a randomized torchattacks attack still
   depends on batch composition (advtune's own attacks do not).
 * They ``print``: the output goes to the ``advtune.attacks`` logger at debug level.
+
+Registered names: ``attacks.get("torchattacks:APGD")`` (any class, case-insensitive after
+the prefix) returns an attack ``fn(model, x, y, *, target, generator, seeds, **hp)`` whose
+hyperparameters are the class's keyword arguments, with a spec derived from its
+signature (``eps`` is the radius, ``steps``/``n_restarts``/``n_queries`` budgets, and a
+``norm`` argument takes advtune's ``"linf"``/``"l2"``). Once looked up the name is in
+``attacks.names()``, so the CLI (``--attack torchattacks:APGD``), presets and the
+contract suite treat it like any attack.
 """
 
 from __future__ import annotations
@@ -28,10 +36,21 @@ import torch
 from torch import nn
 
 from advtune.attacks._random import _splitmix64, resolve_seeds
+from advtune.attacks._registry import _ATTACKS, AttackSpec, Param, _derive
 from advtune.attacks._result import AttackResult, ModelGuard, check_inputs, finish
+from advtune.attacks.threat import threat_names
 from advtune.errors import UserError, suggest
 
-__all__ = ["MissingDependencyError", "TorchattacksAttack", "torchattacks"]
+__all__ = [
+    "PREFIX",
+    "MissingDependencyError",
+    "TorchattacksAttack",
+    "lookup_external",
+    "torchattacks",
+]
+
+#: Registry prefix of wrapped torchattacks classes: ``"torchattacks:APGD"``.
+PREFIX = "torchattacks:"
 
 logger = logging.getLogger("advtune.attacks")
 
@@ -86,6 +105,7 @@ def _seeded_global_rngs(seed: int, device: torch.device) -> Iterator[None]:
     """Seed torch/NumPy/Python global RNGs inside, restore their states on exit."""
     cuda = list(range(torch.cuda.device_count())) if device.type == "cuda" else []
     py_state = random.getstate()
+    np: Any
     try:
         import numpy as np
 
@@ -166,6 +186,83 @@ class TorchattacksAttack:
                 return finish(guard, x, x_adv.detach(), y, target)
 
 
+def _find_class(name: str) -> type:
+    ta = _import_torchattacks()
+    classes = _attack_classes(ta)
+    cls = classes.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str):
+        folded = {k.lower(): v for k, v in classes.items()}
+        cls = folded.get(name.lower())
+    if cls is None:
+        raise UserError(suggest(str(name), classes, what="torchattacks attack"))
+    return cls
+
+
+# torchattacks spells norms "Linf"/"L2"; advtune's are lower case.
+_TA_NORM = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+
+
+def _class_spec(cls: type, name: str) -> AttackSpec:
+    params = []
+    norm = "l2" if "L2" in cls.__name__ or cls.__name__ in ("CW", "DeepFool") else "linf"
+    for p in list(inspect.signature(cls).parameters.values())[1:]:  # after the model
+        if p.kind not in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY):
+            continue
+        if p.name == "norm" and isinstance(p.default, str):
+            norm = p.default.lower()
+            params.append(Param("norm", str, norm, choices=tuple(threat_names()), role="norm"))
+            continue
+        params.append(_derive(p))
+    randomized = any(p.name == "random_start" and p.default is True for p in params)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            modes = cls(nn.Linear(1, 2)).supported_mode
+    except Exception:
+        modes = ()
+    doc = (inspect.getdoc(cls) or "").splitlines()
+    return AttackSpec(
+        name=name,
+        norm=norm,
+        randomized=randomized,
+        params=tuple(params),
+        declared=False,
+        per_sample=False,
+        targeted="targeted" in modes,
+        summary=f"torchattacks {cls.__name__}" + (f": {doc[0]}" if doc else ""),
+    )
+
+
+def lookup_external(name: str) -> tuple[Any, AttackSpec] | None:
+    """Register and return ``"torchattacks:<Class>"``; ``None`` for another prefix.
+
+    Raises:
+        MissingDependencyError: torchattacks is not installed.
+        UserError: Unknown class (with suggestions).
+    """
+    if not name.lower().startswith(PREFIX):
+        return None
+    cls = _find_class(name[len(PREFIX) :])
+    canonical = PREFIX + cls.__name__
+    if canonical in _ATTACKS:
+        return _ATTACKS[canonical]
+
+    def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs: Any) -> AttackResult:
+        # kwargs: target, generator, seeds and the class's hyperparameters.
+        common = {k: kwargs.pop(k, None) for k in ("target", "generator", "seeds")}
+        hyperparameters = entry[1].validate(kwargs)
+        entry[1].threat(hyperparameters)  # eps in range for the norm
+        if isinstance(hyperparameters.get("norm"), str):
+            norm = hyperparameters["norm"]
+            hyperparameters["norm"] = _TA_NORM.get(norm.lower(), norm)
+        return torchattacks(cls.__name__, **hyperparameters)(model, x, y, **common)
+
+    attack.__name__ = attack.__qualname__ = canonical
+    attack.__doc__ = f"torchattacks {cls.__name__} through the adapter (see advtune.attacks)."
+    entry = (attack, _class_spec(cls, canonical))
+    _ATTACKS[canonical] = entry
+    return entry
+
+
 def torchattacks(name: str, **kwargs: Any) -> TorchattacksAttack:
     """Wrap the torchattacks attack class ``name`` as an advtune attack.
 
@@ -183,16 +280,9 @@ def torchattacks(name: str, **kwargs: Any) -> TorchattacksAttack:
             ``UserError``; the message names the extra to install).
         UserError: Unknown attack name, or keyword arguments the class does not take.
     """
-    ta = _import_torchattacks()
-    classes = _attack_classes(ta)
-    cls = classes.get(name) if isinstance(name, str) else None
-    if cls is None and isinstance(name, str):
-        folded = {k.lower(): v for k, v in classes.items()}
-        cls = folded.get(name.lower())
-    if cls is None:
-        raise UserError(suggest(str(name), classes, what="torchattacks attack"))
+    cls = _find_class(name)
     try:
-        inspect.signature(cls.__init__).bind(None, None, **kwargs)
+        inspect.signature(cls).bind(None, **kwargs)
     except TypeError as exc:
         raise UserError(f"bad arguments for torchattacks {cls.__name__}: {exc}") from None
     return TorchattacksAttack(cls, kwargs)
