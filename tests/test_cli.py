@@ -290,7 +290,7 @@ def test_oom_backoff_end_to_end(imagenet, checkpoint, tmp_path, monkeypatch, cap
     equals, image by image, the uninterrupted run at the size each image was attacked at.
     (Not necessarily the run at the original size: resnet18 at 32 px on this CPU gives 4 of
     the 6 rows of --batch-size 2 and 4 different last bits in clean_conf.)"""
-    import advtune.evaluate as ev
+    import advtune.run.loop as ev
 
     def args(out, *more):
         # PGD with random starts and random targets: per-sample seeds at work.

@@ -2,7 +2,7 @@
 
 Interruptions come from the testing hook ``ADVTUNE_TEST_STOP_AFTER_BATCHES`` (``N``: raise
 KeyboardInterrupt after N batches were written; ``N:kill``: SIGKILL the process, so no
-clean-up code runs at all) and from the library's ``on_batch_done`` callback.
+clean-up code runs at all) and from a run callback's ``on_batch``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from fakes import write_run_inputs
 from torch import nn
 
 from advtune.cli import STOP_HOOK_ENV, main
-from advtune.evaluate import AttackConfig, run
 from advtune.io import read_manifest
+from advtune.run import AttackConfig, RunCallbacks, RunSpec, run
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,15 @@ class _Images(torch.utils.data.Dataset):
         return {"image": self.images[i], "label": self.labels[i], "index": i, "path": self.paths[i]}
 
 
+class _StopAfter(RunCallbacks):
+    def __init__(self, batches):
+        self.batches = batches
+
+    def on_batch(self, batches):
+        if batches == self.batches:
+            raise KeyboardInterrupt
+
+
 def test_library_resume_with_several_eps(tmp_path):
     g = torch.Generator().manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(48, 3)).eval()
@@ -143,18 +152,19 @@ def test_library_resume_with_several_eps(tmp_path):
     config = AttackConfig(
         attack="pgd", norm="linf", eps=(1 / 255, 8 / 255), params={"steps": 2}, seed=9
     )
-    kwargs = dict(command="evaluate", save_images=False, batch_size=3, num_workers=0)
+
+    def spec(name, **more):
+        return RunSpec(
+            attack=config, out_dir=tmp_path / name, command="evaluate", batch_size=3,
+            num_workers=0, **more,
+        )  # fmt: skip
+
     ds = _Images(8)
-    full = run(net, ds, config, out_dir=tmp_path / "full", **kwargs)
-
-    def stop(batches):
-        if batches == 2:
-            raise KeyboardInterrupt
-
+    full = run(spec("full"), net, ds)
     with pytest.raises(KeyboardInterrupt):
-        run(net, ds, config, out_dir=tmp_path / "part", on_batch_done=stop, **kwargs)
+        run(spec("part"), net, ds, callbacks=[_StopAfter(2)])
     assert len(read_manifest(tmp_path / "part" / "manifest.csv")) == 12  # 6 images × 2 eps
-    resumed = run(net, ds, config, out_dir=tmp_path / "part", resume=True, **kwargs)
+    resumed = run(spec("part", resume=True), net, ds)
     assert resumed["metrics"] == full["metrics"]
     assert (tmp_path / "part" / "manifest.csv").read_text() == (
         tmp_path / "full" / "manifest.csv"
