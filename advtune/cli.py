@@ -26,8 +26,9 @@ from advtune.errors import UserError
 __all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
 
 #: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
-#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all);
-#: ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R`` only (the other ranks keep going).
+#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all),
+#: ``N:term`` sends itself SIGTERM; ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R``
+#: only (the other ranks keep going).
 STOP_HOOK_ENV = "ADVTUNE_TEST_STOP_AFTER_BATCHES"
 
 EXIT_FAILED = 1
@@ -259,15 +260,16 @@ def _stop_hook() -> Any:
             return None
     except ValueError:
         raise UserError(
-            f"{STOP_HOOK_ENV} must be N, N:kill, N@RANK or N:kill@RANK, got {value!r}"
+            f"{STOP_HOOK_ENV} must be N, N:kill, N:term, N@RANK or N:kill@RANK, got {value!r}"
         ) from None
     from advtune.run.callbacks import RunCallbacks
 
     class StopHook(RunCallbacks):
         def on_batch(self, batches: int) -> None:
             if batches >= after:
-                if mode == "kill":
-                    os.kill(os.getpid(), signal.SIGKILL)
+                if mode in ("kill", "term"):  # a real signal, handled as users send it
+                    os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGTERM)
+                    return
                 raise KeyboardInterrupt
 
     return StopHook()
@@ -544,7 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from advtune.run import signals
 
-    signals.install()  # before the slow imports: Ctrl-C at any time is one line
+    previous = signals.install()  # before the slow imports: Ctrl-C at any time is one line
     try:
         parser = build_parser()
         try:
@@ -564,6 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # before a run started (imports, parsing)
         print("advtune: interrupted", file=sys.stderr)
         return signals.exit_code(e)
+    finally:
+        signals.restore(previous)
 
 
 def _dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -561,3 +561,160 @@ def test_auto_batch_size_on_cpu_is_the_default_clamped():
     kw = {"input_shape": (3, SIZE, SIZE), "key": {"model": "tiny"}}
     assert auto_batch_size(tiny_model(), config, limit=1000, **kw) == 32
     assert auto_batch_size(tiny_model(), config, limit=7, **kw) == 7
+
+
+# --------------------------------------------------------------------------- trustworthy runs
+
+
+class _Broken(nn.Module):
+    """``model``'s logits, with NaN for the images whose index is in ``nan_images`` (the
+    images are told apart by their first pixel), and +inf on adversarial inputs if asked."""
+
+    def __init__(self, model, images, nan_images, *, inf_on_adv=False):
+        super().__init__()
+        self.model, self.inf_on_adv = model, inf_on_adv
+        self.name, self.num_classes = "broken", CLASSES
+        self.keys = {float(images[i].flatten()[0]) for i in nan_images}
+        self.clean = {tuple(x.flatten()[:4].tolist()) for x in images}
+
+    def forward(self, x):
+        out = self.model(x)
+        x = x.detach()
+        for i in range(x.shape[0]):
+            if float(x[i].flatten()[0]) in self.keys:
+                out[i] = float("nan")
+            elif self.inf_on_adv and tuple(x[i].flatten()[:4].tolist()) not in self.clean:
+                out[i, 0] = float("inf")
+        return out
+
+
+def test_nonfinite_logits_are_never_robust_and_are_counted(tmp_path):
+    ds = TensorImages(6)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    model = _Broken(tiny_model(), ds.images, nan_images=[1, 4])
+    with pytest.warns(RuntimeWarning, match="2 images of 6 had non-finite logits"):
+        report = run(model, ds, config, out_dir=tmp_path / "o", batch_size=6, num_workers=0)
+    rows = read_manifest(tmp_path / "o" / "manifest.csv")
+    broken = [r for r in rows if r["index"] in (1, 4)]
+    assert all(math.isnan(r["clean_conf"]) and r["clean_pred"] == -1 for r in broken)
+    metrics = report["metrics"]
+    assert metrics["num_nonfinite"] == 2
+    # At 1/255 this model keeps almost every image: the two NaN ones are never robust.
+    healthy = [r for r in rows if r["index"] not in (1, 4)]
+    expected = sum(r["adv_pred"] == r["label"] for r in healthy) / 6
+    assert metrics["robust_accuracy"] == expected
+    assert metrics["clean_accuracy"] == sum(r["clean_pred"] == r["label"] for r in healthy) / 6
+    assert "2 images with non-finite logits" in format_summary(report)
+
+
+def test_nonfinite_adversarial_logits_are_never_robust(tmp_path):
+    ds = TensorImages(4)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(8 / 255,))
+    model = _Broken(tiny_model(), ds.images, nan_images=[], inf_on_adv=True)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        report = run(model, ds, config, out_dir=tmp_path / "o", batch_size=4, num_workers=0)
+    assert report["metrics"]["robust_accuracy"] == 0.0
+    assert report["metrics"]["num_nonfinite"] == 4
+
+
+def test_all_nan_model_is_an_error(tmp_path):
+    ds = TensorImages(3)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    model = _Broken(tiny_model(), ds.images, nan_images=[0, 1, 2])
+    with pytest.raises(UserError, match=r"non-finite .* on all 3 images"):
+        run(model, ds, config, out_dir=tmp_path / "o", batch_size=3, num_workers=0)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["status"] == "failed" and report["metrics"]["num_nonfinite"] == 3
+
+
+def test_a_model_value_error_is_not_blamed_on_the_attack():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 1:  # the clean pass works, the attack's forward does not
+                raise ValueError("the model's own complaint")
+            return self.inner(x)
+
+    ds = TensorImages(2)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    with pytest.raises(ValueError, match="the model's own complaint") as caught:
+        attack_batch(Picky(), ds.images, torch.tensor([0, 1]), [0, 1], ds.paths, config)
+    assert not isinstance(caught.value, UserError)
+
+
+def test_least_likely_target_is_the_attacks_definition():
+    from advtune.attacks import least_likely_target
+
+    ds = TensorImages(5)
+    model = tiny_model()
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,), targeted="least-likely")
+    labels = torch.tensor(ds.labels)
+    out = attack_batch(model, ds.images, labels, list(range(5)), ds.paths, config)
+    expected = least_likely_target(model, ds.images)
+    clash = expected == labels
+    # Where the label itself is least likely, the next least likely class.
+    second = model(ds.images).argsort(dim=1)[:, 1]
+    expected = torch.where(clash, second, expected)
+    assert [r["target"] for r in out.rows] == expected.tolist()
+    assert all(r["target"] != r["label"] for r in out.rows)
+
+
+def test_a_run_never_pads_beyond_the_dataset(tmp_path, monkeypatch):
+    import advtune.run.loop as loop
+
+    sizes = []
+    real = loop.attack_batch
+
+    def spy(model, images, *args, **kwargs):
+        sizes.append(images.shape[0])
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "attack_batch", spy)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
+    report = run(tiny_model(), TensorImages(5), config, out_dir=tmp_path / "o", batch_size=32,
+                 num_workers=0)  # fmt: skip
+    assert sizes == [5]
+    assert report["settings"]["batch_size"] == 32 and report["settings"]["final_batch_size"] == 5
+
+
+def test_plot_eps_ticks_are_evenly_spaced(tmp_path):
+    from matplotlib.figure import Figure
+
+    from advtune.run.report import eps_axis
+
+    ax = Figure().add_subplot()
+    place = eps_axis(ax, [4 / 255, 0.0, 1 / 255, 2 / 255, 1 / 255])
+    assert place == {0.0: 0, 1 / 255: 1, 2 / 255: 2, 4 / 255: 3}
+    assert list(ax.get_xticks()) == [0, 1, 2, 3]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1/255", "2/255", "4/255"]
+
+
+def test_summary_grammar():
+    from advtune.run.report import plural
+
+    assert plural(1, "image") == "1 image" and plural(0, "image") == "0 images"
+
+
+def test_signals_wait_for_the_current_write():
+    import signal
+
+    from advtune.run import signals
+
+    previous = signals.install()
+    try:
+        done = []
+        with pytest.raises(signals.Interrupted) as caught, signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("write finished")  # not cut short by the signal
+        assert done == ["write finished"]
+        assert caught.value.signum == signal.SIGTERM
+        assert signals.exit_code(caught.value) == 143
+        assert signals.exit_code(KeyboardInterrupt()) == 130
+    finally:
+        signals.restore(previous)
+    assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]

@@ -394,6 +394,9 @@ def _finish_main(spec, comm, out, dataset, gathered, payload, error, failed, mod
     )
     if comm.is_distributed and gathered is None:
         final["distributed"]["note"] = "other ranks unreachable: only rank 0's timings"
+    metrics = final["metrics"] or {}
+    if status == "complete" and metrics and metrics.get("mean_clean_confidence") is None:
+        final["status"] = status = "failed"  # every clean logit non-finite: see _check_finite
     config = spec.attack
     if status == "complete" and spec.want_plot and final["metrics"]:
         name = getattr(unwrap_model(model), "name", "")
@@ -417,11 +420,7 @@ def _check_finite(report: dict[str, Any]) -> None:
     if not count:
         return
     total = metrics.get("num_images", 0)
-    if (
-        metrics.get("clean_accuracy") == 0
-        and all(e["num_nonfinite"] == e["num_images"] for e in metrics["per_eps"])
-        and metrics.get("mean_clean_confidence") is None
-    ):
+    if metrics.get("mean_clean_confidence") is None:  # no image had finite clean logits
         raise UserError(
             f"the model's clean logits are non-finite (NaN/inf) on all {plural(total, 'image')}; "
             "no result can be trusted: check the weights, the preprocessing and --amp"

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Interrupted", "deferred", "exit_code", "install"]
+__all__ = ["Interrupted", "deferred", "exit_code", "install", "restore"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -47,12 +47,21 @@ def _handler(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Route SIGINT and SIGTERM to :class:`Interrupted` (main thread only; no-op elsewhere)."""
+def install() -> dict[int, Any]:
+    """Route SIGINT and SIGTERM to :class:`Interrupted` (main thread only; no-op elsewhere).
+
+    Returns:
+        The previous handlers, for :func:`restore`.
+    """
     if threading.current_thread() is not threading.main_thread():
-        return
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _handler)
+        return {}
+    return {signum: signal.signal(signum, _handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore(previous: dict[int, Any]) -> None:
+    """Put back the handlers :func:`install` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 @contextlib.contextmanager
