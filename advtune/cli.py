@@ -384,6 +384,10 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
         torch.cuda.set_device(torch.device(device))
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
+    if convbn not in models.MODES:  # before the model load (which checks it too)
+        from advtune.errors import suggest
+
+        raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
     OutputDir(out_dir)  # fails early if the folder is not writable
     if args.subset is not None and not Path(args.subset).expanduser().is_file():
         raise UserError(f"subset file {args.subset!r} not found")
