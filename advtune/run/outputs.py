@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -165,7 +166,10 @@ def _remove_adv(root: Path, rows: Iterable[Mapping[str, Any]]) -> None:
             continue
         path.unlink(missing_ok=True)
     if skipped:
-        log.warning("left %d listed file(s) alone: outside %s", skipped, adv)
+        warnings.warn(
+            f"left {skipped} file(s) that the manifest lists outside {adv} alone",
+            stacklevel=2,
+        )
 
 
 def consolidate(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
