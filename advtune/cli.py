@@ -10,6 +10,7 @@ current write and say how to resume. See ``docs/cli.md``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import os
 import re
@@ -367,12 +368,15 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     # Cheap checks first: a typo should not cost a model load.
     config = _attack_config(args)
     _check_eps_fits_8bit(config)
-    save_images = command == "generate"
-    if save_images and config.eps is not None and len(config.eps) > 1:
-        raise UserError(
-            f"generate takes one eps, got {len(config.eps)}; use 'advtune evaluate' for a curve"
-        )
-    out_dir = Path(args.out or args.default_out)
+    spec = RunSpec(  # validates itself; completed once the model is known
+        attack=config,
+        out_dir=Path(args.out or args.default_out),
+        command=command,
+        num_workers=args.workers,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    out_dir = spec.out_dir
     _check_out_not_in_data(args.data, out_dir)
     # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
     comm = init_comm(args.device)
@@ -405,15 +409,9 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         if comm.is_distributed:
             # Every rank must attack with the same batch shape (results depend on it).
             batch_size = min(comm.all_gather(batch_size))
-    spec = RunSpec(
-        attack=config,
-        out_dir=out_dir,
-        command=command,
-        save_images=save_images,
+    spec = dataclasses.replace(
+        spec,
         batch_size=batch_size,
-        num_workers=args.workers,
-        resume=args.resume,
-        overwrite=args.overwrite,
         context=model_context(
             name=args.model,
             weights=args.weights,

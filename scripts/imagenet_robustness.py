@@ -88,6 +88,18 @@ def _eps_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _image_size(text: str) -> int:
+    from advtune.run.inputs import MAX_IMAGE_SIZE
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_IMAGE_SIZE}], got {value}")
+    return value
+
+
 def _setting(text: str) -> tuple[str, str, Any]:
     from advtune.presets import parse_value
 
@@ -147,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: cuda)")
     p.add_argument(
-        "--image-size", type=int, help="advanced: crop side (at most 4096) instead of the model's"
+        "--image-size", type=_image_size, help="advanced: crop side instead of the model's"
     )
     p.add_argument("--overwrite", action="store_true", help="redo cells that already exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -95,6 +95,9 @@ def test_imagenet_robustness_user_errors(imagenet, tmp_path, capsys):
     assert rc == 2 and "unknown grid attack(s) ['pgd7']" in capsys.readouterr().err
     rc = script.main(grid_args(imagenet, "random", tmp_path / "x", "--set", "pgd10.stepz=3"))
     assert rc == 2 and "no setting 'stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:  # argparse: usage line and exit 2
+        script.main(grid_args(imagenet, "random", tmp_path / "x", "--image-size", "5000"))
+    assert caught.value.code == 2 and "must be in [1, 4096], got 5000" in capsys.readouterr().err
 
 
 def test_convbn_modes_table_csv_plot(tmp_path):
