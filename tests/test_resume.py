@@ -38,6 +38,15 @@ def cli_args(data, ckpt, out):
     ]  # fmt: skip
 
 
+def advtune_process(args, *, env=(), **kwargs):
+    """``python -m advtune ARGS`` in a subprocess (one thread), stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "advtune", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)},
+        capture_output=True, text=True, timeout=300, **kwargs,
+    )  # fmt: skip
+
+
 def assert_same_run(a, b):
     assert (a / "manifest.csv").read_text() == (b / "manifest.csv").read_text()
     ra = json.loads((a / "report.json").read_text())
@@ -82,11 +91,7 @@ def test_ctrl_c_then_resume(setup, uninterrupted, tmp_path, monkeypatch, capsys)
 def test_sigkill_then_resume(setup, uninterrupted, tmp_path):
     data, ckpt = setup
     out = tmp_path / "out"
-    env = {**os.environ, STOP_HOOK_ENV: "1:kill", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "advtune", *cli_args(data, ckpt, out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = advtune_process(cli_args(data, ckpt, out), env={STOP_HOOK_ENV: "1:kill"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     # Killed without any clean-up: one batch is on disk, and no temporary files.
     assert [r["index"] for r in read_manifest(out / "manifest.csv")] == [0, 1]
@@ -210,11 +215,7 @@ def test_a_killed_run_leaves_no_stuck_lock(tmp_path):
 def test_sigterm_marks_the_report_and_resumes(setup, uninterrupted, tmp_path):
     data, ckpt = setup
     out = tmp_path / "out"
-    env = {**os.environ, STOP_HOOK_ENV: "1:term", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "advtune", *cli_args(data, ckpt, out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = advtune_process(cli_args(data, ckpt, out), env={STOP_HOOK_ENV: "1:term"})
     assert proc.returncode == 143, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in proc.stderr
@@ -337,11 +338,7 @@ def test_file_size_limit_is_one_line(setup, tmp_path):
     def limit():  # 2 KB per file: the first PNG does not fit
         resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "advtune", *cli_args(data, ckpt, out), "--limit", "2"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        timeout=300, preexec_fn=limit,
-    )  # fmt: skip
+    proc = advtune_process([*cli_args(data, ckpt, out), "--limit", "2"], preexec_fn=limit)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "File too large" in lines[0], proc.stderr
