@@ -99,7 +99,7 @@ def inside(root: Path, relative: str) -> Path | None:
 
 def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two (nested) config dicts."""
-    out = []
+    out: list[str] = []
     for key in sorted(set(stored) | set(current)):
         a, b = stored.get(key, "<missing>"), current.get(key, "<missing>")
         if isinstance(a, Mapping) and isinstance(b, Mapping):
@@ -297,9 +297,7 @@ class OutputDir:
                 raise UserError(
                     f"{str(path)!r} is a folder, not a file; move it away or choose another --out"
                 )
-        if self.adv_dir.is_symlink() or (
-            self.adv_dir.exists() and inside(self.root, ADV_DIR) is None
-        ):
+        if self.adv_dir.is_symlink():
             raise UserError(
                 f"{str(self.adv_dir)!r} is a symlink; advtune writes only inside --out: "
                 "remove it or choose another --out"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -217,7 +217,17 @@ def run(
         out.unlock()
 
 
-def _run_locked(spec, model, dataset, comm, callbacks, out, key, done, device):
+def _run_locked(
+    spec: RunSpec,
+    model: nn.Module,
+    dataset: Any,
+    comm: Communicator,
+    callbacks: Sequence[RunCallbacks],
+    out: OutputDir,
+    key: dict[str, Any],
+    done: set[str],
+    device: torch.device,
+) -> dict[str, Any] | None:
     from advtune.data import make_loader
 
     config = spec.attack
@@ -284,9 +294,10 @@ def _run_locked(spec, model, dataset, comm, callbacks, out, key, done, device):
     comm_error: CommunicationError | None = None
     try:
         if mine:
+            # A list of indices is a valid sampler (DataLoader iterates it).
             loader = make_loader(
                 dataset, batch_size=batch_size, num_workers=spec.num_workers,
-                device=str(device), sampler=mine,
+                device=str(device), sampler=mine,  # type: ignore[arg-type]
             )  # fmt: skip
             attack_loader(
                 model, loader, config, sink=save, adv_paths=adv_paths, device=device,
@@ -357,7 +368,18 @@ def _run_locked(spec, model, dataset, comm, callbacks, out, key, done, device):
     return final
 
 
-def _finish_main(spec, comm, out, dataset, gathered, payload, error, failed, model, report):
+def _finish_main(
+    spec: RunSpec,
+    comm: Communicator,
+    out: OutputDir,
+    dataset: Any,
+    gathered: list[Any] | None,
+    payload: dict[str, Any],
+    error: BaseException | None,
+    failed: set[int],
+    model: nn.Module,
+    report: Callable[..., dict[str, Any]],
+) -> dict[str, Any]:
     """Rank 0: merge rows and timings in memory, write ``manifest.csv`` and the report."""
     payloads = gathered if gathered is not None else [payload]
     if comm.is_distributed:
