@@ -5,7 +5,20 @@ The core is :func:`tune`, which runs every Conv→BatchNorm block of a model in 
 :mod:`advtune.attacks`.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from advtune._version import __version__
-from advtune.convbn import MODES, ConvBNReport, convbn_report, tune
 
 __all__ = ["MODES", "ConvBNReport", "__version__", "convbn_report", "tune"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: ``import advtune.cli`` must not import torch, so the command
+    # line can route Ctrl-C before the slow imports start.
+    if name in ("MODES", "ConvBNReport", "convbn_report", "tune"):
+        from advtune import convbn
+
+        return getattr(convbn, name)
+    raise AttributeError(f"module 'advtune' has no attribute {name!r}")

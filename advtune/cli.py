@@ -1,16 +1,19 @@
 """The ``advtune`` command line: ``generate``, ``evaluate``, ``list`` and ``bench``.
 
-A thin layer over :mod:`advtune.evaluate`: it parses arguments, resolves the attack
+A thin layer over :mod:`advtune.run`: it parses arguments, resolves the attack
 (presets < flags), loads the model and the data, and prints the summary. Errors a user
 can fix (:class:`advtune.errors.UserError`) become one line ``advtune: error: ...`` on
-stderr and exit code 2; Ctrl-C exits with 130 and says how to resume. See ``docs/cli.md``.
+stderr and exit code 2; SIGINT (Ctrl-C) and SIGTERM exit with 130 and 143 after the
+current write and say how to resume. See ``docs/cli.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import os
+import re
 import signal
 import sys
 import warnings
@@ -24,13 +27,18 @@ from advtune.errors import UserError
 __all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
 
 #: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
-#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all);
-#: ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R`` only (the other ranks keep going).
+#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all),
+#: ``N:term`` sends itself SIGTERM; ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R``
+#: only (the other ranks keep going).
 STOP_HOOK_ENV = "ADVTUNE_TEST_STOP_AFTER_BATCHES"
 
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+
+#: ``--image-size`` upper bound (see ``advtune.run.inputs.MAX_IMAGE_SIZE``; repeated here
+#: so parsing needs no torch import).
+MAX_IMAGE_SIZE = 4096
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,12 +63,12 @@ def _number(text: str) -> float:
 def _int(text: str) -> int:
     # Flags without a fixed range (--steps...) are checked later, where the message can
     # name the setting; fixed ranges go through _int_at_least.
-    from advtune.presets import parse_int
-
     try:
-        return parse_int(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid integer {text!r}: expected a whole number like 4"
+        ) from None
 
 
 def _int_at_least(minimum: int, text: str) -> int:
@@ -76,6 +84,13 @@ def _positive_int(text: str) -> int:
 
 def _nonneg_int(text: str) -> int:
     return _int_at_least(0, text)
+
+
+def _image_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be <= {MAX_IMAGE_SIZE}, got {value}")
+    return value
 
 
 def _batch_size(text: str) -> int | str:
@@ -158,8 +173,9 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
     data.add_argument("--labels", help="LOC_val_solution.csv or devkit ground truth elsewhere")
     data.add_argument(
         "--image-size",
-        type=_positive_int,
-        help="advanced: resize+crop to this side instead of the model's preprocessing",
+        type=_image_size,
+        help="advanced: resize+crop to this side (at most "
+        f"{MAX_IMAGE_SIZE}) instead of the model's preprocessing",
     )
     run = p.add_argument_group("run")
     run.add_argument("--out", help="output folder")
@@ -219,19 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         register_cli(sub)
+        _positive_batch_sizes(sub.choices.get("bench"))
     return parser
+
+
+def _positive_batch_sizes(parser: argparse.ArgumentParser | None) -> None:
+    """``bench --batch-size`` takes whole numbers >= 1 (0 must not mean "the default")."""
+    for action in getattr(parser, "_actions", []):
+        if action.dest == "batch_size":
+            action.type = _positive_int
 
 
 # --------------------------------------------------------------------------- handlers
 
 
-def _resolve_device(text: str) -> str:
-    from advtune.distributed import resolve_device
-
-    return resolve_device(text)
-
-
-def _stop_hook() -> Callable[[int], None] | None:
+def _stop_hook() -> Any:
     value = os.environ.get(STOP_HOOK_ENV)
     if not value:
         return None
@@ -243,32 +261,31 @@ def _stop_hook() -> Callable[[int], None] | None:
             return None
     except ValueError:
         raise UserError(
-            f"{STOP_HOOK_ENV} must be N, N:kill, N@RANK or N:kill@RANK, got {value!r}"
+            f"{STOP_HOOK_ENV} must be N, N:kill, N:term, N@RANK or N:kill@RANK, got {value!r}"
         ) from None
+    from advtune.run.callbacks import RunCallbacks
 
-    def hook(batches: int) -> None:
-        if batches >= after:
-            if mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise KeyboardInterrupt
+    class StopHook(RunCallbacks):
+        def on_batch(self, batches: int) -> None:
+            if batches >= after:
+                if mode in ("kill", "term"):  # a real signal, handled as users send it
+                    os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGTERM)
+                    return
+                raise KeyboardInterrupt
 
-    return hook
+    return StopHook()
 
 
-def _run(args: argparse.Namespace, *, command: str) -> int:
-    import torch
-
-    from advtune import distributed, evaluate, models
-    from advtune.data import build_dataset
-    from advtune.models import Preprocess, load_model
+def _attack_config(args: argparse.Namespace) -> Any:
     from advtune.presets import resolve_attack
 
-    # Cheap checks first: a typo should not cost a model load.
     overrides: dict[str, Any] = dict(args.param)
+    if "eps" in overrides:
+        raise UserError("set the budget with --eps (e.g. --eps 4/255), not -p eps=...")
     for key, value in (("steps", args.steps), ("step_size", args.step_size), ("norm", args.norm)):
         if value is not None:
             overrides[key] = value
-    config = resolve_attack(
+    return resolve_attack(
         args.attack,
         preset=args.preset,
         eps=args.eps,
@@ -276,27 +293,58 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         overrides=overrides,
         seed=args.seed,
     )
-    save_images = command == "generate"
-    if save_images and config.eps is not None and len(config.eps) > 1:
+
+
+def _check_eps_fits_8bit(config: Any, *, keep_float: bool = False) -> None:
+    """L∞ budgets below one 8-bit level cannot survive saving as 8-bit images."""
+    small = [e for e in (config.eps or ()) if config.norm == "linf" and 0 < e < 1 / 255 - 1e-9]
+    if small:
+        from advtune.run.report import format_eps
+
         raise UserError(
-            f"generate takes one eps, got {len(config.eps)}; use 'advtune evaluate' for a curve"
+            f"eps {format_eps(small[0])} is below 1/255: 8-bit images cannot hold an L∞ "
+            "perturbation smaller than one level, so every saved image would equal the "
+            "clean one; use --eps 1/255 or more"
         )
-    # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
-    ctx = distributed.init(args.device)
-    ctx = dataclasses.replace(ctx, device=distributed.resolve_device(args.device, ctx))
-    device = ctx.device
-    if device.startswith("cuda:") and not ctx.is_distributed:
-        # The current device is what the loader's pin-memory thread and any unindexed
-        # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
-        torch.cuda.set_device(torch.device(device))
-    convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
-    out_dir = Path(args.out or args.default_out)
-    output = evaluate.OutputDir(out_dir)  # fails early if the folder is not writable
-    del output
-    if args.subset is not None and not Path(args.subset).expanduser().is_file():
-        raise UserError(f"subset file {args.subset!r} not found")
-    # List the images (and report data errors) before the slow model load; the transform
-    # is the model's, set once the model is known (decoding is lazy).
+
+
+def _check_out_not_in_data(data: str | None, out_dir: Path) -> None:
+    """Refuse an output folder inside the data folder: the run would read its own PNGs."""
+    if data is None:
+        return
+    root, out = Path(data).expanduser().resolve(), out_dir.expanduser().resolve()
+    if out == root or root in out.parents:
+        raise UserError(
+            f"--out {str(out_dir)!r} is inside --data {data!r}: the run would read its own "
+            "outputs as input; choose an --out outside the data folder"
+        )
+
+
+def _load_model(args: argparse.Namespace, *, convbn: str, device: str) -> Any:
+    """``load_model`` with ``--seed`` for random weights where the loader takes it."""
+    import inspect
+
+    from advtune.models import load_model
+
+    kwargs: dict[str, Any] = {}
+    if "seed" in inspect.signature(load_model).parameters:
+        kwargs["seed"] = args.seed
+    return load_model(
+        args.model, weights=args.weights, convbn=convbn, device=device,
+        progress=not args.quiet, **kwargs,
+    )  # fmt: skip
+
+
+def _dataset_and_model(args: argparse.Namespace, *, convbn: str, device: str) -> tuple:
+    """List the images (data errors before the slow model load), then load the model
+    and give the dataset the model's preprocessing (decoding is lazy).
+
+    # merge: model card — with ``advtune.models`` cards, ``.preprocess`` is known before
+    # building, so the dataset gets its real transform at once and this patch goes.
+    """
+    from advtune.data import build_dataset
+    from advtune.run.inputs import image_size_preprocess
+
     dataset = build_dataset(
         args.data,
         transform=_unset_transform,
@@ -305,17 +353,49 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         shuffle_seed=args.shuffle_seed,
         labels=args.labels,
     )
-    model = load_model(
-        args.model, weights=args.weights, convbn=convbn, device=device, progress=not args.quiet
-    )
-    transform = model.preprocess
-    if args.image_size is not None:
-        interpolation = getattr(transform, "interpolation", None)
-        kwargs = {"interpolation": interpolation} if interpolation is not None else {}
-        transform = Preprocess(
-            crop_size=args.image_size, resize_size=round(args.image_size * 256 / 224), **kwargs
-        )
+    model = _load_model(args, convbn=convbn, device=device)
+    transform = image_size_preprocess(model.preprocess, args.image_size)
     dataset.transform = transform
+    return dataset, model, transform
+
+
+def _run(args: argparse.Namespace, *, command: str) -> int:
+    from advtune import models
+    from advtune.run import RunSpec, TqdmProgress, format_summary, init_comm, run
+    from advtune.run.outputs import OutputDir
+    from advtune.run.spec import model_context
+
+    # Cheap checks first: a typo should not cost a model load.
+    config = _attack_config(args)
+    _check_eps_fits_8bit(config)
+    spec = RunSpec(  # validates itself; completed once the model is known
+        attack=config,
+        out_dir=Path(args.out or args.default_out),
+        command=command,
+        num_workers=args.workers,
+        resume=args.resume,
+        overwrite=args.overwrite,
+    )
+    out_dir = spec.out_dir
+    _check_out_not_in_data(args.data, out_dir)
+    # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
+    comm = init_comm(args.device)
+    device = comm.device
+    if device.startswith("cuda:") and not comm.is_distributed:
+        import torch
+
+        # The current device is what the loader's pin-memory thread and any unindexed
+        # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
+        torch.cuda.set_device(torch.device(device))
+    convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
+    if convbn not in models.MODES:  # before the model load (which checks it too)
+        from advtune.errors import suggest
+
+        raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
+    OutputDir(out_dir)  # fails early if the folder is not writable
+    if args.subset is not None and not Path(args.subset).expanduser().is_file():
+        raise UserError(f"subset file {args.subset!r} not found")
+    dataset, model, transform = _dataset_and_model(args, convbn=convbn, device=device)
     weights_used = model.weights
     if args.amp or args.channels_last or args.compile:
         from advtune.runtime import prepare
@@ -326,38 +406,31 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     batch_size = args.batch_size
     if batch_size == "auto":
         batch_size = _auto_batch_size(args, model, config, dataset, transform, device, convbn)
-        if ctx.is_distributed:
+        if comm.is_distributed:
             # Every rank must attack with the same batch shape (results depend on it).
-            batch_size = min(ctx.all_gather(batch_size))
-    context = {
-        "model": {"name": args.model, "weights": weights_used, "convbn": convbn},
-        "preprocess": repr(transform),
-        "dtype": str(torch.get_default_dtype()),
-        "amp": args.amp,
-        "channels_last": args.channels_last,
-    }
-    settings = {"device": device, "compile": args.compile, "batch_size_requested": args.batch_size}
-    # distributed.run is evaluate.run for a single process (after folding in partial
-    # manifests a torchrun run left behind), and shards + merges under torchrun.
-    report = distributed.run(
-        ctx,
-        model,
-        dataset,
-        config,
-        out_dir=out_dir,
-        command=command,
-        save_images=save_images,
+            batch_size = min(comm.all_gather(batch_size))
+    spec = dataclasses.replace(
+        spec,
         batch_size=batch_size,
-        num_workers=args.workers,
-        resume=args.resume,
-        overwrite=args.overwrite,
-        progress=not args.quiet,
-        context=context,
-        settings=settings,
-        on_batch_done=_stop_hook(),
+        context=model_context(
+            name=args.model,
+            weights=args.weights,
+            weights_used=weights_used,
+            convbn=convbn,
+            preprocess=transform,
+            amp=args.amp,
+            channels_last=args.channels_last,
+        ),
+        settings={
+            "device": device,
+            "compile": args.compile,
+            "batch_size_requested": args.batch_size,
+        },
     )
+    callbacks = [cb for cb in (None if args.quiet else TqdmProgress(), _stop_hook()) if cb]
+    report = run(spec, model, dataset, comm=comm, callbacks=callbacks)
     if report is not None and not args.quiet:  # rank 0 prints the merged summary
-        print(evaluate.format_summary(report))
+        print(format_summary(report))
     return 0
 
 
@@ -371,7 +444,8 @@ def _auto_batch_size(
     convbn: str,
 ) -> int:
     """``--batch-size auto``: probed on CUDA (and cached), the CPU default otherwise."""
-    from advtune import evaluate, runtime
+    from advtune import runtime
+    from advtune.run import auto_batch_size
 
     crop = getattr(transform, "crop_size", None)
     if isinstance(crop, int):
@@ -391,7 +465,7 @@ def _auto_batch_size(
     # Never more than the images: a larger batch would only be padding. The number of
     # images (not of those left to do) keeps the batch shape, and so the results, the
     # same on --resume.
-    return evaluate.auto_batch_size(
+    return auto_batch_size(
         model,
         config,
         input_shape=input_shape,
@@ -427,8 +501,8 @@ def _list(args: argparse.Namespace) -> int:
             budget = "eps" if spec.uses_eps else "no eps"
             print(f"{name:<12} {spec.norm:<5} {budget:<7} {spec.summary}")
     else:
-        from advtune.evaluate import format_eps
         from advtune.presets import list_presets
+        from advtune.run import format_eps
 
         for preset in list_presets():
             eps = ",".join(format_eps(e) for e in preset.eps) if preset.eps else "-"
@@ -439,10 +513,26 @@ def _list(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line: terminal escape sequences and control characters removed,
+    whitespace runs collapsed (error and warning lines must stay one plain line)."""
+    return " ".join(_ANSI.sub(" ", str(text)).split())
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     # Warnings are for the user here: one line, no source location.
-    text = " ".join(str(message).split())
-    print(f"advtune: warning: {text}", file=file if file is not None else sys.stderr)
+    print(f"advtune: warning: {one_line(message)}", file=file if file is not None else sys.stderr)
+
+
+#: Write failures that a user can fix (space, quota, file-size limit, permissions...).
+_WRITE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ENOSPC", "EDQUOT", "EFBIG", "EISDIR", "ENOTDIR", "EROFS", "EACCES", "EPERM")
+    if hasattr(errno, name)
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -452,48 +542,68 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: arguments without the program name (default ``sys.argv[1:]``).
 
     Returns:
-        0 on success, 2 for a user error (one line on stderr), 130 when interrupted,
-        1 when another torchrun rank failed (one line on stderr).
+        0 on success, 2 for a user error or a failed write (one line on stderr), 130
+        after SIGINT and 143 after SIGTERM (one line saying how to resume), 1 when
+        another torchrun rank failed (one line on stderr).
     """
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help, --version, usage errors
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help()
-        return 0
-    from advtune import distributed
+    from advtune.run import signals
 
+    previous = signals.install()  # before the slow imports: Ctrl-C at any time is one line
     try:
-        return _recorded(_dispatch)(handler, args)
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, usage errors
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        handler = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help()
+            return 0
+        try:
+            return _recorded(_dispatch)(handler, args)
+        finally:
+            from advtune.run.comm import shutdown
+
+            shutdown()
+    except KeyboardInterrupt as e:  # before a run started (imports, parsing)
+        print("advtune: interrupted", file=sys.stderr)
+        return signals.exit_code(e)
     finally:
-        distributed.shutdown()
+        signals.restore(previous)
 
 
 def _dispatch(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a sub-command; expected failures become one line on stderr and an exit code."""
-    from advtune.distributed import DistributedRunError
+    from advtune.run import signals
+    from advtune.run.comm import DistributedRunError
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             return int(handler(args) or 0)
     except DistributedRunError as e:
-        print(f"advtune: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"advtune: error: {one_line(e)}", file=sys.stderr)
         return EXIT_FAILED
     except UserError as e:
-        message = " ".join(str(e).split())  # always one line
-        print(f"advtune: error: {message}", file=sys.stderr)
+        print(f"advtune: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        where = f" {e.filename}" if e.filename else ""
+        print(
+            f"advtune: error: cannot write{where}: {e.strerror or e}; finished batches are "
+            "saved: fix that and rerun the same command with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt as e:
         print(
             "advtune: interrupted; finished batches are saved. Run the same command "
             "with --resume to continue.",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return signals.exit_code(e)
 
 
 def _recorded(fn: Callable[..., int]) -> Callable[..., int]:

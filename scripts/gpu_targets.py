@@ -48,9 +48,9 @@ from typing import Any
 
 import torch
 
-from advtune.distributed import resolve_device
 from advtune.errors import UserError
 from advtune.io import atomic_write_text, read_json, write_json
+from advtune.run.comm import parse_device
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32": {"amp": None, "channels_last": False, "compile": False, "modes": "all"},
@@ -133,13 +133,15 @@ def _bench(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _digits() -> tuple[Any, torch.Tensor, torch.Tensor]:
-    tests = Path(__file__).resolve().parent.parent / "tests"
-    if not (tests / "digits.py").is_file():
-        raise UserError(f"the success measurement needs a checkout with {tests / 'digits.py'}")
-    sys.path.insert(0, str(tests))
-    from digits import _dataset, digits_model
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "the success measurement trains on scikit-learn's digits: pip install scikit-learn"
+        ) from None
+    from advtune._digits import digits_dataset, digits_model
 
-    xtr, ytr, xte, yte = _dataset()
+    xtr, ytr, xte, yte = digits_dataset()
     return digits_model(), torch.cat([xtr, xte]), torch.cat([ytr, yte])
 
 
@@ -358,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.success_images is not None and args.success_images < 1:
             raise UserError(f"--success-images must be >= 1, got {args.success_images}")
         if args.configs:
-            args.device = resolve_device(args.device)  # no CUDA: one line, not a traceback
+            args.device = parse_device(args.device)  # no CUDA: one line, not a traceback
         measure(args)
         text = report(args.out)
     except UserError as exc:

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Robust accuracy of ImageNet classifiers: a grid of models × attacks × eps.
 
-Each grid cell (one model, one attack, all its eps) is one :func:`advtune.distributed.run`
-(= :func:`advtune.evaluate.run` in a single process) in its own folder
+Each grid cell (one model, one attack, all its eps) is one :func:`advtune.run.run` (one
+process or every torchrun rank) in its own folder
 ``OUT/cells/<model>/<attack>/`` (``manifest.csv``, ``report.json``); finished cells are
 skipped and unfinished ones resumed, so rerunning the same command continues where it
 stopped. Then it writes ``OUT/results.csv``, ``OUT/results.md`` (one table per attack:
@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from advtune import distributed
 from advtune.errors import UserError
 from advtune.models import REFERENCE_MODELS
+from advtune.run import comm as distributed
 
 LINF_EPS = (1 / 255, 2 / 255, 4 / 255, 8 / 255)
 L2_EPS = (0.25, 0.5, 1.0)
@@ -86,6 +86,18 @@ def _eps_list(text: str) -> list[float]:
         return parse_number_list(text, what="eps")
     except UserError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _image_size(text: str) -> int:
+    from advtune.run.inputs import MAX_IMAGE_SIZE
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if not 1 <= value <= MAX_IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be in [1, {MAX_IMAGE_SIZE}], got {value}")
+    return value
 
 
 def _setting(text: str) -> tuple[str, str, Any]:
@@ -146,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torchrun: cuda)")
-    p.add_argument("--image-size", type=int, help="advanced: crop side instead of the model's")
+    p.add_argument(
+        "--image-size", type=_image_size, help="advanced: crop side instead of the model's"
+    )
     p.add_argument("--overwrite", action="store_true", help="redo cells that already exist")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return p
@@ -156,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def attack_config(grid: GridAttack, args: argparse.Namespace) -> Any:
-    """The :class:`advtune.evaluate.AttackConfig` of one grid attack."""
+    """The :class:`advtune.run.AttackConfig` of one grid attack."""
     from advtune.presets import resolve_attack
 
     overrides = dict(grid.params)
@@ -178,27 +192,38 @@ def _weights_for(model: str, text: str) -> str:
     return table[model]
 
 
-def _finished(cell: Path, config: Any, dataset: Any) -> bool:
-    """Whether ``cell`` holds a complete run of ``config`` on ``dataset``."""
-    from advtune.evaluate import dataset_info
+def _finished(cell: Path, spec: Any, dataset: Any) -> bool:
+    """Whether ``cell`` holds a complete run with the resume key of ``spec``."""
     from advtune.io import read_json
 
     try:
         report = read_json(cell / "report.json")
     except (OSError, ValueError):
         return False
-    stored = report.get("config", {})
-    return (
-        report.get("status") == "complete"
-        and stored.get("attack") == json.loads(json.dumps(config.to_dict()))
-        and stored.get("data") == dataset_info(dataset)
-    )
+    key = json.loads(json.dumps(spec.resume_key(dataset)))
+    return report.get("status") == "complete" and report.get("config") == key
 
 
-def run_grid(args: argparse.Namespace, ctx: distributed.DistContext) -> list[dict[str, Any]]:
+def _cell_spec(args: argparse.Namespace, cell: Path, config: Any, context: Any, device: str):
+    from advtune.run import RunSpec
+
+    return RunSpec(
+        attack=config, out_dir=cell, command="evaluate", save_images=False,
+        batch_size=args.batch_size, num_workers=args.workers,
+        resume=(cell / "report.json").exists() and not args.overwrite,
+        overwrite=args.overwrite, context=context,
+        settings={"device": device, "grid": "imagenet_robustness"},
+    )  # fmt: skip
+
+
+def run_grid(args: argparse.Namespace, comm: Any) -> list[dict[str, Any]]:
     """Run (or resume) every cell; returns one result row per (model, attack, eps)."""
+    import inspect
+
     from advtune.data import build_dataset, robustbench_subset
-    from advtune.models import DEFAULT_CONVBN, Preprocess, load_model
+    from advtune.models import DEFAULT_CONVBN, load_model
+    from advtune.run import TqdmProgress, image_size_preprocess, run
+    from advtune.run.spec import model_context
 
     unknown = [a for a in args.attacks if a not in GRID_ATTACKS]
     if unknown:
@@ -208,7 +233,7 @@ def run_grid(args: argparse.Namespace, ctx: distributed.DistContext) -> list[dic
             raise UserError(f"--set names unknown attack {name!r}")
     configs = {name: attack_config(GRID_ATTACKS[name], args) for name in args.attacks}
     subset = robustbench_subset() if args.subset == "robustbench" else args.subset
-    device = distributed.resolve_device(args.device, ctx)
+    device = comm.device
     convbn = args.convbn or DEFAULT_CONVBN
     out = Path(args.out)
     dataset = build_dataset(
@@ -216,42 +241,42 @@ def run_grid(args: argparse.Namespace, ctx: distributed.DistContext) -> list[dic
     )
     if len(dataset) == 0:
         raise UserError(f"no images found in {args.data!r}")
+    seed_kwarg = {"seed": args.seed} if "seed" in inspect.signature(load_model).parameters else {}
     for model_name in args.models:
-        cells = {name: out / "cells" / model_name / name for name in args.attacks}
+        weights = _weights_for(model_name, args.weights)
+        # Loaded even when every cell is done: the resume key holds what the loader
+        # reports (weights, preprocessing), so a changed checkpoint is never "finished".
+        model = load_model(
+            model_name, weights=weights, convbn=convbn, device=device,
+            progress=not args.quiet and comm.is_main, **seed_kwarg,
+        )  # fmt: skip
+        transform = image_size_preprocess(model.preprocess, args.image_size)
+        dataset.transform = transform
+        context = model_context(
+            name=model_name, weights=weights, weights_used=model.weights, convbn=convbn,
+            preprocess=transform,
+        )  # fmt: skip
+        specs = {
+            name: _cell_spec(
+                args, out / "cells" / model_name / name, configs[name], context, device
+            )
+            for name in args.attacks
+        }
         todo = [
             name
             for name in args.attacks
-            if args.overwrite or not _finished(cells[name], configs[name], dataset)
+            if args.overwrite or not _finished(specs[name].out_dir, specs[name], dataset)
         ]
         # Every rank must take the same decision (the cells are collective runs).
-        todo = ctx.broadcast(todo)
-        if not todo:
-            continue
-        model = load_model(
-            model_name,
-            weights=_weights_for(model_name, args.weights),
-            convbn=convbn,
-            device=device,
-            progress=not args.quiet and ctx.is_main,
-        )
-        transform = model.preprocess
-        if args.image_size:
-            transform = Preprocess(args.image_size, round(args.image_size * 256 / 224))
-        dataset.transform = transform
-        context = {
-            "model": {"name": model_name, "weights": model.weights, "convbn": convbn},
-            "preprocess": repr(transform),
-        }
-        for name in todo:
-            cell = cells[name]
-            distributed.run(
-                ctx, model, dataset, configs[name], out_dir=cell, command="evaluate",
-                save_images=False, batch_size=args.batch_size, num_workers=args.workers,
-                resume=(cell / "report.json").exists() and not args.overwrite,
-                overwrite=args.overwrite, progress=not args.quiet, context=context,
-                settings={"device": device, "grid": "imagenet_robustness"},
-            )  # fmt: skip
-    return collect(out, args.models, args.attacks) if ctx.is_main else []
+        for name in comm.broadcast(todo):
+            run(
+                specs[name],
+                model,
+                dataset,
+                comm=comm,
+                callbacks=[] if args.quiet else [TqdmProgress()],
+            )
+    return collect(out, args.models, args.attacks) if comm.is_main else []
 
 
 def _unset(image: Any) -> Any:
@@ -309,7 +334,7 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
 def markdown(rows: Sequence[dict[str, Any]]) -> str:
     """One Markdown table per attack: models × (clean, robust accuracy at each eps)."""
-    from advtune.evaluate import format_eps
+    from advtune.run import format_eps
 
     lines = ["# ImageNet robust accuracy (%)", ""]
     for attack in dict.fromkeys(r["attack"] for r in rows):
@@ -349,8 +374,8 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from advtune.evaluate import format_eps
     from advtune.io import atomic_write_bytes
+    from advtune.run.report import eps_axis
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -361,14 +386,13 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
         fig = Figure(figsize=(6, 4), dpi=120)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot()
-        xs: list[float] = [0.0]
+        place = eps_axis(ax, [0.0, *(r["eps"] for r in group)])
         for model in dict.fromkeys(r["model"] for r in group):
             points = sorted((r["eps"], r["robust_accuracy"]) for r in group if r["model"] == model)
             clean = next(r["clean_accuracy"] for r in group if r["model"] == model)
             points.insert(0, (0.0, clean))
-            ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=model)
-            xs = sorted({*xs, *(p[0] for p in points)})
-        ax.set_xticks(xs, [format_eps(x) if x else "0" for x in xs], rotation=45)
+            xs = [place[p[0]] for p in points]
+            ax.plot(xs, [100 * p[1] for p in points], marker="o", label=model)
         ax.set_xlabel(f"eps ({group[0]['norm']})")
         ax.set_ylabel("robust accuracy (%)")
         ax.set_ylim(-2, 102)
@@ -385,14 +409,19 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import warnings
+
     args = build_parser().parse_args(argv)
     try:
-        ctx = distributed.init(args.device)
-        try:
-            rows = run_grid(args, ctx)
-        finally:
-            distributed.shutdown()
-        if not ctx.is_main:
+        with warnings.catch_warnings():
+            if args.quiet:  # -q: results only
+                warnings.simplefilter("ignore")
+            comm = distributed.init_comm(args.device)
+            try:
+                rows = run_grid(args, comm)
+            finally:
+                distributed.shutdown()
+        if not comm.is_main:
             return 0
         out = Path(args.out)
         write_csv(rows, out / "results.csv")

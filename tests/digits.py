@@ -1,128 +1,24 @@
-"""A small BatchNorm CNN trained on scikit-learn's digits (ships offline), for real-data tests.
+"""The trained digits CNN for real-data tests (lives in :mod:`advtune._digits`, which
+``scripts/gpu_targets.py`` uses too)."""
 
-The 8×8 grey digits are upsampled to 32×32 RGB in [0, 1]; the model normalises inside,
-like every advtune model. Training takes 10–20 s on a 2-core CPU; the state_dict is
-cached under pytest's cache directory, keyed by :data:`VERSION` (bump it when the data,
-the architecture or the recipe changes). Training seeds the torch RNG inside
-``torch.random.fork_rng`` so the caller's global RNG state is left as it was.
+from advtune._digits import (
+    SIZE,
+    TEST_SAMPLES,
+    VERSION,
+    DigitsCNN,
+    digits_dataset,
+    digits_model,
+    digits_test_set,
+    train_digits_cnn,
+)
 
-Use from a test module::
-
-    from digits import digits_model, digits_test_set
-
-    @pytest.fixture(scope="session")
-    def digits(request):
-        return digits_model(getattr(request.config, "cache", None)), digits_test_set()
-"""
-
-from __future__ import annotations
-
-import functools
-from pathlib import Path
-
-import numpy as np
-import torch
-from torch import nn
-
-VERSION = "digits-cnn-v1"
-SIZE = 32
-TEST_SAMPLES = 200
-_MEAN = 0.31  # approximate pixel mean/std of the upsampled digits, used inside the model
-_STD = 0.33
-
-
-class DigitsCNN(nn.Module):
-    """Three Conv→BN→ReLU blocks and a linear head; input ``(N, 3, 32, 32)`` in [0, 1]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-        def block(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
-            conv = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
-            return [conv, nn.BatchNorm2d(cout), nn.ReLU()]
-
-        # The strided first conv keeps training to seconds on one CPU core.
-        self.features = nn.Sequential(
-            *block(3, 16, stride=2),  # 16x16
-            *block(16, 32),
-            nn.MaxPool2d(2),  # 8x8
-            *block(32, 32),
-            nn.AdaptiveAvgPool2d(1),
-        )
-        self.head = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features((x - _MEAN) / _STD).flatten(1))
-
-
-@functools.lru_cache(maxsize=1)
-def _dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N,1,8,8)
-    images = nn.functional.interpolate(
-        images, size=(SIZE, SIZE), mode="bilinear", align_corners=False
-    )
-    # Quantise to 8 bits like real images; bilinear stays within [0, 1].
-    images = (images.clamp(0, 1) * 255).round() / 255
-    images = images.expand(-1, 3, -1, -1).contiguous()
-    labels = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.from_numpy(np.random.default_rng(0).permutation(len(labels)))
-    test, train = order[:TEST_SAMPLES], order[TEST_SAMPLES:]
-    return images[train], labels[train], images[test], labels[test]
-
-
-def digits_test_set() -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out ``(x, y)``: ``(200, 3, 32, 32)`` float32 in [0, 1] and ``(200,)`` labels."""
-    _, _, x, y = _dataset()
-    return x.clone(), y.clone()
-
-
-def train_digits_cnn(
-    epochs: int = 6, batch_size: int = 64, *, seed: int = 0
-) -> dict[str, torch.Tensor]:
-    """Train :class:`DigitsCNN` from ``seed`` and return its ``state_dict`` (~98% test)."""
-    x, y, _, _ = _dataset()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsCNN()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-        batches = (len(y) + batch_size - 1) // batch_size
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * batches)
-        gen = torch.Generator().manual_seed(seed)
-        model.train()
-        for _ in range(epochs):
-            for idx in torch.randperm(len(y), generator=gen).split(batch_size):
-                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-_MODEL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
-
-
-def digits_model(cache=None) -> DigitsCNN:
-    """The trained digits CNN in eval mode with ``requires_grad=False`` (a fresh copy).
-
-    Args:
-        cache: ``request.config.cache`` (pytest) to keep the weights between sessions,
-            or ``None`` to keep them in memory only.
-    """
-    if VERSION not in _MODEL_CACHE:
-        path: Path | None = None
-        if cache is not None:
-            path = Path(cache.mkdir("advtune-digits")) / f"{VERSION}-torch{torch.__version__}.pt"
-        if path is not None and path.is_file():
-            _MODEL_CACHE[VERSION] = torch.load(path, weights_only=True)
-        else:
-            _MODEL_CACHE[VERSION] = train_digits_cnn()
-            if path is not None:
-                torch.save(_MODEL_CACHE[VERSION], path)
-    model = DigitsCNN()
-    model.load_state_dict(_MODEL_CACHE[VERSION])
-    model.eval().requires_grad_(False)
-    return model
+__all__ = [
+    "SIZE",
+    "TEST_SAMPLES",
+    "VERSION",
+    "DigitsCNN",
+    "digits_dataset",
+    "digits_model",
+    "digits_test_set",
+    "train_digits_cnn",
+]

@@ -15,6 +15,8 @@ import pytest
 import torch
 import torchvision
 from fakes import OOMAbove, write_checkpoint, write_imagenet_folder
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from advtune.cli import main
@@ -195,12 +197,73 @@ def _one_line_error(capsys, rc, *names):
         (["--attack", "pgd", "--device", "tpu"], ["'tpu'"]),
         (["--attack", "pgd", "--convbn", "tunee"], ["'tunee'"]),
         (["--attack", "pgd", "--batch-size", "0"], ["batch-size", "0"]),
+        (["--attack", "pgd", "--batch-size", "abc"], ["'abc'", "whole number", "'auto'"]),
+        (["--attack", "pgd", "--image-size", "5000"], ["--image-size", "<= 4096", "5000"]),
+        (["--attack", "pgd", "--eps", "0.5/255"], ["below 1/255", "8-bit", "--eps 1/255"]),
+        (["--attack", "pgd", "-p", "eps=0.1"], ["--eps"]),
     ],
 )
-def test_bad_inputs_before_model_load(extra, names, imagenet, tmp_path, capsys):
+def test_bad_inputs_before_model_load(extra, names, imagenet, tmp_path, capsys, monkeypatch):
+    import advtune.models
+
+    loads = []
+    monkeypatch.setattr(advtune.models, "load_model", lambda *a, **k: loads.append(a))
     argv = ["generate", "--model", "resnet18", "--weights", "random", "--data", str(imagenet),
             "--out", str(tmp_path / "o"), *extra]  # fmt: skip
-    _one_line_error(capsys, main(argv), *names)
+    line = _one_line_error(capsys, main(argv), *names)
+    assert "\x1b" not in line
+    if "eps=0.1" in extra:  # the budget has its own flag: no "did you mean: steps"
+        assert "steps" not in line
+    if "abc" in extra:  # a batch size is a whole number, not "0.5 or 4/255"
+        assert "4/255" not in line
+    assert loads == []  # refused before the slow model load
+
+
+def test_bench_batch_size_must_be_positive(capsys):
+    pytest.importorskip("advtune.bench")
+    _one_line_error(capsys, main(["bench", "--batch-size", "0"]), "--batch-size", ">= 1")
+
+
+def test_out_inside_data_is_refused(imagenet, tmp_path, capsys):
+    argv = ["generate", "--model", "resnet18", "--weights", "random", "--attack", "fgsm",
+            "--data", str(imagenet), "--out", str(imagenet / "advtune-out")]  # fmt: skip
+    _one_line_error(capsys, main(argv), "inside --data", "its own outputs")
+    assert not (imagenet / "advtune-out").exists()
+
+
+def test_error_lines_carry_no_terminal_codes(imagenet, tmp_path, capsys):
+    argv = ["generate", "--model", "\x1b[31mresnet\x1b[0m", "--attack", "fgsm",
+            "--data", str(imagenet), "--out", str(tmp_path / "o")]  # fmt: skip
+    line = _one_line_error(capsys, main(argv), "resnet")
+    assert "\x1b" not in line
+
+
+def test_one_line_strips_terminal_codes():
+    from advtune.cli import one_line
+
+    assert one_line("\x1b[1;31mbad\x1b[0m value\n  here\r\x07") == "bad value here"
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.text(max_size=20))
+def test_number_flags_never_crash(text):
+    """Any text given to --eps, --batch-size, --steps, --image-size, --seed or -p is a
+    value or a one-line usage error (exit 2), never a traceback."""
+    import contextlib
+    import io
+
+    from advtune.cli import build_parser
+
+    parser = build_parser()
+    for flag in ("--eps", "--batch-size", "--steps", "--image-size", "--seed", "--step-size", "-p"):
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parser.parse_args(["evaluate", "--model", "m", f"{flag}={text}"])
+        except SystemExit as e:
+            assert e.code == 2
+            lines = err.getvalue().strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("advtune: error: "), err.getvalue()
 
 
 def test_unknown_model(imagenet, tmp_path, capsys):
@@ -290,7 +353,7 @@ def test_oom_backoff_end_to_end(imagenet, checkpoint, tmp_path, monkeypatch, cap
     equals, image by image, the uninterrupted run at the size each image was attacked at.
     (Not necessarily the run at the original size: resnet18 at 32 px on this CPU gives 4 of
     the 6 rows of --batch-size 2 and 4 different last bits in clean_conf.)"""
-    import advtune.evaluate as ev
+    import advtune.run.loop as ev
 
     def args(out, *more):
         # PGD with random starts and random targets: per-sample seeds at work.

@@ -18,10 +18,11 @@ import pytest
 import torch
 from fakes import write_run_inputs
 
-from advtune import distributed
 from advtune.cli import STOP_HOOK_ENV, main
 from advtune.errors import UserError
 from advtune.io import format_manifest, read_manifest
+from advtune.run import comm as distributed
+from advtune.run.outputs import consolidate, partial_manifest_name
 
 TORCHRUN_TIMEOUT_S = 240
 
@@ -109,29 +110,49 @@ def test_env_world_parses_torchrun_variables():
         distributed.env_world({"RANK": "4", "WORLD_SIZE": "4"})
 
 
-def test_single_process_context_needs_no_process_group(monkeypatch):
+def test_single_process_communicator_needs_no_process_group(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
-    ctx = distributed.init("cpu")
-    assert (ctx.rank, ctx.world_size, ctx.is_distributed, ctx.is_main) == (0, 1, False, True)
+    comm = distributed.init_comm("cpu")
+    assert (comm.rank, comm.world_size, comm.is_distributed, comm.is_main) == (0, 1, False, True)
+    assert comm.device == "cpu" and comm.backend is None
     assert not torch.distributed.is_initialized()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert not distributed.init("auto").is_distributed
+    assert not distributed.init_comm("auto").is_distributed
     # Collectives degrade to identities.
-    assert ctx.broadcast({"a": 1}) == {"a": 1}
-    assert ctx.gather(5) == [5] and ctx.all_gather(5) == [5]
+    assert comm.broadcast({"a": 1}) == {"a": 1}
+    assert comm.gather(5) == [5] and comm.all_gather(5) == [5]
+    assert comm.sum([1, 2, 3]) == [1, 2, 3]
 
 
-def test_rank_devices():
-    assert distributed._rank_device("cpu", 3) == "cpu"
-    with pytest.raises(UserError, match="every rank on one GPU"):
-        distributed._rank_device("cuda:1", 0)
-    with pytest.raises(UserError, match="unknown device 'tpu'"):
-        distributed._rank_device("tpu", 0)
-    if not torch.cuda.is_available():
-        assert distributed._rank_device("auto", 1) == "cpu"
-        with pytest.raises(UserError, match="CUDA is not available"):
-            distributed._rank_device("cuda", 0)
+@pytest.mark.parametrize(
+    ("text", "local_rank", "expected"),
+    [("cpu", None, "cpu"), (" CPU ", None, "cpu"), ("cpu", 3, "cpu")],
+)
+def test_parse_device_cpu(text, local_rank, expected):
+    assert distributed.parse_device(text, local_rank=local_rank) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "local_rank", "message"),
+    [
+        ("cuda:1", 0, "every rank on one GPU"),
+        ("tpu", 0, "unknown device 'tpu'; use auto, cpu or cuda"),
+        ("tpu", None, "unknown device 'tpu'; use auto, cpu, cuda or cuda:N"),
+        ("cuda:x", None, "unknown device 'cuda:x'"),
+    ],
+)
+def test_parse_device_refusals(text, local_rank, message):
+    with pytest.raises(UserError, match=message):
+        distributed.parse_device(text, local_rank=local_rank)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize(("text", "local_rank"), [("cuda", 0), ("cuda", None), ("cuda:0", None)])
+def test_parse_device_without_cuda(text, local_rank):
+    assert distributed.parse_device("auto", local_rank=local_rank) == "cpu"
+    with pytest.raises(UserError, match="CUDA is not available"):
+        distributed.parse_device(text, local_rank=local_rank)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 16, 17])
@@ -158,43 +179,61 @@ def _row(index, eps=None, **changes):
 
 
 def test_consolidate_merges_partials_only_on_resume(tmp_path):
-    names = [distributed.partial_names(r, 2) for r in range(2)]
-    (tmp_path / names[0][0]).write_text(format_manifest([_row(0), _row(2)]))
-    (tmp_path / names[1][0]).write_text(format_manifest([_row(1)]))
-    (tmp_path / names[0][1]).write_text("{}")
+    names = [partial_manifest_name(r, 2) for r in range(2)]
+    assert names == ["manifest.rank0-of-2.csv", "manifest.rank1-of-2.csv"]
+    (tmp_path / names[0]).write_text(format_manifest([_row(0), _row(2)]))
+    (tmp_path / names[1]).write_text(format_manifest([_row(1)]))
+    (tmp_path / "report.rank0-of-2.json").write_text("{}")  # an older version's file
     (tmp_path / "manifest.csv").write_text(format_manifest([_row(0)]))  # overlap: fine
     with pytest.raises(UserError, match=r"already holds results.*--resume"):
-        distributed.consolidate(tmp_path, resume=False, overwrite=False)
+        consolidate(tmp_path, resume=False, overwrite=False)
     with pytest.raises(UserError, match="exclude each other"):
-        distributed.consolidate(tmp_path, resume=True, overwrite=True)
+        consolidate(tmp_path, resume=True, overwrite=True)
     assert len(list(tmp_path.iterdir())) == 4  # nothing touched by the refusals
-    distributed.consolidate(tmp_path, resume=True, overwrite=False)
+    consolidate(tmp_path, resume=True, overwrite=False)
     assert [r["index"] for r in read_manifest(tmp_path / "manifest.csv")] == [0, 1, 2]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.csv"]
-    distributed.consolidate(tmp_path, resume=False, overwrite=False)  # nothing left to do
+    consolidate(tmp_path, resume=False, overwrite=False)  # nothing left to do
 
 
 def test_consolidate_refuses_conflicting_rows_and_overwrite_removes_pngs(tmp_path):
     (tmp_path / "manifest.rank0-of-2.csv").write_text(format_manifest([_row(0)]))
     (tmp_path / "manifest.rank0-of-3.csv").write_text(format_manifest([_row(0, adv_pred=7)]))
     with pytest.raises(UserError, match=r"conflicting results for image 'img0\.JPEG'"):
-        distributed.consolidate(tmp_path, resume=True, overwrite=False)
+        consolidate(tmp_path, resume=True, overwrite=False)
     (tmp_path / "adv").mkdir()
     (tmp_path / "adv" / "img0.png").write_bytes(b"png")
     (tmp_path / "adv" / "other.png").write_bytes(b"not ours")
-    distributed.consolidate(tmp_path, resume=False, overwrite=True)
+    consolidate(tmp_path, resume=False, overwrite=True)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["adv", "other.png"]
 
 
-def test_global_progress_counts_and_drains_single_process():
-    bar = distributed.GlobalProgress(distributed.DistContext(), total=4, show=False)
-    bar.batch_done(images=2, rows=4, successes=3)
-    bar.batch_done(images=2, rows=4, successes=1)
-    assert (bar.images, bar.rows, bar.successes) == (4, 8, 4)
-    assert bar.finish(failed=False) == set()
-    assert distributed.GlobalProgress(distributed.DistContext(), total=0, show=False).finish(
-        failed=True
-    ) == {0}
+def test_rounds_count_progress_and_drain_single_process():
+    from advtune.run.batch import BatchOutput
+    from advtune.run.callbacks import RunCallbacks
+    from advtune.run.runner import _Rounds
+
+    seen = []
+
+    class Spy(RunCallbacks):
+        def on_batch(self, batches):
+            seen.append(("batch", batches))
+
+        def on_progress(self, progress):
+            seen.append(("progress", progress.done, progress.successes, progress.eligible))
+
+    rounds = _Rounds(distributed.Communicator(), [Spy()], total=4)
+    # Untargeted: successes count among correctly classified images (the table's rule).
+    rows = [
+        {"label": 1, "clean_pred": 1, "clean_conf": 0.5, "success": True},
+        {"label": 1, "clean_pred": 0, "clean_conf": 0.5, "success": True},
+    ]
+    out = BatchOutput(rows=rows, images=[], model_calls=1)
+    rounds.batch_done(out, 2, 1, targeted=False)
+    rounds.batch_done(out, 2, 2, targeted=False)
+    assert seen == [("progress", 2, 1, 1), ("batch", 1), ("progress", 4, 2, 2), ("batch", 2)]
+    assert rounds.finish(failed=False) == set()
+    assert _Rounds(distributed.Communicator(), [], total=0).finish(failed=True) == {0}
 
 
 # --------------------------------------------------------------------------- torchrun

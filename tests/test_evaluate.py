@@ -1,4 +1,4 @@
-"""The evaluator's pieces: seeds, faithful quantisation, batches, metrics, outputs."""
+"""The run pipeline's pieces: seeds, faithful quantisation, batches, metrics, outputs."""
 
 from __future__ import annotations
 
@@ -16,21 +16,6 @@ from fakes import OOMAbove, TensorImages, linear_classifier
 from torch import nn
 
 from advtune.errors import UserError
-from advtune.evaluate import (
-    AttackConfig,
-    OutputDir,
-    adv_relpaths,
-    attack_batch,
-    compute_metrics,
-    config_differences,
-    format_eps,
-    format_summary,
-    plot_curve,
-    quantize_adv,
-    run,
-    run_attack,
-    sample_seeds,
-)
 from advtune.io import (
     ManifestWriter,
     atomic_write_text,
@@ -40,6 +25,20 @@ from advtune.io import (
     read_manifest,
     save_png,
 )
+from advtune.run import (
+    AttackConfig,
+    RunSpec,
+    attack_batch,
+    attack_loader,
+    compute_metrics,
+    format_eps,
+    format_summary,
+    plot_curve,
+    quantize_adv,
+    sample_seeds,
+)
+from advtune.run import run as run_spec
+from advtune.run.outputs import OutputDir, adv_relpaths, config_differences
 
 SIZE = 8
 CLASSES = 5
@@ -47,6 +46,11 @@ CLASSES = 5
 
 def tiny_model(seed: int = 0) -> nn.Module:
     return linear_classifier(seed, size=SIZE, classes=CLASSES)
+
+
+def run(model, ds, config, *, out_dir, callbacks=(), **spec):
+    """:func:`advtune.run.run` of ``RunSpec(attack=config, out_dir=out_dir, **spec)``."""
+    return run_spec(RunSpec(attack=config, out_dir=out_dir, **spec), model, ds, callbacks=callbacks)
 
 
 def batch_of(ds: TensorImages, idx: list[int]) -> dict:
@@ -209,16 +213,16 @@ def test_attack_rejecting_settings_is_a_user_error():
 # --------------------------------------------------------------------------- the loop
 
 
-def _rows(ds, model, config, batch_size, skip=(), sampler=None):
+def _rows(ds, model, config, batch_size, sampler=None, pad_to=None):
     from advtune.data import make_loader
 
     rows = []
     loader = make_loader(ds, batch_size=batch_size, num_workers=0, sampler=sampler)
-    run_attack(model, loader, config, sink=lambda b: rows.extend(b.rows), skip=skip)
+    attack_loader(model, loader, config, sink=lambda b: rows.extend(b.rows), pad_to=pad_to)
     return rows
 
 
-def test_run_attack_is_independent_of_batch_size_and_skips():
+def test_attack_loader_is_independent_of_batch_size_and_order():
     ds = TensorImages(7)
     model = tiny_model()
     # Random start + random targets: per-sample seeds make this batch-independent.
@@ -229,10 +233,14 @@ def test_run_attack_is_independent_of_batch_size_and_skips():
     by3 = _rows(ds, model, config, 3)
     assert by2 == by3
     assert [r["index"] for r in by2] == list(range(7))
-    # Skipped indices and duplicates (a padded distributed sampler) are attacked once.
-    partial = _rows(ds, model, config, 3, skip=[0, 4], sampler=[0, 1, 2, 3, 4, 5, 6, 1, 2])
-    assert [r["index"] for r in partial] == [1, 2, 3, 5, 6]
-    assert partial == [r for r in by2 if r["index"] in (1, 2, 3, 5, 6)]
+    # A subset, in another order (what a resumed run or a torchrun rank attacks), with
+    # every call padded to 3 images: the rows of the padded run of all images.
+    padded = _rows(ds, model, config, 3, pad_to=3)
+    partial = _rows(ds, model, config, 3, sampler=[6, 1, 3, 2, 5], pad_to=3)
+    assert [r["index"] for r in partial] == [6, 1, 3, 2, 5]
+    assert sorted(partial, key=lambda r: r["index"]) == [
+        r for r in padded if r["index"] in (1, 2, 3, 5, 6)
+    ]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -384,8 +392,8 @@ def test_run_writes_outputs_and_curve(tmp_path):
     assert len(read_manifest(tmp_path / "o" / "manifest.csv")) == 15
     summary = format_summary(report)
     assert "16/255" in summary and "robust acc" in summary
-    with pytest.raises(UserError, match="single eps"):
-        run(tiny_model(), ds, config, out_dir=tmp_path / "p", save_images=True)
+    with pytest.raises(UserError, match="generate takes one eps"):
+        RunSpec(attack=config, out_dir=tmp_path / "p", save_images=True)
 
 
 def test_plot_without_matplotlib_warns(tmp_path, monkeypatch):
@@ -427,7 +435,7 @@ def test_atomic_writes_get_the_umask_mode(tmp_path, umask):
 
 
 def test_oom_backoff_in_a_run_loses_nothing(tmp_path, monkeypatch):
-    import advtune.evaluate as ev
+    import advtune.run.loop as ev
 
     ds = TensorImages(7)
     config = AttackConfig(
@@ -487,7 +495,7 @@ def test_oom_backoff_in_a_run_loses_nothing(tmp_path, monkeypatch):
 
 
 def test_oom_at_batch_size_one_still_fails(tmp_path, monkeypatch):
-    import advtune.evaluate as ev
+    import advtune.run.loop as ev
 
     monkeypatch.setattr(ev, "attack_batch", OOMAbove(ev.attack_batch, limits=[0]))
     config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
@@ -501,7 +509,7 @@ def test_oom_at_batch_size_one_still_fails(tmp_path, monkeypatch):
 def test_auto_batch_size_probes_the_attack_itself(monkeypatch):
     """The probe step runs attack_batch with the attack cut to one iteration; the cache key
     names the configuration. (The probing itself is tested in test_runtime.py.)"""
-    import advtune.evaluate as ev
+    import advtune.run.probe as probe
     from advtune import runtime
 
     seen = {}
@@ -512,18 +520,24 @@ def test_auto_batch_size_probes_the_attack_itself(monkeypatch):
 
     monkeypatch.setattr(runtime, "auto_batch_size", fake_auto)
     calls = []
-    real_attack_batch = ev.attack_batch
 
-    def spy(model, images, labels, indices, paths, config, **kw):
-        calls.append((images.shape[0], config))
-        return real_attack_batch(model, images, labels, indices, paths, config, **kw)
+    def spy_attack(model, x, y, *, target=None, generator=None, seeds=None, **kwargs):
+        from advtune.attacks import pgd
 
-    monkeypatch.setattr(ev, "attack_batch", spy)
+        calls.append((x.shape[0], target is not None, kwargs))
+        return pgd(model, x, y, target=target, seeds=seeds, **kwargs)
+
+    import advtune.attacks as attacks
+
+    real_get = attacks.get
+    monkeypatch.setattr(
+        attacks, "get", lambda name: spy_attack if name == "pgd" else real_get(name)
+    )
     config = AttackConfig(
         attack="pgd", norm="linf", eps=(1 / 255, 8 / 255), params={"steps": 50, "restarts": 3},
         targeted="random",
     )  # fmt: skip
-    size = ev.auto_batch_size(
+    size = probe.auto_batch_size(
         tiny_model(), config, input_shape=(3, SIZE, SIZE), key={"model": "tiny"}, limit=40
     )
     assert size == 5
@@ -532,17 +546,175 @@ def test_auto_batch_size_probes_the_attack_itself(monkeypatch):
     assert seen["key"]["eps_count"] == 2
     assert seen["key"]["device"] == "cpu" and seen["key"]["torch"] == torch.__version__
     seen["step"](tiny_model(), torch.rand(6, 3, SIZE, SIZE))
-    [(n, probe_config)] = calls
-    # Every eps (their results stay on the device until the batch is done), one step each.
-    assert n == 6 and probe_config.eps == (1 / 255, 8 / 255)
-    assert probe_config.params == {"steps": 1, "restarts": 1}
-    assert probe_config.targeted == "random"
+    # Every eps (their results stay on the device until the batch is done), one step each,
+    # on the whole batch, targeted as configured.
+    assert [(n, targeted, kw["eps"]) for n, targeted, kw in calls] == [
+        (6, True, 1 / 255), (6, True, 8 / 255),
+    ]  # fmt: skip
+    assert all(kw["steps"] == 1 and kw["restarts"] == 1 for _, _, kw in calls)
 
 
 def test_auto_batch_size_on_cpu_is_the_default_clamped():
-    import advtune.evaluate as ev
+    from advtune.run import auto_batch_size
 
     config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
     kw = {"input_shape": (3, SIZE, SIZE), "key": {"model": "tiny"}}
-    assert ev.auto_batch_size(tiny_model(), config, limit=1000, **kw) == 32
-    assert ev.auto_batch_size(tiny_model(), config, limit=7, **kw) == 7
+    assert auto_batch_size(tiny_model(), config, limit=1000, **kw) == 32
+    assert auto_batch_size(tiny_model(), config, limit=7, **kw) == 7
+
+
+# --------------------------------------------------------------------------- trustworthy runs
+
+
+class _Broken(nn.Module):
+    """``model``'s logits, with NaN for the images whose index is in ``nan_images`` (the
+    images are told apart by their first pixel), and +inf on adversarial inputs if asked."""
+
+    def __init__(self, model, images, nan_images, *, inf_on_adv=False):
+        super().__init__()
+        self.model, self.inf_on_adv = model, inf_on_adv
+        self.name, self.num_classes = "broken", CLASSES
+        self.keys = {float(images[i].flatten()[0]) for i in nan_images}
+        self.clean = {tuple(x.flatten()[:4].tolist()) for x in images}
+
+    def forward(self, x):
+        out = self.model(x)
+        x = x.detach()
+        for i in range(x.shape[0]):
+            if float(x[i].flatten()[0]) in self.keys:
+                out[i] = float("nan")
+            elif self.inf_on_adv and tuple(x[i].flatten()[:4].tolist()) not in self.clean:
+                out[i, 0] = float("inf")
+        return out
+
+
+def test_nonfinite_logits_are_never_robust_and_are_counted(tmp_path):
+    ds = TensorImages(6)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    model = _Broken(tiny_model(), ds.images, nan_images=[1, 4])
+    with pytest.warns(RuntimeWarning, match="2 images of 6 had non-finite logits"):
+        report = run(model, ds, config, out_dir=tmp_path / "o", batch_size=6, num_workers=0)
+    rows = read_manifest(tmp_path / "o" / "manifest.csv")
+    broken = [r for r in rows if r["index"] in (1, 4)]
+    assert all(math.isnan(r["clean_conf"]) and r["clean_pred"] == -1 for r in broken)
+    metrics = report["metrics"]
+    assert metrics["num_nonfinite"] == 2
+    # At 1/255 this model keeps almost every image: the two NaN ones are never robust.
+    healthy = [r for r in rows if r["index"] not in (1, 4)]
+    expected = sum(r["adv_pred"] == r["label"] for r in healthy) / 6
+    assert metrics["robust_accuracy"] == expected
+    assert metrics["clean_accuracy"] == sum(r["clean_pred"] == r["label"] for r in healthy) / 6
+    assert "2 images with non-finite logits" in format_summary(report)
+
+
+def test_nonfinite_adversarial_logits_are_never_robust(tmp_path):
+    ds = TensorImages(4)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(8 / 255,))
+    model = _Broken(tiny_model(), ds.images, nan_images=[], inf_on_adv=True)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        report = run(model, ds, config, out_dir=tmp_path / "o", batch_size=4, num_workers=0)
+    assert report["metrics"]["robust_accuracy"] == 0.0
+    assert report["metrics"]["num_nonfinite"] == 4
+
+
+def test_all_nan_model_is_an_error(tmp_path):
+    ds = TensorImages(3)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    model = _Broken(tiny_model(), ds.images, nan_images=[0, 1, 2])
+    with pytest.raises(UserError, match=r"non-finite .* on all 3 images"):
+        run(model, ds, config, out_dir=tmp_path / "o", batch_size=3, num_workers=0)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["status"] == "failed" and report["metrics"]["num_nonfinite"] == 3
+
+
+def test_a_model_value_error_is_not_blamed_on_the_attack():
+    class Picky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            if self.calls > 1:  # the clean pass works, the attack's forward does not
+                raise ValueError("the model's own complaint")
+            return self.inner(x)
+
+    ds = TensorImages(2)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(1 / 255,))
+    with pytest.raises(ValueError, match="the model's own complaint") as caught:
+        attack_batch(Picky(), ds.images, torch.tensor([0, 1]), [0, 1], ds.paths, config)
+    assert not isinstance(caught.value, UserError)
+
+
+def test_least_likely_target_is_the_attacks_definition():
+    from advtune.attacks import least_likely_target
+
+    ds = TensorImages(5)
+    model = tiny_model()
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,), targeted="least-likely")
+    labels = torch.tensor(ds.labels)
+    out = attack_batch(model, ds.images, labels, list(range(5)), ds.paths, config)
+    expected = least_likely_target(model, ds.images)
+    clash = expected == labels
+    # Where the label itself is least likely, the next least likely class.
+    second = model(ds.images).argsort(dim=1)[:, 1]
+    expected = torch.where(clash, second, expected)
+    assert [r["target"] for r in out.rows] == expected.tolist()
+    assert all(r["target"] != r["label"] for r in out.rows)
+
+
+def test_a_run_never_pads_beyond_the_dataset(tmp_path, monkeypatch):
+    import advtune.run.loop as loop
+
+    sizes = []
+    real = loop.attack_batch
+
+    def spy(model, images, *args, **kwargs):
+        sizes.append(images.shape[0])
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "attack_batch", spy)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
+    report = run(tiny_model(), TensorImages(5), config, out_dir=tmp_path / "o", batch_size=32,
+                 num_workers=0)  # fmt: skip
+    assert sizes == [5]
+    assert report["settings"]["batch_size"] == 32 and report["settings"]["final_batch_size"] == 5
+
+
+def test_plot_eps_ticks_are_evenly_spaced(tmp_path):
+    from matplotlib.figure import Figure
+
+    from advtune.run.report import eps_axis
+
+    ax = Figure().add_subplot()
+    place = eps_axis(ax, [4 / 255, 0.0, 1 / 255, 2 / 255, 1 / 255])
+    assert place == {0.0: 0, 1 / 255: 1, 2 / 255: 2, 4 / 255: 3}
+    assert list(ax.get_xticks()) == [0, 1, 2, 3]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1/255", "2/255", "4/255"]
+
+
+def test_summary_grammar():
+    from advtune.run.report import plural
+
+    assert plural(1, "image") == "1 image" and plural(0, "image") == "0 images"
+
+
+def test_signals_wait_for_the_current_write():
+    import signal
+
+    from advtune.run import signals
+
+    previous = signals.install()
+    try:
+        done = []
+        with pytest.raises(signals.Interrupted) as caught, signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            done.append("write finished")  # not cut short by the signal
+        assert done == ["write finished"]
+        assert caught.value.signum == signal.SIGTERM
+        assert signals.exit_code(caught.value) == 143
+        assert signals.exit_code(KeyboardInterrupt()) == 130
+    finally:
+        signals.restore(previous)
+    assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]

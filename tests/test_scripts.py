@@ -95,6 +95,9 @@ def test_imagenet_robustness_user_errors(imagenet, tmp_path, capsys):
     assert rc == 2 and "unknown grid attack(s) ['pgd7']" in capsys.readouterr().err
     rc = script.main(grid_args(imagenet, "random", tmp_path / "x", "--set", "pgd10.stepz=3"))
     assert rc == 2 and "no setting 'stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as caught:  # argparse: usage line and exit 2
+        script.main(grid_args(imagenet, "random", tmp_path / "x", "--image-size", "5000"))
+    assert caught.value.code == 2 and "must be in [1, 4096], got 5000" in capsys.readouterr().err
 
 
 def test_convbn_modes_table_csv_plot(tmp_path):
@@ -137,12 +140,23 @@ def test_imagenet_robustness_uses_each_models_own_input_size(imagenet, tmp_path)
     out = tmp_path / "grid"
     argv = ["--data", str(imagenet), "--models", "inception_v3", "--weights", "random",
             "--attacks", "fgsm", "--linf-eps", "4/255", "--limit", "1", "--batch-size", "1",
-            "--workers", "0", "--device", "cpu", "--out", str(out), "-q"]  # fmt: skip
+            "--workers", "0", "--device", "cpu", "--out", str(out)]  # fmt: skip
     with pytest.warns(UserWarning, match="untrained"):
         assert script.main(argv) == 0
     report = json.loads((out / "cells" / "inception_v3" / "fgsm" / "report.json").read_text())
     assert report["status"] == "complete"
     assert "crop_size=299, resize_size=342" in report["config"]["preprocess"]
+
+
+def test_imagenet_robustness_quiet_silences_warnings(imagenet, tmp_path, recwarn, capsys):
+    script = load_script("imagenet_robustness")
+    argv = ["--data", str(imagenet), "--models", "resnet18", "--weights", "random",
+            "--attacks", "fgsm", "--linf-eps", "4/255", "--limit", "1", "--batch-size", "1",
+            "--workers", "0", "--device", "cpu", "--image-size", "32",
+            "--out", str(tmp_path / "grid"), "-q"]  # fmt: skip
+    assert script.main(argv) == 0
+    assert [str(w.message) for w in recwarn] == []  # random weights warn without -q
+    assert capsys.readouterr().out == ""
 
 
 @pytest.mark.slow

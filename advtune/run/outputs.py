@@ -1,0 +1,388 @@
+"""An output folder: lock, resume check, manifest, PNGs, ``report.json`` and the plot.
+
+* One run per folder at a time: :meth:`OutputDir.lock` takes an advisory
+  ``fcntl.flock`` on ``OUT/.advtune.lock`` (the OS drops it when the process dies, so a
+  crashed run never leaves it stuck).
+* ``--overwrite`` and ``--resume`` only ever touch paths inside the folder, whatever the
+  manifest says: :func:`inside` refuses absolute paths, ``..`` and symlinks that lead out.
+* Per-rank manifests of a killed torchrun run (``manifest.rank{r}-of-{W}.csv``) are folded
+  into ``manifest.csv`` on ``--resume`` (:func:`consolidate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from advtune.errors import UserError
+from advtune.io import (
+    ManifestWriter,
+    atomic_write_text,
+    format_manifest,
+    read_json,
+    read_manifest,
+    row_key,
+    save_png,
+    write_json,
+)
+from advtune.run.batch import BatchOutput
+
+__all__ = [
+    "ADV_DIR",
+    "LOCK_NAME",
+    "MANIFEST_NAME",
+    "PLOT_NAME",
+    "REPORT_NAME",
+    "OutputDir",
+    "adv_relpaths",
+    "config_differences",
+    "consolidate",
+    "inside",
+    "merge_rows",
+    "partial_manifest_name",
+    "partial_manifests",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+REPORT_NAME = "report.json"
+PLOT_NAME = "robust_accuracy.png"
+ADV_DIR = "adv"
+LOCK_NAME = ".advtune.lock"
+_PARTIAL_GLOB = "manifest.rank*-of-*.csv"
+# Partial reports of older versions (no longer written); removed with the manifests.
+_OLD_PARTIAL_REPORT_GLOB = "report.rank*-of-*.json"
+
+
+def adv_relpaths(paths: Iterable[str]) -> dict[str, str]:
+    """Relative PNG path under ``adv/`` for each image path (``a/b.JPEG`` → ``a/b.png``).
+
+    When two images would collide (``x.jpg`` and ``x.png``), both keep their full name
+    plus ``.png`` instead.
+    """
+    paths = list(paths)
+    plain = {p: PurePosixPath(p).with_suffix(".png").as_posix() for p in paths}
+    counts: dict[str, int] = {}
+    for target in plain.values():
+        counts[target] = counts.get(target, 0) + 1
+    return {p: (t if counts[t] == 1 else f"{p}.png") for p, t in plain.items()}
+
+
+def inside(root: Path, relative: str) -> Path | None:
+    """``root / relative`` when that stays inside ``root``, else ``None``.
+
+    Refuses absolute paths, ``..`` components and paths whose resolved location (after
+    symlinks) leaves ``root``.
+    """
+    if not relative:
+        return None
+    rel = PurePosixPath(relative.replace("\\", "/"))
+    if rel.is_absolute() or ".." in rel.parts or os.path.isabs(relative):
+        return None
+    path = root / Path(*rel.parts)
+    base = root.resolve()
+    try:
+        path.resolve().relative_to(base)
+        # A symlink at the last component is removed, not followed: its parent counts.
+        path.parent.resolve().relative_to(base)
+    except (ValueError, OSError):
+        return None
+    return path
+
+
+def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two (nested) config dicts."""
+    out: list[str] = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            out.extend(f"{key}.{sub}" for sub in config_differences(a, b))
+        elif a != b:
+            out.append(key)
+    return out
+
+
+def _lookup(d: Mapping[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, Mapping) or part not in d:
+            return "<missing>"
+        d = d[part]
+    return d
+
+
+def _same_row(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    # repr: NaN confidences (non-finite logits) compare equal to themselves.
+    return {k: repr(v) for k, v in a.items()} == {k: repr(v) for k, v in b.items()}
+
+
+def merge_rows(
+    groups: Iterable[Iterable[Mapping[str, Any]]], *, source: str
+) -> list[dict[str, Any]]:
+    """Union of row groups keyed by (index, eps), sorted; identical duplicates kept once.
+
+    Raises:
+        UserError: two different rows for one (index, eps).
+    """
+    merged: dict[tuple[int, float], dict[str, Any]] = {}
+    for group in groups:
+        for row in group:
+            key = row_key(row)
+            if key in merged and not _same_row(merged[key], row):
+                raise UserError(
+                    f"conflicting results for image {row['path']!r} (index {key[0]}) in "
+                    f"{source}; remove the folder's partial manifests or use --overwrite"
+                )
+            merged[key] = dict(row)
+    return [merged[k] for k in sorted(merged)]
+
+
+def partial_manifest_name(rank: int, world_size: int) -> str:
+    """The file name of one torchrun rank's manifest."""
+    return f"manifest.rank{rank}-of-{world_size}.csv"
+
+
+def partial_manifests(out_dir: str | Path) -> list[Path]:
+    """Per-rank manifests in ``out_dir`` (any world size), sorted."""
+    return sorted(Path(out_dir).glob(_PARTIAL_GLOB))
+
+
+def _remove_adv(root: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """Delete the PNGs ``rows`` list, only inside ``root/adv``."""
+    adv = root / ADV_DIR
+    skipped = 0
+    for row in rows:
+        if not row.get("adv_path"):
+            continue
+        path = inside(adv, row["adv_path"]) if adv.is_dir() and not adv.is_symlink() else None
+        if path is None:
+            skipped += 1
+            continue
+        path.unlink(missing_ok=True)
+    if skipped:
+        warnings.warn(
+            f"left {skipped} file(s) that the manifest lists outside {adv} alone",
+            stacklevel=2,
+        )
+
+
+def consolidate(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Deal with per-rank manifests that an interrupted torchrun run left in ``out_dir``.
+
+    * ``resume``: their rows are merged into ``manifest.csv`` (atomically, sorted), then
+      the partial files are removed; the run continues with any world size.
+    * ``overwrite``: they are removed, with the PNGs their rows list.
+    * neither: a :class:`UserError` if they hold any rows (results would be lost).
+
+    Raises:
+        UserError: see above; unreadable or conflicting partial manifests.
+    """
+    root = Path(out_dir)
+    manifests = partial_manifests(root)
+    old_reports = sorted(root.glob(_OLD_PARTIAL_REPORT_GLOB))
+    if not manifests and not old_reports:
+        return
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite exclude each other")
+    groups = []
+    for path in manifests:
+        try:
+            groups.append(read_manifest(path))
+        except ValueError as e:
+            raise UserError(f"cannot read partial manifest {str(path)!r}: {e}") from e
+    has_rows = any(groups)
+    if overwrite:
+        for rows in groups:
+            _remove_adv(root, rows)
+    elif has_rows and not resume:
+        raise UserError(
+            f"output folder {str(root)!r} already holds results (partial manifests of a "
+            "torchrun run); pass --resume to continue that run, --overwrite to replace "
+            "it, or choose another --out"
+        )
+    elif has_rows:
+        merged_path = root / MANIFEST_NAME
+        try:
+            existing = read_manifest(merged_path)
+        except ValueError as e:
+            raise UserError(f"cannot resume: {e}") from e
+        rows = merge_rows([existing, *groups], source=str(root))
+        atomic_write_text(merged_path, format_manifest(rows))
+        log.info("merged %d partial manifest(s) into %s", len(manifests), merged_path)
+    # Only now, with every row safe in manifest.csv (or deliberately dropped).
+    for path in [*manifests, *old_reports]:
+        path.unlink(missing_ok=True)
+
+
+class OutputDir:
+    """An output folder: ``manifest.csv``, ``report.json``, ``adv/`` and the plot.
+
+    Args:
+        root: the folder (created if needed).
+
+    Raises:
+        UserError: the folder cannot be created or written.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            # A unique probe name: torchrun ranks probe the same folder at the same time.
+            fd, probe = tempfile.mkstemp(prefix=".advtune-write-test.", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+            raise UserError(f"output folder {str(self.root)!r} is not writable: {reason}") from e
+        self.manifest_path = self.root / MANIFEST_NAME
+        self.report_path = self.root / REPORT_NAME
+        self.adv_dir = self.root / ADV_DIR
+        self.plot_path = self.root / PLOT_NAME
+        self.writer = ManifestWriter(self.manifest_path)
+        self.previous_report: dict[str, Any] | None = None
+        self._lock_fd: int | None = None
+
+    # ------------------------------------------------------------------ lock
+
+    def lock(self) -> None:
+        """Take the folder's advisory lock for this process (released by :meth:`unlock`
+        or when the process ends, however it ends).
+
+        Raises:
+            UserError: another run holds it.
+        """
+        import fcntl
+
+        path = self.root / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+            os.close(fd)
+            raise UserError(
+                f"output folder {str(self.root)!r} is in use by another advtune run (pid "
+                f"{holder}); wait for it to finish or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (no-op without one)."""
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # ------------------------------------------------------------------ start
+
+    def has_results(self) -> bool:
+        """Whether the folder holds manifest rows (a run without any has nothing to keep)."""
+        try:
+            return bool(read_manifest(self.manifest_path))
+        except ValueError:
+            return True  # not ours to parse: protect it
+
+    def _check_layout(self) -> None:
+        for path in (self.manifest_path, self.report_path, self.plot_path):
+            if path.is_dir():
+                raise UserError(
+                    f"{str(path)!r} is a folder, not a file; move it away or choose another --out"
+                )
+        if self.adv_dir.is_symlink():
+            raise UserError(
+                f"{str(self.adv_dir)!r} is a symlink; advtune writes only inside --out: "
+                "remove it or choose another --out"
+            )
+
+    def start(self, config: Mapping[str, Any], *, resume: bool, overwrite: bool) -> None:
+        """Check the folder against ``config`` and load rows to resume from.
+
+        Per-rank manifests of an interrupted torchrun run are folded in first
+        (:func:`consolidate`).
+
+        Raises:
+            UserError: results exist and neither ``resume`` nor ``overwrite``; on resume,
+                a stored config that differs in anything that changes results, a
+                manifest without its report, or rows listing files outside the folder.
+        """
+        if resume and overwrite:
+            raise UserError("--resume and --overwrite exclude each other")
+        self._check_layout()
+        consolidate(self.root, resume=resume, overwrite=overwrite)
+        if not self.has_results():
+            self._clear()  # a stale report of a run that attacked nothing
+            return
+        if overwrite:
+            self._clear()
+            return
+        if not resume:
+            raise UserError(
+                f"output folder {str(self.root)!r} already holds results; pass --resume to "
+                "continue that run, --overwrite to replace it, or choose another --out"
+            )
+        if not self.report_path.exists():
+            raise UserError(
+                f"cannot resume: {str(self.manifest_path)!r} exists but "
+                f"{str(self.report_path)!r} does not"
+            )
+        try:
+            stored = read_json(self.report_path)
+            stored_config = stored["config"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"cannot resume: {str(self.report_path)!r} is unreadable ({e})") from e
+        diffs = config_differences(stored_config, config)
+        if diffs:
+            shown = "; ".join(
+                f"{k}: {_lookup(stored_config, k)!r} -> {_lookup(config, k)!r}" for k in diffs[:4]
+            )
+            raise UserError(
+                f"cannot resume {str(self.root)!r}: settings differ from the stored run ({shown})"
+            )
+        try:
+            rows = read_manifest(self.manifest_path)
+        except ValueError as e:
+            raise UserError(f"cannot resume: {e}") from e
+        bad = [r["adv_path"] for r in rows if r.get("adv_path") and inside(self.adv_dir, r["adv_path"]) is None]  # fmt: skip
+        if bad:
+            raise UserError(
+                f"cannot resume: {str(self.manifest_path)!r} lists {len(bad)} file(s) outside "
+                f"{str(self.adv_dir)!r} (e.g. {bad[0]!r}); it was not written by advtune"
+            )
+        self.writer = ManifestWriter(self.manifest_path, rows)
+        self.previous_report = stored
+
+    def _clear(self) -> None:
+        # Remove only what an advtune run wrote: files listed in the old manifest, and
+        # only inside the folder.
+        try:
+            old = read_manifest(self.manifest_path)
+        except ValueError:
+            old = []
+        _remove_adv(self.root, old)
+        for path in (self.manifest_path, self.report_path, self.plot_path):
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ writes
+
+    def save_images(self, out: BatchOutput) -> None:
+        """Save a batch's PNGs (before its rows: a row implies its PNG)."""
+        eps_count = len(out.images)
+        for position, row in enumerate(out.rows):
+            image_i, eps_i = divmod(position, eps_count)
+            if row["adv_path"]:
+                path = inside(self.adv_dir, row["adv_path"])
+                if path is None:
+                    raise ValueError(f"adv_path {row['adv_path']!r} leaves {self.adv_dir}")
+                save_png(path, out.images[eps_i][image_i])
+
+    def write_report(self, report: Mapping[str, Any]) -> None:
+        write_json(self.report_path, report)

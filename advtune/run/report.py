@@ -1,0 +1,309 @@
+"""The report: ``report.json``, the printed summary and the robust-accuracy plot.
+
+The report's ``metrics`` come from manifest rows only (:func:`advtune.run.metrics.
+compute_metrics`), its timings add this session to those of earlier sessions. See
+``docs/cli.md`` for every key.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import platform
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from advtune._version import __version__
+from advtune.run.loop import RunStats
+from advtune.run.metrics import compute_metrics
+from advtune.run.spec import AttackConfig, dataset_info
+
+__all__ = [
+    "REPORT_FORMAT",
+    "build_report",
+    "convbn_info",
+    "device_info",
+    "eps_axis",
+    "format_eps",
+    "format_summary",
+    "plot_curve",
+    "plural",
+    "unwrap_model",
+    "versions",
+]
+
+log = logging.getLogger(__name__)
+
+REPORT_FORMAT = "advtune-report/1"
+
+
+def versions() -> dict[str, str | None]:
+    """Versions of advtune, Python, torch, torchvision (and CUDA when built with it)."""
+    try:
+        import torchvision
+
+        tv = torchvision.__version__
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        tv = None
+    return {
+        "advtune": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": tv,
+        "cuda": torch.version.cuda,
+    }
+
+
+def device_info(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    info: dict[str, Any] = {"type": device.type, "name": platform.processor() or platform.machine()}
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        info["name"] = torch.cuda.get_device_name(index)
+        info["index"] = index
+        info["total_memory_bytes"] = torch.cuda.get_device_properties(index).total_memory
+    else:
+        info["threads"] = torch.get_num_threads()
+    return info
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The classifier inside run-time wrappers (``advtune.runtime.AmpModel``,
+    ``torch.compile``), which carries ``name``, ``categories``, ``net``..."""
+    seen = 0
+    while not hasattr(model, "categories") and seen < 8:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            break
+        model, seen = inner, seen + 1
+    return model
+
+
+def convbn_info(model: nn.Module) -> dict[str, Any] | None:
+    try:
+        from advtune import convbn_report
+
+        inner = unwrap_model(model)
+        return convbn_report(getattr(inner, "net", inner)).to_dict()
+    except Exception as e:  # a report is nice to have; never fail a run over it
+        log.debug("no ConvBN report: %s", e)
+        return None
+
+
+def build_report(
+    *,
+    command: str,
+    status: str,
+    config: Mapping[str, Any],
+    attack: AttackConfig,
+    rows: Sequence[Mapping[str, Any]],
+    model: nn.Module,
+    dataset: Any,
+    device: torch.device | str,
+    settings: Mapping[str, Any],
+    stats: RunStats | None = None,
+    previous: Mapping[str, Any] | None = None,
+    outputs: Mapping[str, Any] | None = None,
+    convbn: Mapping[str, Any] | None = None,
+    skipped: Sequence[tuple[str, str]] | None = None,
+    distributed: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The ``report.json`` document (see ``docs/cli.md`` for every key).
+
+    ``metrics`` come from ``rows`` only; ``timings`` add this session to the sessions
+    recorded in ``previous`` (the report of an interrupted run being resumed).
+    """
+    inner = unwrap_model(model)
+    categories = getattr(inner, "categories", None)
+    labeled = bool(getattr(dataset, "labeled", True))
+    metrics = compute_metrics(rows, attack, categories=categories) if rows else None
+    prev_t = (previous or {}).get("timings") or {}
+    session = {
+        "images": stats.images if stats else 0,
+        "wall_s": stats.wall_s if stats else 0.0,
+        "attack_s": stats.attack_s if stats else 0.0,
+        "images_per_s": stats.images_per_s if stats else None,
+        "model_calls": stats.model_calls if stats else 0,
+        "oom_backoffs": stats.oom_backoffs if stats else 0,
+        "final_batch_size": stats.final_batch_size if stats else None,
+    }
+    sessions = list(prev_t.get("sessions", []))
+    if stats is not None and stats.images:
+        sessions.append(session)
+    total_wall = math.fsum(s["wall_s"] for s in sessions)
+    total_images = sum(s["images"] for s in sessions)
+    peaks = [
+        p
+        for p in ((previous or {}).get("peak_memory_bytes"), stats and stats.peak_memory_bytes)
+        if p
+    ]
+    if skipped is None:
+        skipped = list(getattr(dataset, "skipped", []))
+    skipped_rows = [{"path": p, "reason": r} for p, r in skipped]
+    report = {
+        "format": REPORT_FORMAT,
+        "command": command,
+        "status": status,
+        "config": dict(config),
+        "settings": dict(settings),
+        "versions": versions(),
+        "device": device_info(device),
+        "model": {
+            "name": getattr(inner, "name", type(inner).__name__),
+            "weights": getattr(inner, "weights", None),
+            "convbn": getattr(inner, "convbn", None),
+            "num_classes": getattr(inner, "num_classes", None),
+            "wrapper": type(model).__name__ if inner is not model else None,
+        },
+        "convbn": dict(convbn) if convbn is not None else None,
+        "data": {
+            **dataset_info(dataset),
+            "label_source": "dataset" if labeled else "model clean predictions",
+            "skipped": skipped_rows,
+        },
+        "metrics": metrics,
+        "timings": {
+            "wall_s": total_wall,
+            "images_per_s": total_images / total_wall if total_wall > 0 and total_images else None,
+            "images_this_session": session["images"],
+            "resumed": previous is not None,
+            "sessions": sessions,
+        },
+        "peak_memory_bytes": max(peaks) if peaks else None,
+        "outputs": dict(outputs or {}),
+    }
+    if distributed is not None:
+        report["distributed"] = dict(distributed)
+    return report
+
+
+def format_eps(eps: float | None) -> str:
+    """``4/255`` for multiples of 1/255, else the number (``0.5``); ``-`` for none."""
+    if eps is None:
+        return "-"
+    k = eps * 255
+    if eps > 0 and abs(k - round(k)) < 1e-6 and eps <= 1:
+        return f"{round(k)}/255"
+    return f"{eps:g}"
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 image"``, ``"2 images"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def _pct(value: float | None) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{100 * value:.1f}%"
+    )
+
+
+def _num(value: float | None) -> str:
+    return (
+        "n/a"
+        if value is None or (isinstance(value, float) and math.isnan(value))
+        else f"{value:.4g}"
+    )
+
+
+def format_summary(report: Mapping[str, Any]) -> str:
+    """A short plain-text table of a report (the CLI prints it)."""
+    config = report["config"]
+    attack = config["attack"]
+    metrics = report.get("metrics") or {}
+    model = report.get("model", {})
+    lines = [
+        f"advtune {report['command']}: {model.get('name')} ({model.get('weights')}) · "
+        f"{attack['attack']} {attack['norm']}"
+        + (f" targeted={attack['targeted']}" if attack.get("targeted") else "")
+        + f" · {plural(metrics.get('num_images', 0), 'image')} · {report['device']['type']}"
+    ]
+    nonfinite = metrics.get("num_nonfinite") or 0
+    if nonfinite:
+        lines.append(
+            f"warning: {plural(nonfinite, 'image')} with non-finite logits (NaN/inf), "
+            "counted as neither correct nor robust"
+        )
+    if report["data"]["label_source"] != "dataset":
+        lines.append("labels: the model's clean predictions (unlabeled images)")
+    header = f"{'eps':>10}  {'clean acc':>9}  {'robust acc':>10}  {'success':>8}  {'mean linf':>9}  {'mean l2':>8}"
+    lines.append(header)
+    for entry in metrics.get("per_eps", []):
+        lines.append(
+            f"{format_eps(entry['eps']):>10}  {_pct(entry['clean_accuracy']):>9}  "
+            f"{_pct(entry['robust_accuracy']):>10}  {_pct(entry['success_rate']):>8}  "
+            f"{_num(entry['linf_mean']):>9}  {_num(entry['l2_mean']):>8}"
+        )
+    timings = report.get("timings", {})
+    peak = report.get("peak_memory_bytes")
+    lines.append(
+        f"wall {timings.get('wall_s', 0):.1f} s · {_num(timings.get('images_per_s'))} img/s · "
+        f"peak memory {'n/a' if peak is None else f'{peak / 2**20:.0f} MiB'}"
+    )
+    outputs = report.get("outputs", {})
+    if outputs:
+        lines.append("outputs: " + ", ".join(str(v) for v in outputs.values() if v))
+    return "\n".join(lines)
+
+
+def eps_axis(ax: Any, values: Sequence[float]) -> dict[float, int]:
+    """Evenly spaced eps ticks on a matplotlib axis; returns each eps's x position.
+
+    Budgets usually double (1/255, 2/255, 4/255...): on a linear axis the small ones'
+    labels overlap, so each eps gets its own slot instead.
+    """
+    xs = sorted(set(values))
+    ax.set_xticks(range(len(xs)), [format_eps(x) if x else "0" for x in xs], rotation=45)
+    return {x: i for i, x in enumerate(xs)}
+
+
+def plot_curve(metrics: Mapping[str, Any], path: str | Path, *, title: str = "") -> bool:
+    """Plot robust accuracy against eps (clean accuracy at eps 0) into a PNG.
+
+    Returns:
+        ``True`` if written; ``False`` (with a warning) when matplotlib is missing.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn(
+            "matplotlib is not installed, so no robust-accuracy plot was written; "
+            "install it with: pip install 'advtune[plot]'",
+            stacklevel=2,
+        )
+        return False
+    points = sorted(
+        (e["eps"], e["robust_accuracy"])
+        for e in metrics["per_eps"]
+        if e["eps"] is not None and e["robust_accuracy"] is not None
+    )
+    if points and points[0][0] != 0 and metrics.get("clean_accuracy") is not None:
+        points.insert(0, (0.0, metrics["clean_accuracy"]))
+    # An explicit Figure + Agg canvas: no pyplot global state, no display backend.
+    fig = Figure(figsize=(5, 3.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    place = eps_axis(ax, [p[0] for p in points])
+    ax.plot([place[p[0]] for p in points], [100 * p[1] for p in points], marker="o")
+    ax.set_xlabel("eps (evenly spaced)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    from advtune.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    atomic_write_bytes(path, buffer.getvalue())
+    return True
