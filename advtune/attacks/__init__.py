@@ -14,6 +14,8 @@ modes you give and restore every flag they touch). See ``docs/attacks.md``.
 from advtune.attacks._random import random_target
 from advtune.attacks._registry import AttackSpec, get, names, register, spec
 from advtune.attacks._result import AttackResult, least_likely_target
+from advtune.attacks.apgd import apgd, apgd_t
+from advtune.attacks.autoattack import EnsembleResult, autoattack
 from advtune.attacks.cw import cw_l2
 from advtune.attacks.fgsm import fgsm
 from advtune.attacks.mifgsm import mifgsm
@@ -27,8 +29,12 @@ from advtune.attacks.torchattacks_adapter import (
 __all__ = [
     "AttackResult",
     "AttackSpec",
+    "EnsembleResult",
     "MissingDependencyError",
     "TorchattacksAttack",
+    "apgd",
+    "apgd_t",
+    "autoattack",
     "cw_l2",
     "fgsm",
     "get",
