@@ -137,13 +137,13 @@ def _plan(
             raise ValueError(
                 f"attacks entries must be names or (name, kwargs) pairs, got {entry!r}"
             )
+        if entry == "autoattack":
+            raise ValueError("attacks cannot contain 'autoattack' itself")
         if entry in COMPONENTS:
             reg, base = COMPONENTS[entry]
             plan.append((entry, reg, base | fixed, True))
         elif entry in names():
             plan.append((entry, entry, fixed, False))
-        elif entry == "autoattack":
-            raise ValueError("attacks cannot contain 'autoattack' itself")
         else:
             known = sorted(set(names()) | set(COMPONENTS))
             raise UserError(suggest(entry, known, what="attack"))
