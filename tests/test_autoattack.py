@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 from digits import digits_model, digits_test_set
+from fakes import linear_classifier
 from torch import nn
 
 import advtune
@@ -26,30 +27,9 @@ F64 = torch.float64
 K = 10
 
 
-def tiny_net() -> nn.Module:
-    """Conv→BN→ReLU on 8×8 RGB, 10 classes, float64, calibrated BN, eval mode."""
-    gen = torch.Generator().manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False),
-        nn.BatchNorm2d(8),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(128, K),
-    ).to(F64)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=F64) * 0.5)
-        net.train()
-        net(torch.rand(64, 3, 8, 8, generator=gen, dtype=F64))
-    return net.eval().requires_grad_(False)
-
-
 @pytest.fixture(scope="module")
 def tiny():
-    net = tiny_net()
+    net = linear_classifier(classes=K).double()  # 8×8 RGB, 10 classes
     x = torch.rand(12, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=F64)
     with torch.no_grad():
         y = net(x).argmax(1)

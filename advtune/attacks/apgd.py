@@ -316,6 +316,48 @@ class _Best:
         self.broken[keep], self.loss[keep] = run.broken[better], run.loss[better]
 
 
+_Targets = tuple["torch.Tensor | None", "torch.Tensor | None"]
+
+
+def _drive(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    generator: torch.Generator | None,
+    seeds: torch.Tensor | None,
+    stream: int,
+    eot_iter: int,
+    eps: float,
+    norm: str,
+    steps: int,
+    objective: Objective,
+    rounds: Callable[[ModelGuard, torch.Tensor], list[_Targets]],
+) -> AttackResult:
+    """Run APGD rounds on the samples still robust and keep each sample's best.
+
+    ``rounds(guard, x0)`` lists one ``(loss target, success target)`` pair of ``(N,)``
+    tensors (or ``None``) per run: restarts, or APGD-T's targets in turn.
+    """
+    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
+        x0 = x.detach().to(work_dtype(x))
+        n = x0.shape[0]
+        gens = sample_generators(resolve_seeds(n, generator=generator, seeds=seeds), stream)
+        grad = _Gradient(guard, x.dtype, eot_iter)
+        best = _Best(x0)
+        todo = torch.arange(n, device=x.device)
+        for t_loss, t_goal in rounds(guard, x0):
+            if todo.numel() == 0:
+                break
+            tl = None if t_loss is None else t_loss[todo]
+            tg = None if t_goal is None else t_goal[todo]
+            start = _start([gens[i] for i in todo.tolist()], x0[todo], eps, norm)
+            run = _run(grad, x0[todo], start, y[todo], tl, tg, objective, eps, norm, steps)
+            best.update(todo, run)
+            todo = todo[~best.broken[todo]]
+        return finish(guard, x, best.x, y, target, logits=best.logits)
+
+
 @register("apgd", norm="linf", randomized=True)
 def apgd(
     model: nn.Module,
@@ -373,25 +415,11 @@ def apgd(
         model, x, y, target, generator, seeds, eps, norm, steps, restarts, eot_iter
     )
     loss = check_choice("loss", loss, tuple(LOSSES))
-    objective = LOSSES[loss]
     stream = _STREAMS[loss if target is None or loss == "ce" else "dlr_t"]
-    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
-        x0 = x.detach().to(work_dtype(x))
-        gens = sample_generators(
-            resolve_seeds(x0.shape[0], generator=generator, seeds=seeds), stream
-        )
-        grad = _Gradient(guard, x.dtype, eot_iter)
-        best = _Best(x0)
-        todo = torch.arange(x0.shape[0], device=x.device)
-        for _ in range(restarts):
-            xs, ys = x0[todo], y[todo]
-            ts = None if target is None else target[todo]
-            start = _start([gens[i] for i in todo.tolist()], xs, eps, norm)
-            best.update(todo, _run(grad, xs, start, ys, ts, ts, objective, eps, norm, steps))
-            todo = todo[~best.broken[todo]]
-            if todo.numel() == 0:
-                break
-        return finish(guard, x, best.x, y, target, logits=best.logits)
+    return _drive(
+        model, x, y, target, generator, seeds, stream, eot_iter, eps, norm, steps, LOSSES[loss],
+        lambda guard, x0: [(target, target)] * restarts,
+    )  # fmt: skip
 
 
 @register("apgd_t", norm="linf", randomized=True)
@@ -447,29 +475,17 @@ def apgd_t(
         model, x, y, target, generator, seeds, eps, norm, steps, restarts, eot_iter
     )
     n_targets = check_int("n_targets", n_targets, minimum=1)
-    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
-        x0 = x.detach().to(work_dtype(x))
-        n = x0.shape[0]
-        gens = sample_generators(
-            resolve_seeds(n, generator=generator, seeds=seeds), _STREAMS["dlr_t"]
-        )
-        grad = _Gradient(guard, x.dtype, eot_iter)
-        if target is None:
-            # Rank the other classes by their clean logit (the true class masked out).
-            clean = guard.logits(x0.to(x.dtype)).to(x0.dtype)
-            masked = clean.scatter(1, y[:, None], float("-inf"))
-            ranked = masked.topk(min(n_targets, clean.shape[1] - 1), dim=1).indices
-        else:
-            ranked = target[:, None]
-        best = _Best(x0)
-        todo = torch.arange(n, device=x.device)
-        for r in range(ranked.shape[1]):
-            for _ in range(restarts):
-                if todo.numel() == 0:
-                    break
-                xs, ys, ts = x0[todo], y[todo], ranked[todo, r]
-                goal = None if target is None else ts
-                start = _start([gens[i] for i in todo.tolist()], xs, eps, norm)
-                best.update(todo, _run(grad, xs, start, ys, ts, goal, dlr_loss, eps, norm, steps))
-                todo = todo[~best.broken[todo]]
-        return finish(guard, x, best.x, y, target, logits=best.logits)
+
+    def rounds(guard: ModelGuard, x0: torch.Tensor) -> list[_Targets]:
+        if target is not None:
+            return [(target, target)] * restarts
+        # Rank the other classes by their clean logit (the true class masked out).
+        clean = guard.logits(x0.to(x.dtype)).to(x0.dtype)
+        masked = clean.scatter(1, y[:, None], float("-inf"))
+        ranked = masked.topk(min(n_targets, clean.shape[1] - 1), dim=1).indices
+        return [(ranked[:, r], None) for r in range(ranked.shape[1]) for _ in range(restarts)]
+
+    return _drive(
+        model, x, y, target, generator, seeds, _STREAMS["dlr_t"], eot_iter, eps, norm, steps,
+        dlr_loss, rounds,
+    )  # fmt: skip
