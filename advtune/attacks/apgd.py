@@ -269,31 +269,6 @@ def _proj(z: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Ten
     return project_linf(z, x0, eps) if norm == "linf" else project_l2(z, x0, eps)
 
 
-def _check_common(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    target: torch.Tensor | None,
-    generator: torch.Generator | None,
-    seeds: torch.Tensor | None,
-    eps: float,
-    norm: str,
-    steps: int,
-    restarts: int,
-    eot_iter: int,
-) -> tuple[torch.Tensor, torch.Tensor | None, float, str, int, int, int]:
-    y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    return (
-        y,
-        target,
-        check_nonnegative("eps", eps),
-        check_choice("norm", norm, ("linf", "l2")),
-        check_int("steps", steps, minimum=1),
-        check_int("restarts", restarts, minimum=1),
-        check_int("eot_iter", eot_iter, minimum=1),
-    )
-
-
 class _Best:
     """The per-sample best over runs: any success beats failure, then the higher loss."""
 
@@ -323,22 +298,31 @@ def _drive(
     model: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
+    *,
     target: torch.Tensor | None,
     generator: torch.Generator | None,
     seeds: torch.Tensor | None,
-    stream: int,
-    eot_iter: int,
     eps: float,
     norm: str,
     steps: int,
+    restarts: int,
+    eot_iter: int,
+    stream: int,
     objective: Objective,
-    rounds: Callable[[ModelGuard, torch.Tensor], list[_Targets]],
+    rounds: Callable[..., list[_Targets]],
 ) -> AttackResult:
-    """Run APGD rounds on the samples still robust and keep each sample's best.
+    """Validate, then run APGD rounds on the samples still robust, keeping each one's best.
 
-    ``rounds(guard, x0)`` lists one ``(loss target, success target)`` pair of ``(N,)``
-    tensors (or ``None``) per run: restarts, or APGD-T's targets in turn.
+    ``rounds(guard, x0, y, target, restarts)`` (validated values) lists one ``(loss
+    target, success target)`` pair of ``(N,)`` tensors (or ``None``) per run: restarts,
+    or APGD-T's targets in turn.
     """
+    y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
+    eps = check_nonnegative("eps", eps)
+    norm = check_choice("norm", norm, ("linf", "l2"))
+    steps = check_int("steps", steps, minimum=1)
+    restarts = check_int("restarts", restarts, minimum=1)
+    eot_iter = check_int("eot_iter", eot_iter, minimum=1)
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
         n = x0.shape[0]
@@ -346,7 +330,7 @@ def _drive(
         grad = _Gradient(guard, x.dtype, eot_iter)
         best = _Best(x0)
         todo = torch.arange(n, device=x.device)
-        for t_loss, t_goal in rounds(guard, x0):
+        for t_loss, t_goal in rounds(guard, x0, y, target, restarts):
             if todo.numel() == 0:
                 break
             tl = None if t_loss is None else t_loss[todo]
@@ -411,15 +395,19 @@ def apgd(
     Raises:
         ValueError: Invalid inputs or hyperparameters; DLR with fewer than 3 classes.
     """
-    y, target, eps, norm, steps, restarts, eot_iter = _check_common(
-        model, x, y, target, generator, seeds, eps, norm, steps, restarts, eot_iter
-    )
     loss = check_choice("loss", loss, tuple(LOSSES))
-    stream = _STREAMS[loss if target is None or loss == "ce" else "dlr_t"]
     return _drive(
-        model, x, y, target, generator, seeds, stream, eot_iter, eps, norm, steps, LOSSES[loss],
-        lambda guard, x0: [(target, target)] * restarts,
+        model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
+        steps=steps, restarts=restarts, eot_iter=eot_iter,
+        stream=_STREAMS[loss if target is None or loss == "ce" else "dlr_t"],
+        objective=LOSSES[loss], rounds=_restarts,
     )  # fmt: skip
+
+
+def _restarts(
+    guard: ModelGuard, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, restarts: int
+) -> list[_Targets]:
+    return [(target, target)] * restarts
 
 
 @register("apgd_t", norm="linf", randomized=True)
@@ -471,21 +459,21 @@ def apgd_t(
     Raises:
         ValueError: Invalid inputs or hyperparameters, fewer than 4 classes.
     """
-    y, target, eps, norm, steps, restarts, eot_iter = _check_common(
-        model, x, y, target, generator, seeds, eps, norm, steps, restarts, eot_iter
-    )
     n_targets = check_int("n_targets", n_targets, minimum=1)
 
-    def rounds(guard: ModelGuard, x0: torch.Tensor) -> list[_Targets]:
-        if target is not None:
-            return [(target, target)] * restarts
+    def rounds(
+        guard: ModelGuard, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, runs: int
+    ) -> list[_Targets]:
+        if t is not None:
+            return _restarts(guard, x0, y, t, runs)
         # Rank the other classes by their clean logit (the true class masked out).
         clean = guard.logits(x0.to(x.dtype)).to(x0.dtype)
         masked = clean.scatter(1, y[:, None], float("-inf"))
         ranked = masked.topk(min(n_targets, clean.shape[1] - 1), dim=1).indices
-        return [(ranked[:, r], None) for r in range(ranked.shape[1]) for _ in range(restarts)]
+        return [(ranked[:, r], None) for r in range(ranked.shape[1]) for _ in range(runs)]
 
     return _drive(
-        model, x, y, target, generator, seeds, _STREAMS["dlr_t"], eot_iter, eps, norm, steps,
-        dlr_loss, rounds,
+        model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
+        steps=steps, restarts=restarts, eot_iter=eot_iter, stream=_STREAMS["dlr_t"],
+        objective=dlr_loss, rounds=rounds,
     )  # fmt: skip
