@@ -15,7 +15,7 @@ import warnings
 import pytest
 import torch
 from digits import digits_model, digits_test_set
-from fakes import linear_classifier
+from fakes import linear_classifier, load_script
 from torch import nn
 
 import advtune
@@ -369,3 +369,20 @@ def test_standard_ensemble_not_weaker_than_official(digits, one_thread):
     acc = 1 - float(res.success.float().mean())
     print(f"standard linf eps={eps:.4f}: advtune {acc:.3f} official {acc_ref:.3f}")
     assert acc <= acc_ref + 0.01
+
+
+@pytest.mark.slow
+def test_bench_worker_measures_both_implementations():
+    """The benchmark's worker on a tiny budget: both sides run the same components."""
+    pytest.importorskip("pyautoattack")
+    bench = load_script("bench_autoattack")
+    out = {}
+    for impl in bench.IMPLS:
+        args = bench.argparse.Namespace(
+            model="resnet18", size=16, n=2, eps=0.1 / 255, norm="linf", steps=1,
+            n_targets=1, queries=2, threads=1, worker=impl,
+        )  # fmt: skip
+        out[impl] = bench.worker(args)
+    assert out["advtune"]["components"] == out["official"]["components"]
+    for r in out.values():
+        assert r["wall_s"] > 0 and r["peak_mib"] >= 0 and 0 <= r["robust_accuracy"] <= 1
