@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -85,10 +85,11 @@ class EnsembleResult(AttackResult):
     component's calls.
     """
 
-    components: tuple[str, ...]
-    broken_by: torch.Tensor
-    component_calls: tuple[int, ...]
-    checks: Mapping[str, Any]
+    # Keyword-only: AttackResult may end with fields that have defaults.
+    components: tuple[str, ...] = field(kw_only=True)
+    broken_by: torch.Tensor = field(kw_only=True)
+    component_calls: tuple[int, ...] = field(kw_only=True)
+    checks: Mapping[str, Any] = field(kw_only=True)
 
     ROBUST: ClassVar[int] = -1
     CLEAN: ClassVar[int] = -2
