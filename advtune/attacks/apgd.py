@@ -278,15 +278,21 @@ class _Best:
         self.logits: torch.Tensor | None = None
         self.broken = torch.zeros(n, dtype=torch.bool, device=x.device)
         self.loss = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
+        self.seen = torch.zeros(n, dtype=torch.bool, device=x.device)
 
     def update(self, todo: torch.Tensor, run: _Run) -> None:
         if self.logits is None:
             n, k = self.x.shape[0], run.logits.shape[1]
             self.logits = torch.empty(n, k, dtype=run.logits.dtype, device=self.x.device)
-        better = (run.broken & ~self.broken[todo]) | (
-            (run.broken == self.broken[todo]) & (run.loss > self.loss[todo])
+        # A sample's first run always counts (its loss may be NaN, which wins no
+        # comparison, and its logits must still be those of the image returned).
+        better = (
+            ~self.seen[todo]
+            | (run.broken & ~self.broken[todo])
+            | ((run.broken == self.broken[todo]) & (run.loss > self.loss[todo]))
         )
         keep = todo[better]
+        self.seen[keep] = True
         self.x[keep], self.logits[keep] = run.x[better], run.logits[better]
         self.broken[keep], self.loss[keep] = run.broken[better], run.loss[better]
 
