@@ -314,3 +314,30 @@ def test_apgd_t_matches_official(digits, norm, eps, one_thread):
     acc, acc_ref = 1 - float(ours.success.float().mean()), _official_accuracy(model, x, y, ref)
     print(f"apgd-t {norm} eps={eps:.4f}: advtune {acc:.3f} official {acc_ref:.3f}")
     assert abs(acc - acc_ref) <= 0.015
+
+
+class _NaNRows(nn.Module):
+    """NaN logits for the images whose first pixel is above one half."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 5).to(F64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x.flatten(1))
+        return torch.where(x[:, :1, 0, 0] > 0.5, torch.full_like(out, float("nan")), out)
+
+
+@pytest.mark.parametrize("name", ["apgd", "apgd_t"])
+def test_nan_logits_are_those_of_the_returned_image(name):
+    model = _NaNRows().eval()
+    x = torch.rand(4, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=F64)
+    x[::2, 0, 0, 0], x[1::2, 0, 0, 0] = 0.9, 0.0
+    y = torch.zeros(4, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _masking.GradientMaskingWarning)
+        res = attacks.get(name)(model, x, y, eps=0.01, steps=3, seeds=torch.arange(4))
+    with torch.no_grad():
+        ref = model(res.x_adv)
+    torch.testing.assert_close(res.logits, ref, equal_nan=True)
+    assert bool(torch.isfinite(res.x_adv).all())
