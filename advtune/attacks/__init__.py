@@ -16,6 +16,8 @@ from advtune.attacks._loop import with_restarts
 from advtune.attacks._random import random_target
 from advtune.attacks._registry import REQUIRED, AttackSpec, Param, get, names, register, spec
 from advtune.attacks._result import AttackResult, least_likely_target
+from advtune.attacks.apgd import apgd, apgd_t
+from advtune.attacks.autoattack import EnsembleResult, autoattack
 from advtune.attacks.cw import cw_l2
 from advtune.attacks.fgsm import fgsm
 from advtune.attacks.mifgsm import mifgsm
@@ -32,11 +34,15 @@ __all__ = [
     "REQUIRED",
     "AttackResult",
     "AttackSpec",
+    "EnsembleResult",
     "Linf",
     "MissingDependencyError",
     "Param",
     "ThreatModel",
     "TorchattacksAttack",
+    "apgd",
+    "apgd_t",
+    "autoattack",
     "cw_l2",
     "fgsm",
     "get",

@@ -1,0 +1,485 @@
+"""Auto-PGD (Croce & Hein, ICML 2020): PGD with an adaptive step size and momentum.
+
+``apgd`` runs APGD on the cross-entropy or the DLR loss; ``apgd_t`` is the targeted
+version of AutoAttack (targeted DLR loss towards each of the top ``n_targets`` classes in
+turn, success judged untargeted). Reference: Croce & Hein, "Reliable evaluation of
+adversarial robustness with an ensemble of diverse parameter-free attacks", ICML 2020
+(arXiv:2003.01690), Section 3 and Algorithm 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from advtune.attacks import _masking
+from advtune.attacks._random import (
+    resolve_seeds,
+    sample_generators,
+    uniform_l2_ball,
+    uniform_linf_ball,
+)
+from advtune.attacks._registry import register
+from advtune.attacks._result import (
+    AttackResult,
+    ModelGuard,
+    ce_loss,
+    check_choice,
+    check_inputs,
+    check_int,
+    check_nonnegative,
+    clip_unit,
+    finish,
+    margin_loss,
+    norms,
+    project_l2,
+    project_linf,
+    success_of,
+    work_dtype,
+)
+
+__all__ = ["apgd", "apgd_t", "checkpoints", "dlr_loss"]
+
+Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+RHO = 0.75  # fraction of successful loss increases below which the step is halved
+MOMENTUM = 0.75  # the paper's alpha: weight of the new step against the previous move
+# Random-number streams (per-sample seeds are mixed with these): the CE, DLR and
+# targeted-DLR runs of one sample start from unrelated points.
+_STREAMS = {"ce": 0x41504743, "dlr": 0x41504744, "dlr_t": 0x41504754}
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The iterations ``w_j`` at which APGD may halve its step size.
+
+    ``w_j = ceil(p_j · steps)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
+    ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)`` (the paper's schedule), computed
+    in exact integer arithmetic (hundredths) so that 0.22 · 100 is 22, not 23. For 100
+    steps: 22, 41, 57, 70, 80, 87, 93, 99.
+    """
+    out: list[int] = []
+    prev, cur = 0, 22  # p in hundredths
+    while cur <= 100:
+        w = -(-cur * steps // 100)  # ceil without floats
+        if w >= 1 and (not out or w > out[-1]) and w <= steps:
+            out.append(w)
+        prev, cur = cur, cur + max(cur - prev - 3, 6)
+    return out
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """Difference of Logits Ratio, per sample, to *maximise* ``(N,)``.
+
+    Untargeted: ``−(z_y − max_{j≠y} z_j) / (z_π1 − z_π3)``; targeted:
+    ``−(max_{j≠t} z_j − z_t) / (z_π1 − (z_π3 + z_π4) / 2)``, where ``π`` sorts the logits
+    in decreasing order. The ratio is invariant to shifting and rescaling the logits. The
+    targeted numerator uses the best class other than ``t``; while the prediction is
+    still ``y`` that is ``z_y``, the paper's numerator, so APGD-T runs are unchanged until
+    a sample is broken, and a user-given target is pursued until it is the prediction.
+
+    Raises:
+        ValueError: Fewer than 3 classes (4 when targeted).
+    """
+    k = logits.shape[1]
+    need = 3 if target is None else 4
+    if k < need:
+        kind = "targeted " if target is not None else ""
+        raise ValueError(f"the {kind}DLR loss needs at least {need} classes, got {k}")
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    top = z.topk(need, dim=1).values
+    third = top[:, 2] if target is None else 0.5 * (top[:, 2] + top[:, 3])
+    scale = top[:, 0] - third
+    return margin_loss(z, y, target) / (scale + 1e-12)
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    # Float32 (or float64) loss whatever the logits' dtype: AMP-safe.
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    return ce_loss(z, y, target)
+
+
+LOSSES: dict[str, Objective] = {"ce": _ce, "dlr": dlr_loss}
+
+
+def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _start(gens: list[torch.Generator], x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A random point at distance exactly ``eps`` (before clipping into [0, 1]).
+
+    L∞: a uniform draw from the cube rescaled so its largest coordinate is ``eps``; L2: a
+    uniformly random direction of length ``eps`` (as the reference implementation).
+    """
+    shape = tuple(x.shape[1:])
+    sampler = uniform_linf_ball if norm == "linf" else uniform_l2_ball
+    d = sampler(gens, shape, 1.0, x)
+    linf, l2 = norms(d)
+    size = linf if norm == "linf" else l2
+    return clip_unit(x + eps * d / _expand(size.clamp_min(1e-12), d))
+
+
+def _step(x_cur: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "linf":
+        return x_cur + eta * g.sign()
+    gnorm = g.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+    return x_cur + eta * g / _expand(gnorm, g)
+
+
+@dataclass
+class _Run:
+    """What one APGD run found for each sample of its batch."""
+
+    x: torch.Tensor  # the successful iterate if broken, else the best-loss iterate
+    logits: torch.Tensor  # logits of x
+    broken: torch.Tensor  # (n,) bool
+    loss: torch.Tensor  # (n,) best loss reached
+
+
+class _Gradient:
+    """Loss gradients with optional EOT averaging and the masking checks on the first one."""
+
+    def __init__(self, guard: ModelGuard, model_dtype: torch.dtype, eot_iter: int) -> None:
+        self.guard, self.model_dtype, self.eot_iter = guard, model_dtype, eot_iter
+        self.checked = False
+
+    def __call__(
+        self, x: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, objective: Objective
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(grad, logits, loss)`` at ``x``; gradient averaged over ``eot_iter`` calls."""
+        total = torch.zeros_like(x)
+        losses: list[torch.Tensor] = []
+
+        def f(z: torch.Tensor) -> torch.Tensor:
+            value = objective(z, y, t)
+            losses.append(value.detach())
+            return value
+
+        for _ in range(self.eot_iter):
+            g, logits = self.guard.grad(x.to(self.model_dtype), f)
+            total += g.to(x.dtype)
+        if self.eot_iter > 1:
+            total /= self.eot_iter
+        if not self.checked:
+            # The reference warns about zero gradients; non-finite ones would turn the
+            # iterate into NaN, so they are reported and zeroed.
+            self.checked = True
+            _masking.check_gradients(total, stacklevel=4)
+        if not bool(torch.isfinite(total).all()):
+            total = torch.nan_to_num(total, nan=0.0, posinf=0.0, neginf=0.0)
+        return total, logits, losses[-1].to(x.dtype)
+
+
+def _run(
+    grad: _Gradient,
+    x: torch.Tensor,
+    start: torch.Tensor,
+    y: torch.Tensor,
+    t_loss: torch.Tensor | None,
+    t_goal: torch.Tensor | None,
+    objective: Objective,
+    eps: float,
+    norm: str,
+    steps: int,
+) -> _Run:
+    """One APGD run (Algorithm 1) from ``start``; broken samples stop being attacked.
+
+    ``t_loss`` is the target the loss aims at, ``t_goal`` the one success is judged on
+    (``None``: untargeted). APGD-T uses a ``t_loss`` with ``t_goal=None``.
+    """
+    g, logits, loss = grad(start, y, t_loss, objective)
+    out_x, out_logits = start.clone(), logits.clone()
+    out_broken = success_of(logits, y, t_goal)
+    out_loss = loss.clone()
+    marks = set(checkpoints(steps))
+    last_mark = 0
+    # Per-sample state of the samples still being attacked (``idx`` maps into the batch).
+    idx = (~out_broken).nonzero().flatten()
+    s = {
+        "x0": x[idx],
+        "y": y[idx],
+        "cur": start[idx],
+        "prev": start[idx],
+        "g": g[idx],
+        "best": start[idx],
+        "g_best": g[idx],
+        "best_logits": logits[idx],
+        "loss_best": loss[idx],
+        "loss_prev": loss[idx],
+        "loss_mark": loss[idx],
+        "eta": torch.full((idx.numel(),), 2.0 * eps, dtype=x.dtype, device=x.device),
+        "ups": torch.zeros(idx.numel(), dtype=torch.long, device=x.device),
+        "halved": torch.zeros(idx.numel(), dtype=torch.bool, device=x.device),
+    }
+    for key, full in (("tl", t_loss), ("tg", t_goal)):
+        if full is not None:
+            s[key] = full[idx]
+    for k in range(steps):
+        if idx.numel() == 0:
+            break
+        eta = _expand(s["eta"], s["cur"])
+        z = _proj(_step(s["cur"], s["g"], eta, norm), s["x0"], eps, norm)
+        if k > 0:
+            # Momentum: a = 0.75 of the new step plus 0.25 of the last move.
+            move = s["cur"] - s["prev"]
+            z = _proj(
+                s["cur"] + MOMENTUM * (z - s["cur"]) + (1 - MOMENTUM) * move, s["x0"], eps, norm
+            )
+        s["prev"] = s["cur"]
+        g, logits, loss = grad(z, s["y"], s.get("tl"), objective)
+        s["cur"], s["g"] = z, g
+        s["ups"] += (loss > s["loss_prev"]).long()
+        s["loss_prev"] = loss
+        better = loss > s["loss_best"]
+        s["best"] = torch.where(_expand(better, z), z, s["best"])
+        s["g_best"] = torch.where(_expand(better, g), g, s["g_best"])
+        s["best_logits"] = torch.where(better[:, None], logits, s["best_logits"])
+        s["loss_best"] = torch.where(better, loss, s["loss_best"])
+        if k + 1 in marks:
+            w = k + 1
+            # Condition 1: too few of the steps since the last checkpoint raised the loss.
+            cond1 = s["ups"].double() < RHO * (w - last_mark)
+            # Condition 2: step size and best loss both unchanged since the last one.
+            cond2 = ~s["halved"] & (s["loss_best"] <= s["loss_mark"])
+            halve = cond1 | cond2
+            s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
+            # Restart the halved samples from their best point (and its gradient).
+            s["cur"] = torch.where(_expand(halve, z), s["best"], s["cur"])
+            s["g"] = torch.where(_expand(halve, g), s["g_best"], s["g"])
+            s["halved"], s["loss_mark"] = halve, s["loss_best"].clone()
+            s["ups"].zero_()
+            last_mark = w
+        won = success_of(logits, s["y"], s.get("tg"))
+        if bool(won.any()):
+            hit = idx[won]
+            out_x[hit], out_logits[hit], out_broken[hit] = z[won], logits[won], True
+            out_loss[hit] = loss[won]
+            keep = ~won
+            idx = idx[keep]
+            s = {key: v[keep] for key, v in s.items()}
+    if idx.numel():
+        out_x[idx], out_logits[idx], out_loss[idx] = s["best"], s["best_logits"], s["loss_best"]
+    return _Run(x=out_x, logits=out_logits, broken=out_broken, loss=out_loss)
+
+
+def _proj(z: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    return project_linf(z, x0, eps) if norm == "linf" else project_l2(z, x0, eps)
+
+
+class _Best:
+    """The per-sample best over runs: any success beats failure, then the higher loss."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        n = x.shape[0]
+        self.x = x.clone()
+        self.logits: torch.Tensor | None = None
+        self.broken = torch.zeros(n, dtype=torch.bool, device=x.device)
+        self.loss = torch.full((n,), float("-inf"), dtype=x.dtype, device=x.device)
+        self.seen = torch.zeros(n, dtype=torch.bool, device=x.device)
+
+    def update(self, todo: torch.Tensor, run: _Run) -> None:
+        if self.logits is None:
+            n, k = self.x.shape[0], run.logits.shape[1]
+            self.logits = torch.empty(n, k, dtype=run.logits.dtype, device=self.x.device)
+        # A sample's first run always counts (its loss may be NaN, which wins no
+        # comparison, and its logits must still be those of the image returned).
+        better = (
+            ~self.seen[todo]
+            | (run.broken & ~self.broken[todo])
+            | ((run.broken == self.broken[todo]) & (run.loss > self.loss[todo]))
+        )
+        keep = todo[better]
+        self.seen[keep] = True
+        self.x[keep], self.logits[keep] = run.x[better], run.logits[better]
+        self.broken[keep], self.loss[keep] = run.broken[better], run.loss[better]
+
+
+_Targets = tuple["torch.Tensor | None", "torch.Tensor | None"]
+
+
+def _drive(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    target: torch.Tensor | None,
+    generator: torch.Generator | None,
+    seeds: torch.Tensor | None,
+    eps: float,
+    norm: str,
+    steps: int,
+    restarts: int,
+    eot_iter: int,
+    stream: int,
+    objective: Objective,
+    rounds: Callable[..., list[_Targets]],
+) -> AttackResult:
+    """Validate, then run APGD rounds on the samples still robust, keeping each one's best.
+
+    ``rounds(guard, x0, y, target, restarts)`` (validated values) lists one ``(loss
+    target, success target)`` pair of ``(N,)`` tensors (or ``None``) per run: restarts,
+    or APGD-T's targets in turn.
+    """
+    y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
+    eps = check_nonnegative("eps", eps)
+    norm = check_choice("norm", norm, ("linf", "l2"))
+    steps = check_int("steps", steps, minimum=1)
+    restarts = check_int("restarts", restarts, minimum=1)
+    eot_iter = check_int("eot_iter", eot_iter, minimum=1)
+    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
+        x0 = x.detach().to(work_dtype(x))
+        n = x0.shape[0]
+        gens = sample_generators(resolve_seeds(n, generator=generator, seeds=seeds), stream)
+        grad = _Gradient(guard, x.dtype, eot_iter)
+        best = _Best(x0)
+        todo = torch.arange(n, device=x.device)
+        for t_loss, t_goal in rounds(guard, x0, y, target, restarts):
+            if todo.numel() == 0:
+                break
+            tl = None if t_loss is None else t_loss[todo]
+            tg = None if t_goal is None else t_goal[todo]
+            start = _start([gens[i] for i in todo.tolist()], x0[todo], eps, norm)
+            run = _run(grad, x0[todo], start, y[todo], tl, tg, objective, eps, norm, steps)
+            best.update(todo, run)
+            todo = todo[~best.broken[todo]]
+        return finish(guard, x, best.x, y, target, logits=best.logits)
+
+
+@register("apgd", norm="linf", randomized=True)
+def apgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    loss: str = "ce",
+    steps: int = 100,
+    restarts: int = 1,
+    eot_iter: int = 1,
+    target: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
+) -> AttackResult:
+    """Auto-PGD: PGD with momentum and a step size halved at checkpoints when progress stalls.
+
+    From a random point at distance ``eps`` the step size starts at ``2 · eps`` and is
+    halved at the checkpoints ``w_j`` (:func:`checkpoints`) for each sample where fewer
+    than 75 % of the steps since the last checkpoint raised the loss, or where neither
+    the step size nor the best loss changed since then; a halved sample restarts from its
+    best point. Each step mixes the projected gradient step (weight 0.75) with the last
+    move (0.25). A sample stops being attacked once it is broken (its successful iterate
+    is kept); the others return their highest-loss iterate. Croce & Hein, ICML 2020
+    (arXiv:2003.01690).
+
+    Args:
+        model: Classifier on [0, 1] images returning logits ``(N, K)``, in eval mode.
+        x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
+        y: ``(N,)`` true labels.
+        eps: Radius of the ``norm`` ball (absolute pixel units), ``>= 0``.
+        norm: ``"linf"`` or ``"l2"``.
+        loss: ``"ce"`` (cross-entropy; −CE of the target when targeted) or ``"dlr"`` (the
+            Difference of Logits Ratio, :func:`dlr_loss`; targeted DLR when targeted).
+        steps: Iterations per run, ``>= 1`` (the checkpoints scale with it).
+        restarts: Runs per sample, each from a new random point; broken samples skip the
+            remaining runs, the others keep the run with the highest loss.
+        eot_iter: Gradients averaged per step (Expectation over Transformation, for
+            randomised models); ``1`` for deterministic models.
+        target: Optional ``(N,)`` target classes (each ≠ ``y``): success means the
+            prediction equals the target.
+        generator: Source of the random starts when ``seeds`` is not given.
+        seeds: ``(N,)`` integer seeds; sample *i*'s random starts depend only on
+            ``seeds[i]``, so results do not depend on batch composition.
+
+    Returns:
+        :class:`AttackResult`; ``model_calls`` counts ``steps + 1`` gradient calls per run
+        and EOT draw on the samples still attacked (no extra final evaluation).
+
+    Raises:
+        ValueError: Invalid inputs or hyperparameters; DLR with fewer than 3 classes.
+    """
+    loss = check_choice("loss", loss, tuple(LOSSES))
+    return _drive(
+        model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
+        steps=steps, restarts=restarts, eot_iter=eot_iter,
+        stream=_STREAMS[loss if target is None or loss == "ce" else "dlr_t"],
+        objective=LOSSES[loss], rounds=_restarts,
+    )  # fmt: skip
+
+
+def _restarts(
+    guard: ModelGuard, x0: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None, restarts: int
+) -> list[_Targets]:
+    return [(target, target)] * restarts
+
+
+@register("apgd_t", norm="linf", randomized=True)
+def apgd_t(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 100,
+    n_targets: int = 9,
+    restarts: int = 1,
+    eot_iter: int = 1,
+    target: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
+) -> AttackResult:
+    """Targeted APGD (AutoAttack's APGD-T): the targeted DLR loss towards each top class in turn.
+
+    For each sample the ``n_targets`` classes with the highest clean logits other than
+    ``y`` are tried in order of decreasing logit, ``restarts`` APGD runs each (see
+    :func:`apgd`), on the targeted DLR loss (:func:`dlr_loss`). Success is *untargeted*
+    (prediction ≠ ``y``), as in AutoAttack: a sample stops once broken. Croce & Hein,
+    ICML 2020 (arXiv:2003.01690).
+
+    Args:
+        model: Classifier on [0, 1] images returning logits ``(N, K)``, ``K >= 4``.
+        x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
+        y: ``(N,)`` true labels.
+        eps: Radius of the ``norm`` ball, ``>= 0``.
+        norm: ``"linf"`` or ``"l2"``.
+        steps: Iterations per run, ``>= 1``.
+        n_targets: Target classes tried per sample, ``>= 1``; at most ``K − 1`` are used
+            (a larger value runs every other class, as there are no more).
+        restarts: Runs per target class, ``>= 1``.
+        eot_iter: Gradients averaged per step (EOT), ``>= 1``.
+        target: If given, ``(N,)`` classes (each ≠ ``y``) used as the only target, and
+            success then means the prediction equals it (a targeted attack, like every
+            advtune attack with ``target=``); ``n_targets`` is ignored.
+        generator: Source of the random starts when ``seeds`` is not given.
+        seeds: ``(N,)`` integer seeds; sample *i*'s random starts depend only on
+            ``seeds[i]``.
+
+    Returns:
+        :class:`AttackResult`. ``model_calls`` includes one clean forward pass (to rank
+        the target classes) when ``target`` is not given.
+
+    Raises:
+        ValueError: Invalid inputs or hyperparameters, fewer than 4 classes.
+    """
+    n_targets = check_int("n_targets", n_targets, minimum=1)
+
+    def rounds(
+        guard: ModelGuard, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, runs: int
+    ) -> list[_Targets]:
+        if t is not None:
+            return _restarts(guard, x0, y, t, runs)
+        # Rank the other classes by their clean logit (the true class masked out).
+        clean = guard.logits(x0.to(x.dtype)).to(x0.dtype)
+        masked = clean.scatter(1, y[:, None], float("-inf"))
+        ranked = masked.topk(min(n_targets, clean.shape[1] - 1), dim=1).indices
+        return [(ranked[:, r], None) for r in range(ranked.shape[1]) for _ in range(runs)]
+
+    return _drive(
+        model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
+        steps=steps, restarts=restarts, eot_iter=eot_iter, stream=_STREAMS["dlr_t"],
+        objective=dlr_loss, rounds=rounds,
+    )  # fmt: skip

@@ -1,0 +1,340 @@
+"""AutoAttack: an ensemble of parameter-free attacks with a per-sample worst case.
+
+Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+parameter-free attacks", ICML 2020 (arXiv:2003.01690). Samples misclassified clean are
+not attacked; each attack then sees only the samples every attack before it failed to
+break, and a sample counts as robust only if all of them fail. The components are looked
+up by name in the attack registry at call time (``apgd``, ``apgd_t``, ``fab``,
+``square``), so any registered attack can join a custom ensemble.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from advtune.attacks import _masking
+from advtune.attacks._random import resolve_seeds
+from advtune.attacks._registry import get, names, register, spec
+from advtune.attacks._result import (
+    AttackResult,
+    ModelGuard,
+    ce_loss,
+    check_choice,
+    check_inputs,
+    check_int,
+    check_nonnegative,
+    finish,
+    success_of,
+)
+from advtune.errors import UserError, suggest
+
+__all__ = [
+    "BLACK_BOX",
+    "COMPONENTS",
+    "VERSIONS",
+    "EnsembleResult",
+    "MissingComponentWarning",
+    "autoattack",
+]
+
+#: AutoAttack's component names → (registry name, fixed keyword arguments).
+COMPONENTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "apgd-ce": ("apgd", {"loss": "ce"}),
+    "apgd-dlr": ("apgd", {"loss": "dlr"}),
+    "apgd-t": ("apgd_t", {}),
+    "fab-t": ("fab", {}),
+    "square": ("square", {"p_init": 0.8}),
+}
+#: The official versions: which components run, in order.
+VERSIONS: dict[str, tuple[str, ...]] = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+}
+#: Registry names of score-based (black-box) attacks, for the masking check.
+BLACK_BOX = frozenset({"square"})
+# The official budgets (AutoAttack's standard version).
+_STEPS, _N_TARGETS, _QUERIES, _EOT_RAND = 100, 9, 5000, 20
+
+
+class MissingComponentWarning(UserWarning):
+    """A component of an official version is not registered and was skipped."""
+
+
+@dataclass(frozen=True)
+class EnsembleResult(AttackResult):
+    """An :class:`AttackResult` that also says which component broke each sample.
+
+    Attributes:
+        components: Names of the components that ran, in order (``"apgd-ce"``, ...).
+        broken_by: ``(N,)`` int64 on ``x``'s device: index into ``components`` of the
+            attack that broke the sample, :attr:`ROBUST` (−1) if none did, or
+            :attr:`CLEAN` (−2) if the clean image already counted as a success
+            (misclassified; with ``target``, already the target) and was not attacked.
+        component_calls: Model calls used by each component.
+        checks: Gradient-masking checks (JSON-ready dicts from
+            :mod:`advtune.attacks._masking`) and ``"skipped"`` components.
+
+    ``x_adv`` is the breaking attack's image for broken samples and the clean image
+    otherwise (as in the reference implementation); ``model_calls`` includes every
+    component's calls.
+    """
+
+    # Keyword-only: AttackResult may end with fields that have defaults.
+    components: tuple[str, ...] = field(kw_only=True)
+    broken_by: torch.Tensor = field(kw_only=True)
+    component_calls: tuple[int, ...] = field(kw_only=True)
+    checks: Mapping[str, Any] = field(kw_only=True)
+
+    ROBUST: ClassVar[int] = -1
+    CLEAN: ClassVar[int] = -2
+
+    def robust_after(self) -> dict[str, float]:
+        """Robust accuracy after the clean pass and after each component, in run order.
+
+        Returns:
+            ``{"clean": a0, components[0]: a1, ...}``: fraction of the batch not yet a
+            success after each stage (the official log's "robust accuracy after ...").
+        """
+        n = self.broken_by.numel()
+        out = {"clean": float((self.broken_by != self.CLEAN).sum()) / n}
+        for i, name in enumerate(self.components):
+            alive = (self.broken_by == self.ROBUST) | (self.broken_by > i)
+            out[name] = float(alive.sum()) / n
+        return out
+
+
+def _plan(
+    version: str | None,
+    components: Sequence[Any] | None,
+) -> tuple[str, list[tuple[str, str, dict[str, Any], bool]]]:
+    """``(version, [(label, registry name, fixed kwargs, official), ...])``."""
+    if components is None:
+        version = check_choice(
+            "version", "standard" if version is None else version, tuple(VERSIONS)
+        )
+        return version, [(c, *COMPONENTS[c], True) for c in VERSIONS[version]]
+    if version not in (None, "custom"):
+        raise ValueError(
+            f'attacks= needs version="custom" (or no version), got version={version!r}'
+        )
+    if (
+        isinstance(components, (str, bytes))
+        or not isinstance(components, Sequence)
+        or not components
+    ):
+        raise ValueError(f"attacks must be a non-empty list of attack names, got {components!r}")
+    plan = []
+    for entry in components:
+        fixed: dict[str, Any] = {}
+        if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[1], Mapping):
+            entry, fixed = entry[0], dict(entry[1])
+        if not isinstance(entry, str):
+            raise ValueError(
+                f"attacks entries must be names or (name, kwargs) pairs, got {entry!r}"
+            )
+        if entry == "autoattack":
+            raise ValueError("attacks cannot contain 'autoattack' itself")
+        if entry in COMPONENTS:
+            reg, base = COMPONENTS[entry]
+            plan.append((entry, reg, base | fixed, True))
+        elif entry in names():
+            plan.append((entry, entry, fixed, False))
+        else:
+            known = sorted(set(names()) | set(COMPONENTS))
+            raise UserError(suggest(entry, known, what="attack"))
+    return "custom", plan
+
+
+def _budget(
+    official: bool,
+    version: str,
+    steps: int | None,
+    n_targets: int | None,
+    queries: int | None,
+    eot_iter: int | None,
+) -> dict[str, Any]:
+    """Budget keywords for a component: official values unless overridden."""
+    if not official:
+        given = {"steps": steps, "n_targets": n_targets, "queries": queries, "eot_iter": eot_iter}
+        return {k: v for k, v in given.items() if v is not None}
+    eot = eot_iter if eot_iter is not None else (_EOT_RAND if version == "rand" else 1)
+    return {
+        "steps": _STEPS if steps is None else steps,
+        "n_targets": _N_TARGETS if n_targets is None else n_targets,
+        "queries": _QUERIES if queries is None else queries,
+        "restarts": 1,
+        "eot_iter": eot,
+    }
+
+
+@register("autoattack", norm="linf", randomized=True)
+def autoattack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    norm: str = "linf",
+    version: str | None = None,
+    attacks: Sequence[Any] | None = None,
+    steps: int | None = None,
+    n_targets: int | None = None,
+    queries: int | None = None,
+    eot_iter: int | None = None,
+    target: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seeds: torch.Tensor | None = None,
+) -> EnsembleResult:
+    """AutoAttack: APGD-CE → APGD-T → FAB-T → Square, each on the samples still robust.
+
+    ``version="standard"`` (the default) runs the official ensemble with its budgets:
+    APGD-CE 100 steps, APGD-T 100 steps × 9 targets, FAB-T 100 steps × 9 targets and
+    Square 5000 queries (p_init 0.8), one restart each. ``version="rand"`` (randomised
+    defences) runs APGD-CE and APGD-DLR with 20 EOT gradients per step. ``attacks=[...]``
+    runs a custom list: AutoAttack's component names (``"apgd-ce"``, ``"apgd-dlr"``,
+    ``"apgd-t"``, ``"fab-t"``, ``"square"``), any registered attack name, or
+    ``(name, {kwargs})`` pairs. Components are looked up in the registry when called;
+    an unregistered component of an official version is skipped with a
+    :class:`MissingComponentWarning` (recorded in ``checks["skipped"]``).
+
+    The model's clean predictions come first (misclassified samples are not attacked),
+    then a second identical call (outputs that change mean a randomised model, except
+    with ``version="rand"``) and one input gradient (zero or non-finite gradients); a
+    black-box component breaking samples warns too. See :mod:`advtune.attacks._masking`.
+
+    Args:
+        model: Classifier on [0, 1] images returning logits ``(N, K)``, in eval mode.
+        x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
+        y: ``(N,)`` true labels.
+        eps: Radius of the ``norm`` ball, ``>= 0``.
+        norm: ``"linf"`` or ``"l2"``.
+        version: ``"standard"``, ``"rand"``, or ``"custom"`` with ``attacks``
+            (``None``: ``"standard"``, or ``"custom"`` when ``attacks`` is given).
+        attacks: The custom list of components (see above).
+        steps: Iterations of the gradient components (official: 100).
+        n_targets: Target classes of APGD-T and FAB-T (official: 9).
+        queries: Queries of Square (official: 5000).
+        eot_iter: EOT gradients per APGD step (official: 1, or 20 with ``"rand"``).
+        target: Optional ``(N,)`` target classes (each ≠ ``y``): every component runs
+            targeted on it and success means the prediction equals it.
+        generator: Source of per-sample seeds when ``seeds`` is not given.
+        seeds: ``(N,)`` integer seeds passed on to every component (sample *i*'s result
+            depends only on ``seeds[i]``).
+
+    Returns:
+        :class:`EnsembleResult`.
+
+    Raises:
+        ValueError: Invalid inputs or hyperparameters, unknown components.
+    """
+    y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
+    eps = check_nonnegative("eps", eps)
+    norm = check_choice("norm", norm, ("linf", "l2"))
+    for key, value in (
+        ("steps", steps),
+        ("n_targets", n_targets),
+        ("queries", queries),
+        ("eot_iter", eot_iter),
+    ):
+        if value is not None:
+            check_int(key, value, minimum=1)
+    version, plan = _plan(version, attacks)
+    n = x.shape[0]
+    per_sample = resolve_seeds(n, generator=generator, seeds=seeds).to(x.device)
+
+    with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
+        checks: dict[str, Any] = {}
+        clean_logits = guard.logits(x)
+        done = success_of(clean_logits, y, target)  # already a success: not attacked
+        broken_by = torch.full((n,), EnsembleResult.ROBUST, dtype=torch.int64, device=x.device)
+        broken_by[done] = EnsembleResult.CLEAN
+        if version != "rand":
+            checks["randomized"] = _masking.check_randomized(
+                clean_logits, guard.logits(x), stacklevel=3
+            )
+        todo = (~done).nonzero().flatten()
+        if todo.numel():
+            checks["gradients"] = _gradient_check(guard, x[todo], y[todo], target, todo)
+
+        x_adv, logits = x.detach().clone(), clean_logits.clone()
+        ran: list[str] = []
+        calls: list[int] = []
+        broken_counts: dict[str, int] = {}
+        skipped: list[str] = []
+        for label, reg, fixed, official in plan:
+            if reg not in names():
+                if official:
+                    skipped.append(label)
+                    warnings.warn(
+                        f"autoattack: component {label!r} needs the attack {reg!r}, which is "
+                        "not registered; skipped (robust accuracy may be overestimated)",
+                        MissingComponentWarning,
+                        stacklevel=2,
+                    )
+                    continue
+                get(reg)  # raises, naming it
+            fn, accepted = get(reg), _accepted(reg)
+            wanted = {"eps": eps, "norm": norm} | _budget(
+                official, version, steps, n_targets, queries, eot_iter
+            )
+            kwargs = {k: v for k, v in wanted.items() if k in accepted} | fixed
+            ran.append(label)
+            if todo.numel() == 0:
+                calls.append(0)
+                broken_counts[label] = 0
+                continue
+            sub_t = None if target is None else target[todo]
+            with warnings.catch_warnings():
+                # Reported once by the ensemble's own gradient check above.
+                warnings.simplefilter("ignore", _masking.ZeroGradientWarning)
+                warnings.simplefilter("ignore", _masking.NonFiniteGradientWarning)
+                res = fn(model, x[todo], y[todo], target=sub_t, seeds=per_sample[todo], **kwargs)
+            calls.append(int(res.model_calls))
+            won = res.success
+            hit = todo[won]
+            x_adv[hit] = res.x_adv[won].to(x_adv.dtype)
+            logits[hit] = res.logits[won].to(logits.dtype)
+            broken_by[hit] = len(ran) - 1
+            broken_counts[label] = int(won.sum())
+            todo = todo[~won]
+        if skipped:
+            checks["skipped"] = skipped
+        black = {label for label, reg, _, _ in plan if reg in BLACK_BOX and label in ran}
+        if black:
+            checks["black_box"] = _masking.check_black_box(
+                broken_counts, black_box=black, samples=n, stacklevel=3
+            )
+        base = finish(guard, x, x_adv, y, target, logits=logits)
+    fields_ = {f.name: getattr(base, f.name) for f in fields(AttackResult)}
+    fields_["model_calls"] = base.model_calls + sum(calls)
+    return EnsembleResult(
+        **fields_,
+        components=tuple(ran),
+        broken_by=broken_by,
+        component_calls=tuple(calls),
+        checks=checks,
+    )
+
+
+def _accepted(name: str) -> set[str]:
+    s = spec(name)
+    return set(s.defaults) | set(s.required)
+
+
+def _gradient_check(
+    guard: ModelGuard,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor | None,
+    todo: torch.Tensor,
+) -> dict[str, Any]:
+    """Input gradient of the CE loss at the clean images still to attack (one call)."""
+    t = None if target is None else target[todo]
+    g, _ = guard.grad(x, lambda z: ce_loss(z.float() if z.dtype != torch.float64 else z, y, t))
+    return _masking.check_gradients(g, stacklevel=4)
