@@ -185,6 +185,23 @@ def _unpack_mask(
 # --------------------------------------------------------------------------- helpers
 
 
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a new tensor shaped like ``t`` should take to match it."""
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    if (
+        t.dim() == 5
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _wants_graph(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
@@ -300,23 +317,10 @@ class _ConvFn(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         (weight,) = ctx.saved_tensors
-        stride, padding, dilation, transposed, output_padding, groups, _ = ctx.spec
-        # The input is only needed for its shape when no weight gradient is asked
-        # (torch.nn.grad.conv2d_input does the same); an expanded scalar costs nothing.
-        shape_only = grad.new_empty(1).expand(ctx.padded_shape)
-        grad_input = torch.ops.aten.convolution_backward(
-            grad,
-            shape_only,
-            weight,
-            None,
-            stride,
-            padding,
-            dilation,
-            transposed,
-            output_padding,
-            groups,
-            (True, False, False),
-        )[0]
+        stride, padding, dilation, transposed, _, groups, _ = ctx.spec
+        grad_input = _conv_input_grad(
+            grad, weight, ctx.padded_shape, stride, padding, dilation, transposed, groups
+        )
         if ctx.pre_pad is not None:
             # Padding is linear: its vector-Jacobian product at any point (zeros) is exact.
             with torch.enable_grad():
@@ -324,6 +328,96 @@ class _ConvFn(torch.autograd.Function):
                 padded = F.pad(z, ctx.pre_pad[0], mode=ctx.pre_pad[1])
                 (grad_input,) = torch.autograd.grad(padded, z, grad_input)
         return grad_input, None, None, None, None
+
+
+def _channel_matmul(grad: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+    """``grad`` ``(N, O, *spatial)`` times ``matrix`` ``(O, C)`` per position: ``(N, C, *spatial)``.
+
+    Keeps the layout: a channels-last ``grad`` gives a channels-last result.
+    """
+    n, o = grad.shape[:2]
+    spatial = grad.shape[2:]
+    if _layout(grad) != torch.contiguous_format:
+        last = grad.movedim(1, -1)  # contiguous (N, *spatial, O) view
+        return (last @ matrix).movedim(-1, 1)
+    out = matrix.t() @ grad.reshape(n, o, -1)
+    return out.view(n, matrix.shape[1], *spatial)
+
+
+def _conv_input_grad(
+    grad: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: torch.Size,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    transposed: bool,
+    groups: int,
+) -> torch.Tensor:
+    """Input gradient of a convolution without its input, as a forward convolution.
+
+    The input gradient of a convolution is the transposed convolution of the output
+    gradient (and vice versa). ``aten.convolution_backward`` does the same arithmetic but
+    first makes its (unused, expanded) input argument contiguous: a full-size temporary
+    that set the backward peak of a whole ResNet. Where the transposed convolution would
+    need ``output_padding`` (strided convs), oneDNN does not support it (PyTorch falls
+    back to an im2col kernel with a large column buffer, or crops into a copy); there the
+    full transposed result is computed without padding and cropped as a view (at most
+    ``stride - 1`` rows and columns too many), or, for a strided 1x1 conv, the stride-1
+    result is written into a zero grid.
+    """
+    nd = len(stride)
+    zeros = [0] * nd
+    if transposed:
+        return torch.ops.aten.convolution(
+            grad, weight, None, stride, padding, dilation, False, zeros, groups
+        )
+    in_sizes = input_shape[2:]
+    kernel = weight.shape[2:]
+    if all(k == 1 for k in kernel) and not any(padding) and groups == 1:
+        # A 1x1 conv mixes channels per pixel (after subsampling, if strided): its input
+        # gradient is one matmul. PyTorch runs 1x1 transposed convs through an im2col
+        # kernel whose column buffer is as large as the result.
+        small = _channel_matmul(grad, weight.flatten(1))
+        if max(stride) == 1:
+            return small
+        grad_input = torch.empty(
+            input_shape, dtype=grad.dtype, device=grad.device, memory_format=_layout(grad)
+        ).zero_()
+        index = (
+            slice(None),
+            slice(None),
+            *(slice(0, o * s, s) for o, s in zip(grad.shape[2:], stride)),
+        )
+        grad_input[index] = small
+        return grad_input
+    full = [
+        (o - 1) * s + d * (k - 1) + 1
+        for o, s, d, k in zip(grad.shape[2:], stride, dilation, kernel)
+    ]
+    if all(f - 2 * p == n for f, p, n in zip(full, padding, in_sizes)):  # no output padding
+        return torch.ops.aten.convolution(
+            grad, weight, None, stride, padding, dilation, True, zeros, groups
+        )
+    if all(f >= p + n for f, p, n in zip(full, padding, in_sizes)):
+        out = torch.ops.aten.convolution(
+            grad, weight, None, stride, zeros, dilation, True, zeros, groups
+        )
+        index = (slice(None), slice(None), *(slice(p, p + n) for p, n in zip(padding, in_sizes)))
+        return out[index]
+    return torch.ops.aten.convolution_backward(
+        grad,
+        grad.new_empty(1).expand(input_shape),
+        weight,
+        None,
+        stride,
+        padding,
+        dilation,
+        False,
+        zeros,
+        groups,
+        (True, False, False),
+    )[0]
 
 
 class _LinearFn(torch.autograd.Function):
@@ -725,12 +819,19 @@ class _MaxPool2dFn(torch.autograd.Function):
         # Window origin of each output position (may be negative with padding).
         h0 = (torch.arange(ho, device=x.device) * sh - ph).view(ho, 1)
         w0 = (torch.arange(wo, device=x.device) * sw - pw).view(1, wo)
-        row = torch.div(indices, width, rounding_mode="floor")
-        col = indices - row * width
-        offset = torch.div(row - h0, dh, rounding_mode="floor") * kw + torch.div(
-            col - w0, dw, rounding_mode="floor"
-        )
-        del indices, row, col
+        # In place and in int32 (a plane index fits): the int64 indices and one int32
+        # temporary are the only output-sized buffers alive at once.
+        plane = x.shape[-2] * width
+        row = indices.to(torch.int32) if plane < 2**31 else indices
+        del indices
+        col = row.remainder(width).sub_(w0)
+        row.div_(width, rounding_mode="floor").sub_(h0)
+        if dh != 1:
+            row.div_(dh, rounding_mode="floor")
+        if dw != 1:
+            col.div_(dw, rounding_mode="floor")
+        offset = row.mul_(kw).add_(col)
+        del col
         ctx.save_for_backward(offset.to(torch.uint8))
         ctx.spec = spec
         ctx.input_shape = x.shape
