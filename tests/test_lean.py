@@ -329,3 +329,29 @@ def test_lean_layers_under_bf16_autocast():
         results.append((out, g))
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
+
+
+def _modules_in_parametrizations() -> set[type]:
+    """The torch.nn classes this file's parametrized tests compare against their lean copy."""
+    found: set[type] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, nn.Module):
+            found.add(type(value))
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif hasattr(value, "values"):  # pytest.param
+            walk(list(value.values))
+
+    for fn in list(globals().values()):
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name == "parametrize":
+                walk(list(mark.args[1]))
+    return found | {nn.Linear}  # Linear: test_linear_matches_native_and_saves_only_weight
+
+
+def test_every_lean_layer_is_compared_with_its_original():
+    # A lean class added to LEAN_TYPES without a float64 comparison here fails this test.
+    untested = set(LEAN_TYPES) - _modules_in_parametrizations()
+    assert not untested, f"lean layers without a float64 comparison: {untested}"
