@@ -559,7 +559,9 @@ def run_bench(
     runners: dict[str, nn.Module] = {}
     for row in rows:  # memory: one mode at a time
         with _OOMGuard(row, dev):
-            converted = tune(base, row.mode).to(dev)
+            # Parameters frozen in every mode, as the attacks run them (ModelGuard):
+            # autograd then skips what only weight gradients need where PyTorch can.
+            converted = tune(base, row.mode).to(dev).requires_grad_(False)
             eager = prepare(converted, channels_last=channels_last, amp=amp)
             row.saved_mib_per_image = (
                 saved_bytes_per_image(eager, size=size, batches=saved_batches, device=dev) / MIB
