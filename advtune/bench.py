@@ -672,20 +672,17 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed PGD steps (0: skip)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument(
-        "--saved-batches",
-        type=_parse_pair,
-        default=(2, 4),
-        metavar="B1,B2",
-        help="batch sizes of the marginal saved-bytes measurement (2,4)",
-    )
-    p.add_argument(
-        "--peak-batches",
-        type=_parse_pair,
-        default=(4, 8),
-        metavar="B1,B2",
-        help="batch sizes of the marginal step-peak and floor measurements (4,8)",
-    )
+    for flag, default, what in (
+        ("--saved-batches", (2, 4), "saved-bytes measurement"),
+        ("--peak-batches", (4, 8), "step-peak and floor measurements"),
+    ):
+        p.add_argument(
+            flag,
+            type=_parse_pair,
+            default=default,
+            metavar="B1,B2",
+            help=f"batch sizes of the marginal {what} ({default[0]},{default[1]})",
+        )
     p.add_argument(
         "--no-peak", action="store_true", help="skip the step-peak and floor measurements"
     )
