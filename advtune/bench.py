@@ -173,15 +173,33 @@ def saved_bytes_per_image(
         device: Where to run.
         seed: Seed of the random images.
     """
+    return _marginal(
+        lambda x, y: count_saved_bytes(lambda: _loss(model, x.requires_grad_(True), y)),
+        size=size,
+        batches=batches,
+        device=device,
+        seed=seed,
+    )
+
+
+def _marginal(
+    measure: Callable[[torch.Tensor, torch.Tensor], int],
+    *,
+    size: int,
+    batches: tuple[int, int],
+    device: torch.device | str,
+    seed: int,
+) -> float:
+    """``(measure(b2) - measure(b1)) / (b2 - b1)`` on random images and zero labels."""
     b1, b2 = batches
     if not 0 < b1 < b2:
         raise ValueError(f"batches must be two increasing sizes, got {batches}")
     gen = torch.Generator().manual_seed(seed)
     counts = []
     for b in (b1, b2):
-        x = torch.rand(b, 3, size, size, generator=gen).to(device).requires_grad_(True)
+        x = torch.rand(b, 3, size, size, generator=gen).to(device)
         y = torch.zeros(b, dtype=torch.long, device=device)
-        counts.append(count_saved_bytes(lambda x=x, y=y: _loss(model, x, y)))
+        counts.append(measure(x, y))
     return (counts[1] - counts[0]) / (b2 - b1)
 
 
@@ -243,26 +261,22 @@ def peak_bytes_per_image(
     floor. The result is ``(peak(b2) - peak(b1)) / (b2 - b1)``, so batch-independent
     buffers (weights, their reorders) cancel.
     """
-    b1, b2 = batches
-    if not 0 < b1 < b2:
-        raise ValueError(f"batches must be two increasing sizes, got {batches}")
-    gen = torch.Generator().manual_seed(seed)
-    peaks = []
-    for b in (b1, b2):
-        x = torch.rand(b, 3, size, size, generator=gen).to(device)
-        y = torch.zeros(b, dtype=torch.long, device=device)
+    warm: list[bool] = []
 
-        def step(x: torch.Tensor = x, y: torch.Tensor = y) -> Any:
+    def measure(x: torch.Tensor, y: torch.Tensor) -> int:
+        def step() -> Any:
             if not grad:
                 with torch.no_grad():
                     return model(x)
             xa = x.detach().requires_grad_(True)
             return torch.autograd.grad(_loss(model, xa, y), xa)[0]
 
-        if not peaks:
+        if not warm:
             step()  # lazily made buffers (caches, kernel workspaces) do not count
-        peaks.append(peak_bytes(step, device))
-    return (peaks[1] - peaks[0]) / (b2 - b1)
+            warm.append(True)
+        return peak_bytes(step, device)
+
+    return _marginal(measure, size=size, batches=batches, device=device, seed=seed)
 
 
 def _pgd_steps(
