@@ -10,12 +10,25 @@ channels_last, compile):
     difference between two batch sizes divided by the difference of the sizes, so the
     weights (saved by every layer, batch-independent) cancel. Deterministic on CPU;
     measured eagerly (without ``torch.compile``).
-``peak MiB/img`` (CUDA only)
-    ``torch.cuda.max_memory_allocated`` during a PGD loop, minus the memory allocated
-    before it (model, images, labels), divided by the batch size.
+``step peak MiB/img`` and ``floor MiB/img`` (every device)
+    Peak bytes of tensors alive at once during one gradient step (forward, loss, input
+    gradient), and during a ``torch.no_grad()`` forward alone (the floor no attack can go
+    under), each marginal per image over two batch sizes like the saved bytes. On CPU
+    the bytes come from the allocation events of the PyTorch profiler
+    (``profile_memory=True``): every byte PyTorch's CPU allocator hands out and takes
+    back, in order, independent of how the C allocator returns memory to the system
+    (RSS) and without changing what autograd does (a ``TorchDispatchMode`` tracker would
+    stop autograd from accumulating gradients in place). On CUDA,
+    ``torch.cuda.max_memory_allocated`` above what was allocated before.
+``loop peak MiB/img`` (CUDA only)
+    ``torch.cuda.max_memory_allocated`` during the timed PGD loop, minus the memory
+    allocated before it (model, images, labels), divided by the batch size.
 ``img·steps/s``
-    Images × gradient steps per second of a PGD-style loop (L∞, random start), after one
-    warm-up step (which also compiles when ``--compile`` is on).
+    Images × gradient steps per second of the registered attack
+    (``advtune.attacks.get(attack)``, L∞, ε = 4/255, random start) run through its
+    public API, after one warm-up step (which also compiles when ``--compile`` is on).
+    With ``repeats > 1`` the modes are timed in turn within each repetition (so noise
+    from other processes hits every mode alike) and the median is reported.
 ``max batch`` (CUDA only)
     The largest batch whose PGD step fits in GPU memory (:func:`advtune.runtime.find_max_batch`).
 
@@ -31,6 +44,7 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +57,7 @@ import torchvision
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from advtune import attacks
 from advtune.convbn import MODES, tune
 from advtune.errors import UserError, suggest
 from advtune.runtime import amp_dtype, find_max_batch, is_oom_error, prepare
@@ -53,6 +68,8 @@ __all__ = [
     "ModeResult",
     "build_model",
     "count_saved_bytes",
+    "peak_bytes",
+    "peak_bytes_per_image",
     "pgd_throughput",
     "register_cli",
     "run_bench",
@@ -62,8 +79,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIB = 2**20
-#: Attacks the benchmark loop knows: name -> number of gradient steps (None: ``--steps``).
+#: Attacks the benchmark times: registered name -> number of gradient steps (None: ``--steps``).
 ATTACKS: dict[str, int | None] = {"pgd": None, "fgsm": 1}
+_EPS = 4 / 255
 # torchvision builders that need arguments to build with random weights at any size.
 _BUILD_KWARGS: dict[str, dict[str, Any]] = {
     "googlenet": {"aux_logits": False, "init_weights": True},
@@ -155,27 +173,121 @@ def saved_bytes_per_image(
         device: Where to run.
         seed: Seed of the random images.
     """
+    return _marginal(
+        lambda x, y: count_saved_bytes(lambda: _loss(model, x.requires_grad_(True), y)),
+        size=size,
+        batches=batches,
+        device=device,
+        seed=seed,
+    )
+
+
+def _marginal(
+    measure: Callable[[torch.Tensor, torch.Tensor], int],
+    *,
+    size: int,
+    batches: tuple[int, int],
+    device: torch.device | str,
+    seed: int,
+) -> float:
+    """``(measure(b2) - measure(b1)) / (b2 - b1)`` on random images and zero labels."""
     b1, b2 = batches
     if not 0 < b1 < b2:
         raise ValueError(f"batches must be two increasing sizes, got {batches}")
     gen = torch.Generator().manual_seed(seed)
     counts = []
     for b in (b1, b2):
-        x = torch.rand(b, 3, size, size, generator=gen).to(device).requires_grad_(True)
+        x = torch.rand(b, 3, size, size, generator=gen).to(device)
         y = torch.zeros(b, dtype=torch.long, device=device)
-        counts.append(count_saved_bytes(lambda x=x, y=y: _loss(model, x, y)))
+        counts.append(measure(x, y))
     return (counts[1] - counts[0]) / (b2 - b1)
 
 
+def peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
+    """Peak bytes of tensors PyTorch allocates and holds at once while ``fn()`` runs.
+
+    Counted above what was allocated before the call; ``fn``'s result is dropped inside
+    the measurement. CPU: the PyTorch profiler's allocation events (``profile_memory``),
+    whose running total is exact and deterministic for a given program. CUDA:
+    ``torch.cuda.max_memory_allocated``.
+
+    Raises:
+        RuntimeError: This PyTorch build's profiler reports no allocation events.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        result = fn()
+        del result
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType  # the profiler's typed event tree
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
+            events.append((node.start_time_ns, node.typed[1]))
+    if not events:
+        raise RuntimeError("the PyTorch profiler reported no CPU allocation events")
+    # The running total counts every allocation made while profiling, including earlier
+    # profiling sessions' survivors: subtract the level before the first event.
+    first = min(events, key=lambda e: e[0])[1]
+    base = first.total_allocated - first.alloc_size
+    return max(0, max(e.total_allocated for _, e in events) - base)
+
+
+def peak_bytes_per_image(
+    model: nn.Module,
+    *,
+    size: int,
+    batches: tuple[int, int] = (4, 8),
+    device: torch.device | str = "cpu",
+    grad: bool = True,
+    seed: int = 0,
+) -> float:
+    """Marginal peak bytes per image of one gradient step (or, ``grad=False``, a forward).
+
+    A gradient step is what every attack step does: ``CE(model(x), y)`` and its gradient
+    with respect to ``x``. ``grad=False`` runs ``model(x)`` under ``torch.no_grad()``: the
+    floor. The result is ``(peak(b2) - peak(b1)) / (b2 - b1)``, so batch-independent
+    buffers (weights, their reorders) cancel.
+    """
+    warm: list[bool] = []
+
+    def measure(x: torch.Tensor, y: torch.Tensor) -> int:
+        def step() -> Any:
+            if not grad:
+                with torch.no_grad():
+                    return model(x)
+            xa = x.detach().requires_grad_(True)
+            return torch.autograd.grad(_loss(model, xa, y), xa)[0]
+
+        if not warm:
+            step()  # lazily made buffers (caches, kernel workspaces) do not count
+            warm.append(True)
+        return peak_bytes(step, device)
+
+    return _marginal(measure, size=size, batches=batches, device=device, seed=seed)
+
+
 def _pgd_steps(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, delta: torch.Tensor
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, attack: str = "pgd"
 ) -> torch.Tensor:
-    eps, alpha = 4 / 255, 1 / 255
-    for _ in range(steps):
-        xa = (x + delta).clamp(0, 1).requires_grad_(True)
-        (grad,) = torch.autograd.grad(_loss(model, xa, y), xa)
-        delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
-    return delta
+    """Run the registered ``attack`` for ``steps`` steps through its public API."""
+    fn = attacks.get(attack)
+    kwargs: dict[str, Any] = {"eps": _EPS, "generator": torch.Generator().manual_seed(0)}
+    if ATTACKS.get(attack) is None:
+        kwargs["steps"] = steps
+    return fn(model, x, y, **kwargs).x_adv
 
 
 def _sync(device: torch.device) -> None:
@@ -192,10 +304,13 @@ def pgd_throughput(
     device: torch.device,
     seed: int = 0,
     measure_peak: bool = False,
+    attack: str = "pgd",
+    warmup: bool = True,
 ) -> tuple[float, float | None]:
-    """Images·steps per second of a PGD loop (and CUDA peak MiB per image if asked).
+    """Images·steps per second of the registered ``attack`` (and CUDA peak MiB per image).
 
-    One warm-up step runs first (it compiles a ``torch.compile`` model).
+    One warm-up step runs first unless ``warmup=False`` (it compiles a
+    ``torch.compile`` model).
 
     Returns:
         ``(images_steps_per_s, peak_mib_per_image or None)``.
@@ -204,8 +319,8 @@ def pgd_throughput(
     x = torch.rand(batch, 3, size, size, generator=gen).to(device)
     with torch.no_grad():  # attack the model's own predictions (works for any class count)
         y = model(x).argmax(1)
-    delta = ((torch.rand(x.shape, generator=gen) * 2 - 1) * (4 / 255)).to(device)
-    _pgd_steps(model, x, y, 1, delta)  # warm-up / compile
+    if warmup:
+        _pgd_steps(model, x, y, 1, attack)  # warm-up / compile
     _sync(device)
     peak = None
     if measure_peak and device.type == "cuda":
@@ -213,7 +328,7 @@ def pgd_throughput(
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     start = time.perf_counter()
-    _pgd_steps(model, x, y, steps, delta)
+    _pgd_steps(model, x, y, steps, attack)
     _sync(device)
     elapsed = time.perf_counter() - start
     if measure_peak and device.type == "cuda":
@@ -225,7 +340,7 @@ def _largest_batch(model: nn.Module, *, size: int, device: torch.device, limit: 
     def probe(batch: int) -> None:
         x = torch.rand(batch, 3, size, size, device=device)
         y = torch.zeros(batch, dtype=torch.long, device=device)
-        _pgd_steps(model, x, y, 1, torch.zeros_like(x))
+        _pgd_steps(model, x, y, 1)
         _sync(device)
 
     return find_max_batch(probe, start=64, limit=limit)
@@ -240,10 +355,20 @@ class ModeResult:
 
     mode: str
     saved_mib_per_image: float | None = None
+    step_peak_mib_per_image: float | None = None
+    floor_mib_per_image: float | None = None
     peak_mib_per_image: float | None = None
     images_steps_per_s: float | None = None
+    images_steps_per_s_runs: list[float] = dataclasses.field(default_factory=list)
     max_batch: int | None = None
     error: str | None = None
+
+    @property
+    def peak_over_floor(self) -> float | None:
+        """Step peak divided by the no-grad forward floor (``None`` if either is missing)."""
+        if self.step_peak_mib_per_image is None or not self.floor_mib_per_image:
+            return None
+        return self.step_peak_mib_per_image / self.floor_mib_per_image
 
 
 @dataclasses.dataclass
@@ -258,6 +383,8 @@ class BenchResult:
     batch_size: int
     steps: int
     saved_batches: tuple[int, int]
+    peak_batches: tuple[int, int] | None
+    repeats: int
     amp: str | None
     channels_last: bool
     compile: bool
@@ -272,13 +399,20 @@ class BenchResult:
         out: dict[str, dict[str, float | None]] = {}
         for r in self.rows:
             out[r.mode] = {}
-            for f in ("saved_mib_per_image", "peak_mib_per_image", "images_steps_per_s"):
+            for f in (
+                "saved_mib_per_image",
+                "step_peak_mib_per_image",
+                "peak_mib_per_image",
+                "images_steps_per_s",
+            ):
                 a, b = getattr(r, f), getattr(ref, f) if ref else None
                 out[r.mode][f] = a / b if a is not None and b else None
         return out
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for row, r in zip(d["rows"], self.rows):
+            row["peak_over_floor"] = r.peak_over_floor
         d["ratios_vs_eval"] = self.ratios()
         return d
 
@@ -291,15 +425,26 @@ class BenchResult:
             return f"{'n/a':>{width}s}" if v is None else format(v, spec)
 
         head = (
-            f"{'mode':8s} {'saved MiB/img':>14s} {'x eval':>7s} {'peak MiB/img':>13s} "
-            f"{'x eval':>7s} {'img*steps/s':>12s} {'x eval':>7s} {'max batch':>10s}"
+            f"{'mode':8s} {'saved MiB/img':>14s} {'x eval':>7s} {'step peak':>10s} "
+            f"{'floor':>7s} {'x floor':>8s} {'loop peak':>10s} {'img*steps/s':>12s} "
+            f"{'x eval':>7s} {'max batch':>10s}"
         )
+        timing = f"median of {self.repeats} interleaved runs" if self.repeats > 1 else "1 run"
         lines = [
             f"advtune bench: {self.model}, {self.attack}, {self.size}px, device {self.device} "
             f"({self.device_name}), batch {self.batch_size}, {self.steps} steps, "
             f"amp={self.amp}, channels_last={self.channels_last}, compile={self.compile}",
             f"saved bytes: marginal over batches {self.saved_batches[0]} -> "
             f"{self.saved_batches[1]}; {self.note}",
+            "step peak / floor: MiB per image alive at once in one gradient step / in a "
+            "no-grad forward"
+            + (
+                f", marginal over batches {self.peak_batches[0]} -> {self.peak_batches[1]}"
+                if self.peak_batches
+                else " (not measured)"
+            ),
+            f"img*steps/s: {timing}"
+            + ("; loop peak and max batch: CUDA only" if self.device == "cpu" else ""),
             head,
         ]
         for r in self.rows:
@@ -310,12 +455,12 @@ class BenchResult:
             lines.append(
                 f"{r.mode:8s} {fmt(r.saved_mib_per_image, '14.2f')} "
                 f"{fmt(rr['saved_mib_per_image'], '7.3f')} "
-                f"{fmt(r.peak_mib_per_image, '13.2f')} {fmt(rr['peak_mib_per_image'], '7.3f')} "
-                f"{fmt(r.images_steps_per_s, '12.1f')} {fmt(rr['images_steps_per_s'], '7.2f')} "
+                f"{fmt(r.step_peak_mib_per_image, '10.2f')} "
+                f"{fmt(r.floor_mib_per_image, '7.2f')} {fmt(r.peak_over_floor, '8.3f')} "
+                f"{fmt(r.peak_mib_per_image, '10.2f')} "
+                f"{fmt(r.images_steps_per_s, '12.2f')} {fmt(rr['images_steps_per_s'], '7.2f')} "
                 f"{fmt(r.max_batch, '10d')}"
             )
-        if self.device == "cpu":
-            lines.append("peak memory and max batch: CUDA only (not measured on CPU)")
         return "\n".join(lines)
 
 
@@ -338,6 +483,24 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class _OOMGuard:
+    """Records an out-of-memory error on ``row`` and goes on; other errors propagate."""
+
+    def __init__(self, row: ModeResult, device: torch.device) -> None:
+        self.row, self.device = row, device
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if exc is None or not is_oom_error(exc):
+            return False
+        self.row.error = f"out of memory ({type(exc).__name__})"
+        return True
+
+
 def run_bench(
     model_name: str = "resnet50",
     *,
@@ -351,6 +514,8 @@ def run_bench(
     channels_last: bool = False,
     compile: bool = False,
     saved_batches: tuple[int, int] = (2, 4),
+    peak_batches: tuple[int, int] | None = (4, 8),
+    repeats: int = 1,
     max_batch_limit: int = 16384,
     seed: int = 0,
     model_factory: Callable[[], nn.Module] | None = None,
@@ -367,6 +532,9 @@ def run_bench(
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         amp, channels_last, compile: Run-time options (:func:`advtune.runtime.prepare`).
         saved_batches: The two batch sizes of the saved-bytes measurement.
+        peak_batches: The two batch sizes of the step-peak and floor measurements
+            (``None``: skip them).
+        repeats: Timed runs per mode, interleaved across modes; the median is reported.
         max_batch_limit: Largest batch probed for "max batch" (CUDA only); 0 skips the
             probe (under ``compile`` each probed size would compile again).
         seed: Seed for weights and images.
@@ -391,6 +559,8 @@ def run_bench(
         raise UserError(f"--steps must be >= 0, got {steps}")
     if max_batch_limit < 0:
         raise UserError(f"--max-batch-limit must be >= 0, got {max_batch_limit}")
+    if repeats < 1:
+        raise UserError(f"--repeats must be >= 1, got {repeats}")
     if ATTACKS[attack] is not None:
         steps = min(steps, ATTACKS[attack]) if steps else 0
     batch = batch_size or (128 if dev.type == "cuda" else 4)
@@ -399,38 +569,59 @@ def run_bench(
 
     base = model_factory() if model_factory else build_model(model_name, size=size, seed=seed)
     base = base.eval()
-    rows = []
-    for mode in modes:
-        row = ModeResult(mode)
-        try:
-            converted = tune(base, mode).to(dev)
+    rows = [ModeResult(mode) for mode in modes]
+    runners: dict[str, nn.Module] = {}
+    for row in rows:  # memory: one mode at a time
+        with _OOMGuard(row, dev):
+            # Parameters frozen in every mode, as the attacks run them (ModelGuard):
+            # autograd then skips what only weight gradients need where PyTorch can.
+            converted = tune(base, row.mode).to(dev).requires_grad_(False)
             eager = prepare(converted, channels_last=channels_last, amp=amp)
             row.saved_mib_per_image = (
                 saved_bytes_per_image(eager, size=size, batches=saved_batches, device=dev) / MIB
             )
-            run_model = prepare(converted, channels_last=channels_last, amp=amp, compile=compile)
-            if steps:
-                row.images_steps_per_s, row.peak_mib_per_image = pgd_throughput(
-                    run_model,
+            if peak_batches is not None:
+                for grad in (True, False):
+                    value = peak_bytes_per_image(
+                        eager, size=size, batches=peak_batches, device=dev, grad=grad
+                    )
+                    if grad:
+                        row.step_peak_mib_per_image = value / MIB
+                    else:
+                        row.floor_mib_per_image = value / MIB
+            runners[row.mode] = prepare(
+                converted, channels_last=channels_last, amp=amp, compile=compile
+            )
+    # Speed: every mode in turn within each repetition, so that load from other
+    # processes falls on all modes alike; the median per mode is reported.
+    for rep in range(repeats if steps else 0):
+        for row in rows:
+            if row.error is not None:
+                continue
+            with _OOMGuard(row, dev):
+                rate, peak = pgd_throughput(
+                    runners[row.mode],
                     batch=batch,
                     size=size,
                     steps=steps,
                     device=dev,
                     seed=seed,
-                    measure_peak=True,
+                    measure_peak=rep == 0,
+                    attack=attack,
+                    warmup=rep == 0,
                 )
-            if dev.type == "cuda" and max_batch_limit > 0:
+                row.images_steps_per_s_runs.append(rate)
+                if rep == 0:
+                    row.peak_mib_per_image = peak
+    for row in rows:
+        if row.images_steps_per_s_runs:
+            row.images_steps_per_s = statistics.median(row.images_steps_per_s_runs)
+        if row.error is None and dev.type == "cuda" and max_batch_limit > 0:
+            with _OOMGuard(row, dev):
                 row.max_batch = _largest_batch(
-                    run_model, size=size, device=dev, limit=max_batch_limit
+                    runners[row.mode], size=size, device=dev, limit=max_batch_limit
                 )
-        except Exception as exc:
-            if not is_oom_error(exc):
-                raise
-            row.error = f"out of memory ({type(exc).__name__})"
-        finally:
-            if dev.type == "cuda":
-                torch.cuda.empty_cache()
-        rows.append(row)
+    runners.clear()
 
     device_name = (
         torch.cuda.get_device_name(dev)
@@ -446,6 +637,8 @@ def run_bench(
         batch_size=batch,
         steps=steps,
         saved_batches=tuple(saved_batches),
+        peak_batches=None if peak_batches is None else tuple(peak_batches),
+        repeats=repeats,
         amp=amp,
         channels_last=channels_last,
         compile=compile,
@@ -476,11 +669,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
         help="measure memory and speed of each ConvBN mode",
-        description="Per ConvBN mode: bytes saved for backward per image, peak GPU MiB "
-        "per image, images*steps/s of a PGD loop, the largest batch that fits, and "
-        "ratios against Eval mode. Models have random weights with calibrated BN "
-        "statistics: this measures cost, not accuracy. On CPU it reports saved bytes "
-        "and throughput.",
+        description="Per ConvBN mode: bytes saved for backward per image, peak MiB per "
+        "image of a gradient step next to the no-grad forward floor (every device), "
+        "images*steps/s of the registered attack (median of interleaved repeats), and "
+        "on CUDA the peak of the timed loop and the largest batch that fits; ratios "
+        "against Eval mode. Models have random weights with calibrated BN statistics: "
+        "this measures cost, not accuracy.",
     )
     p.add_argument("--model", default="resnet50", help="torchvision model (default resnet50)")
     p.add_argument("--attack", default="pgd", choices=sorted(ATTACKS))
@@ -492,12 +686,26 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--steps", type=int, default=10, help="timed PGD steps (0: skip)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    for flag, default, what in (
+        ("--saved-batches", (2, 4), "saved-bytes measurement"),
+        ("--peak-batches", (4, 8), "step-peak and floor measurements"),
+    ):
+        p.add_argument(
+            flag,
+            type=_parse_pair,
+            default=default,
+            metavar="B1,B2",
+            help=f"batch sizes of the marginal {what} ({default[0]},{default[1]})",
+        )
     p.add_argument(
-        "--saved-batches",
-        type=_parse_pair,
-        default=(2, 4),
-        metavar="B1,B2",
-        help="batch sizes of the marginal saved-bytes measurement (2,4)",
+        "--no-peak", action="store_true", help="skip the step-peak and floor measurements"
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        metavar="R",
+        help="timed runs per mode, interleaved across modes; the median is reported (1)",
     )
     p.add_argument(
         "--max-batch-limit",
@@ -525,6 +733,8 @@ def _cli_main(args: argparse.Namespace) -> int:
         channels_last=args.channels_last,
         compile=args.compile,
         saved_batches=args.saved_batches,
+        peak_batches=None if args.no_peak else args.peak_batches,
+        repeats=args.repeats,
         max_batch_limit=args.max_batch_limit,
     )
     sys.stdout.write(result.table() + "\n")

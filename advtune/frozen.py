@@ -24,7 +24,7 @@ mode and then calls :func:`freeze`, which
 
 Everything else (smooth activations, LayerNorm, attention, elementwise products)
 runs unchanged. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
-float64; the tests check every torchvision BN model).
+float64; the tests check every torchvision classification model that fits in RAM).
 """
 
 from __future__ import annotations

@@ -11,7 +11,14 @@ from torch import nn
 
 import advtune
 from advtune import cli
-from advtune.bench import count_saved_bytes, main, run_bench, saved_bytes_per_image
+from advtune.bench import (
+    count_saved_bytes,
+    main,
+    peak_bytes,
+    peak_bytes_per_image,
+    run_bench,
+    saved_bytes_per_image,
+)
 from advtune.errors import UserError
 
 
@@ -39,6 +46,27 @@ def test_count_saved_bytes_deduplicates_shared_storage():
     assert count_saved_bytes(lambda: (x[:10] * x[10:20]).sum()) == 4000
     y = torch.rand(1000, dtype=torch.float64, requires_grad=True)
     assert count_saved_bytes(lambda: (x * y.float()).sum()) == 8000  # x, and y.float()
+
+
+def test_peak_bytes_counts_tensors_alive_at_once():
+    def work():
+        a = torch.ones(1000)  # 4000 bytes
+        b = a + a  # 8000 alive (tensor operands: Python scalars would allocate too)
+        del a
+        return b * b  # 8000 alive again; the result is dropped inside the measurement
+
+    assert peak_bytes(work) == 8000
+    kept = torch.ones(10)
+    assert peak_bytes(lambda: kept.sum()) == 4  # tensors made before the call do not count
+
+
+def test_step_peak_of_a_tiny_model_is_deterministic_and_above_the_floor():
+    frozen = advtune.tune(_tiny_model(), "frozen")
+    peaks = [peak_bytes_per_image(frozen, size=16, batches=(2, 4)) for _ in range(2)]
+    floor = peak_bytes_per_image(frozen, size=16, batches=(2, 4), grad=False)
+    assert peaks[0] == peaks[1] > floor > 0
+    with pytest.raises(ValueError, match="increasing"):
+        peak_bytes_per_image(frozen, size=16, batches=(4, 2))
 
 
 def test_saved_bytes_per_image_is_marginal_and_exact_for_a_tiny_model():
@@ -77,24 +105,31 @@ def test_run_bench_cpu_reports_what_it_can():
         steps=1,
         batch_size=2,
         device="cpu",
+        peak_batches=(2, 4),
+        repeats=3,
         model_factory=_tiny_model,
     )
     assert [r.mode for r in result.rows] == ["eval", "deploy", "frozen"]
     for row in result.rows:
         assert row.saved_mib_per_image > 0 and row.images_steps_per_s > 0
+        assert len(row.images_steps_per_s_runs) == 3
+        assert row.images_steps_per_s == sorted(row.images_steps_per_s_runs)[1]  # median
+        assert row.step_peak_mib_per_image > row.floor_mib_per_image > 0  # every device
         assert row.peak_mib_per_image is None and row.max_batch is None  # CUDA only
     ratios = result.ratios()
     assert ratios["eval"]["saved_mib_per_image"] == 1.0
     assert ratios["frozen"]["saved_mib_per_image"] < 0.2
+    assert ratios["frozen"]["step_peak_mib_per_image"] < 1.0
     text = result.table()
-    assert "frozen" in text and "not measured on CPU" in text and "cost, not accuracy" in text
+    assert "frozen" in text and "CUDA only" in text and "cost, not accuracy" in text
+    assert "median of 3 interleaved runs" in text
     assert json.loads(json.dumps(result.to_dict()))["rows"][2]["mode"] == "frozen"
 
 
 def test_bench_cli_writes_json(tmp_path, capsys):
     out = tmp_path / "r18.json"
     argv = ["bench", "--model", "resnet18", "--size", "32", "--steps", "1", "--batch-size", "2"]
-    argv += ["--device", "cpu", "--modes", "eval,frozen", "--json", str(out)]
+    argv += ["--device", "cpu", "--modes", "eval,frozen", "--json", str(out), "--no-peak"]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "resnet18" in printed and "frozen" in printed
@@ -112,6 +147,8 @@ def test_bench_user_errors(capsys):
         run_bench("resnet18", modes=("fast",), device="cpu", size=32)
     with pytest.raises(UserError, match="attack"):
         run_bench("resnet18", attack="cw", device="cpu", size=32)
+    with pytest.raises(UserError, match="--repeats must be >= 1, got 0"):
+        run_bench("resnet18", device="cpu", size=32, repeats=0)
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="CUDA is not available"):
             run_bench("resnet18", device="cuda", size=32)

@@ -175,3 +175,41 @@ def test_model_without_batchnorm_gets_lean_layers():
     out, grad = output_and_grad(frozen, x)
     assert rel_error(out, ref_out) <= 1e-10 and rel_error(grad, ref_grad) <= 1e-10
     assert freeze_report(frozen).counts()["LeanConv2d"] == 26
+
+
+# Models without BatchNorm: frozen mode converts their convs, linears, ReLUs and pools and
+# leaves LayerNorm, GELU, attention and the rest native; gradients must still equal eval's.
+# One per family that adds layer kinds to the default run (alexnet and the plain VGGs hold
+# only the conv/ReLU/pool/linear kinds squeezenet already covers: slow only).
+_NO_BN_FAST = {"squeezenet1_0", "convnext_tiny"}
+_NO_BN_SIZE = {"vit": 224, "swin": 64, "alexnet": 64}
+# Float64 copies (model, frozen copy, gradients) of these exceed what the 24 GiB, shared
+# test machine can hold next to other jobs.
+_NO_BN_MAX_PARAMS = 150_000_000
+
+
+def _no_bn_params():
+    params = []
+    for name in torchvision.models.list_models(module=torchvision.models):
+        if name in modelzoo.bn_model_names():
+            continue
+        marks = [] if name in _NO_BN_FAST else [pytest.mark.slow]
+        if modelzoo._meta_info()[name][1] > _NO_BN_MAX_PARAMS:
+            marks.append(pytest.mark.skip(reason="over 150M parameters: float64 copies need RAM"))
+        params.append(pytest.param(name, marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("name", _no_bn_params())
+def test_frozen_input_gradients_equal_eval_float64_without_batchnorm(name):
+    size = next((s for k, s in _NO_BN_SIZE.items() if name.startswith(k)), 32)
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval().double()
+    x = torch.rand(
+        2, 3, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    ref_out, ref_grad = output_and_grad(model, x)
+    frozen = advtune.tune(model, "frozen")
+    out, grad = output_and_grad(frozen, x)
+    assert rel_error(out, ref_out) <= 1e-10 and rel_error(grad, ref_grad) <= 1e-10
+    assert freeze_report(frozen).converted  # something was made lean

@@ -280,3 +280,37 @@ def test_compiled_rewrite_equals_eager(checked_before_compile):
         ref_out, ref_grad = output_and_grad(model, x)
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+# Names the float64 tests above see rewritten: EveryCall's forward and FunctionalHead's.
+_REWRITE_TESTED = {
+    "relu", "max_pool2d", "leaky_relu", "relu6", "hardtanh", "hardsigmoid", "relu_",
+    "avg_pool2d", "adaptive_avg_pool2d", "conv2d", "conv1d", "linear",
+}  # fmt: skip
+
+
+def test_every_rewritten_function_is_tested_exact():
+    from advtune.frozen import _FUNCTIONS, _METHODS
+
+    names = {f.__name__ for f in [*_FUNCTIONS.values(), *_METHODS.values()]}
+    # conv3d, leaky_relu_ and hardtanh_ share their code path with conv1d/2d and the
+    # out-of-place versions; they are checked directly here.
+    direct = {"conv3d", "leaky_relu_", "hardtanh_"}
+    assert names - _REWRITE_TESTED == direct, names - _REWRITE_TESTED
+    from advtune import lean
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 6, 6, dtype=torch.float64, generator=gen)
+    w = torch.randn(4, 3, 3, 3, 3, dtype=torch.float64, generator=gen)
+    for fn, native, args in [
+        (lean.conv3d, F.conv3d, (w, None, 2, 1)),
+        (lean.leaky_relu_, F.leaky_relu_, (0.1,)),
+        (lean.hardtanh_, F.hardtanh_, (-0.5, 0.5)),
+    ]:
+        results = []
+        for f in (fn, native):
+            xr = x.clone().requires_grad_(True)
+            out = f(xr * 1.0, *args)
+            results.append((out, torch.autograd.grad(out.sum(), xr)[0]))
+        assert rel_error(results[0][0], results[1][0]) <= 1e-12
+        assert rel_error(results[0][1], results[1][1]) <= 1e-12

@@ -93,10 +93,29 @@ def test_pack_unpack_reject_bad_input():
 
 def test_mask_round_trip_channels_last():
     x = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
-    mask = x > 0
-    packed, order = lean._pack_mask(mask)
+    order = lean._dense_order(x)
     assert order == (0, 2, 3, 1)
-    assert torch.equal(lean._unpack_mask(packed, mask.shape, order), mask)
+    flat = lean._flat_in(x, order)
+    assert flat.data_ptr() == x.data_ptr()  # packed in memory order: no copy
+    packed = lean._pack_predicate(flat, lambda t: t > 0)
+    mask = lean._unflat(unpack_bits(packed, x.numel()), x.shape, order)
+    assert torch.equal(mask, x > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_masked_gradient_on_the_bits_is_torch_where_with_inf_and_nan(monkeypatch, dtype):
+    monkeypatch.setattr(lean, "MASK_CHUNK", 16)  # several chunks, one of them partial
+    grad = torch.randn(61, dtype=torch.float64).to(dtype)
+    grad[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
+    grad[30:34] = grad[:4]
+    mask = torch.rand(61) > 0.5
+    mask[:4], mask[30:34] = False, True
+    packed = lean._pack_predicate(mask, lambda t: t)
+    out = torch.empty_like(grad)
+    lean._keep_where(grad, packed, out)
+    expected = torch.where(mask, grad, 0)
+    # Bitwise equal: +0.0 where masked (even for inf/nan), the gradient's bits elsewhere.
+    assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
 
 
 # --------------------------------------------------------------------------- conv / linear
@@ -113,6 +132,11 @@ _CONVS = [
     (nn.Conv2d(4, 6, 3, padding=1, padding_mode="circular"), (2, 4, 9, 8)),
     (nn.Conv2d(4, 6, 3, padding=(1, 2), padding_mode="replicate"), (2, 4, 9, 8)),
     (nn.Conv2d(4, 6, 3, padding=1), (4, 9, 8)),  # unbatched
+    (nn.Conv2d(4, 6, 1), (2, 4, 5, 6)),  # 1x1: a matmul
+    (nn.Conv2d(4, 6, 1, stride=2), (2, 4, 7, 6)),  # strided 1x1: matmul into a zero grid
+    (nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 6)),  # grouped 1x1: a transposed conv
+    (nn.Conv2d(4, 6, 7, stride=2, padding=3), (2, 4, 12, 11)),  # stem-like: crop a view
+    (nn.Conv2d(4, 6, 3, stride=3), (2, 4, 11, 10)),  # needs output padding, no room: fallback
     (nn.Conv3d(3, 4, 3, padding=1, stride=(1, 2, 2)), (2, 3, 5, 6, 6)),
     (nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1), (2, 4, 7)),
     (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 6)),
@@ -305,3 +329,29 @@ def test_lean_layers_under_bf16_autocast():
         results.append((out, g))
     torch.testing.assert_close(results[1][0], results[0][0])
     torch.testing.assert_close(results[1][1], results[0][1], rtol=2e-2, atol=2e-2)
+
+
+def _modules_in_parametrizations() -> set[type]:
+    """The torch.nn classes this file's parametrized tests compare against their lean copy."""
+    found: set[type] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, nn.Module):
+            found.add(type(value))
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                walk(v)
+        elif hasattr(value, "values"):  # pytest.param
+            walk(list(value.values))
+
+    for fn in list(globals().values()):
+        for mark in getattr(fn, "pytestmark", []):
+            if mark.name == "parametrize":
+                walk(list(mark.args[1]))
+    return found | {nn.Linear}  # Linear: test_linear_matches_native_and_saves_only_weight
+
+
+def test_every_lean_layer_is_compared_with_its_original():
+    # A lean class added to LEAN_TYPES without a float64 comparison here fails this test.
+    untested = set(LEAN_TYPES) - _modules_in_parametrizations()
+    assert not untested, f"lean layers without a float64 comparison: {untested}"
