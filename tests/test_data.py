@@ -489,14 +489,14 @@ def test_non_regular_files_are_skipped_unopened(tmp_path, workers):
 def test_image_dimensions_checked_before_decoding(tmp_path, monkeypatch):
     write_image(tmp_path / "small.png", size=(8, 8))
     write_image(tmp_path / "large.png", size=(40, 30))
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(data.decode, "MAX_IMAGE_PIXELS", 1000)
     decoded = []
     monkeypatch.setattr(Image.Image, "load", lambda self: decoded.append(self.size))
     with pytest.raises(SkipImage, match=r"40x30 = 1,200 pixels, over the limit of 1,000"):
         decode_image(tmp_path / "large.png")
     assert decoded == [], "the pixels must not be decoded"
     monkeypatch.undo()
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 1000)
+    monkeypatch.setattr(data.decode, "MAX_IMAGE_PIXELS", 1000)
     ds = build_dataset(tmp_path, transform=SMALL)
     with pytest.warns(UserWarning, match="skipping large.png"):
         batches = list(make_loader(ds, batch_size=2, num_workers=0))
