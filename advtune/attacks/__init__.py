@@ -15,7 +15,9 @@ from advtune.attacks._random import random_target
 from advtune.attacks._registry import AttackSpec, get, names, register, spec
 from advtune.attacks._result import AttackResult, least_likely_target
 from advtune.attacks.cw import cw_l2
+from advtune.attacks.ddn import ddn
 from advtune.attacks.fgsm import fgsm
+from advtune.attacks.fmn import fmn
 from advtune.attacks.mifgsm import mifgsm
 from advtune.attacks.pgd import pgd
 from advtune.attacks.torchattacks_adapter import (
@@ -30,7 +32,9 @@ __all__ = [
     "MissingDependencyError",
     "TorchattacksAttack",
     "cw_l2",
+    "ddn",
     "fgsm",
+    "fmn",
     "get",
     "least_likely_target",
     "mifgsm",
