@@ -391,7 +391,7 @@ def test_registry_names_get_spec():
         "initial_const": 1e-3,
         "binary_search_steps": 9,
         "kappa": 0.0,
-        "abort_early": True,
+        "abort_early": False,
     }
     assert (attacks.spec("fgsm").norm, attacks.spec("mifgsm").defaults["decay"]) == ("linf", 1.0)
     for name in names:
