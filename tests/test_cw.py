@@ -8,6 +8,8 @@ The measurements that chose the defaults are in ``docs/minnorm.md``.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from digits import DigitsCNN, digits_model, digits_test_set, train_digits_cnn
@@ -32,6 +34,11 @@ def _score(res: attacks.AttackResult) -> tuple[float, float]:
 def _torchattacks_cw(model, x, y, *, c: float, steps: int):
     pytest.importorskip("torchattacks")
     return attacks.torchattacks("CW", c=c, kappa=0.0, steps=steps, lr=0.01)(model, x, y)
+
+
+@functools.lru_cache(maxsize=1)
+def _heldout_weights() -> dict[str, torch.Tensor]:
+    return train_digits_cnn(epochs=4)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +83,7 @@ def test_slow_defaults_beat_torchattacks_cw(request, model_id, split):
         model = digits_model(getattr(request.config, "cache", None))
     else:
         model = DigitsCNN()
-        model.load_state_dict(train_digits_cnn(epochs=4))
+        model.load_state_dict(_heldout_weights())
         model.eval().requires_grad_(False)
     x, y = _correct(model)
     rounds, steps = split

@@ -10,9 +10,45 @@ import math
 
 import torch
 
-from advtune.attacks._result import AttackResult, ModelGuard, finish
+from advtune.attacks._result import AttackResult, ModelGuard, check_positive, finish
 
-__all__ = ["cosine_anneal", "finish_min_norm"]
+__all__ = ["Smallest", "check_fraction", "cosine_anneal", "finish_min_norm"]
+
+
+def check_fraction(name: str, value: object) -> float:
+    """``value`` as a float; ``ValueError`` unless it is a real number in (0, 1)."""
+    value = check_positive(name, value)
+    if value >= 1:
+        raise ValueError(f"{name} must be < 1, got {value!r}")
+    return value
+
+
+class Smallest:
+    """Per sample, the smallest-norm adversarial image seen so far.
+
+    Args:
+        x0: ``(N, C, H, W)`` clean images in the attack's working dtype; ``best`` starts
+            as a copy of them.
+    """
+
+    def __init__(self, x0: torch.Tensor) -> None:
+        n = x0.shape[0]
+        self.best = x0.clone()
+        self.norm = torch.full((n,), float("inf"), dtype=x0.dtype, device=x0.device)
+        self.found = torch.zeros(n, dtype=torch.bool, device=x0.device)
+
+    def update(self, xa: torch.Tensor, norm: torch.Tensor, adv: torch.Tensor) -> None:
+        """Record ``xa`` ``(N, C, H, W)`` where ``adv`` ``(N,)`` and ``norm`` ``(N,)`` is smaller."""
+        better = adv & (norm < self.norm)
+        self.norm = torch.where(better, norm, self.norm)
+        self.best[better] = xa[better]
+        self.found |= adv
+
+    def result(
+        self, guard: ModelGuard, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None
+    ) -> AttackResult:
+        """:func:`finish_min_norm` of what was recorded."""
+        return finish_min_norm(guard, x, self.best, self.found, y, target)
 
 
 def cosine_anneal(start: float, end: float, step: int, steps: int) -> float:

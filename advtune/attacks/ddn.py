@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._minnorm import cosine_anneal, finish_min_norm
+from advtune.attacks._minnorm import Smallest, check_fraction, cosine_anneal
 from advtune.attacks._registry import register
 from advtune.attacks._result import (
     AttackResult,
@@ -83,9 +83,7 @@ def ddn(
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     steps = check_int("steps", steps, minimum=1)
-    gamma = check_positive("gamma", gamma)
-    if gamma >= 1:
-        raise ValueError(f"gamma must be < 1, got {gamma!r}")
+    gamma = check_fraction("gamma", gamma)
     init_norm = check_positive("init_norm", init_norm)
     alpha = check_positive("alpha", alpha)
     if levels is not None:
@@ -103,9 +101,7 @@ def ddn(
         delta = torch.zeros_like(x0)
         eps = torch.full((n,), init_norm, dtype=wd, device=dev)
         worst = l2(torch.maximum(x0, 1.0 - x0))  # farthest point of the box from x
-        best = x0.clone()
-        best_l2 = torch.full((n,), float("inf"), dtype=wd, device=dev)
-        found = torch.zeros(n, dtype=torch.bool, device=dev)
+        smallest = Smallest(x0)
 
         for i in range(steps):
             step = cosine_anneal(alpha, alpha * _ALPHA_FINAL, i, steps)
@@ -115,10 +111,7 @@ def ddn(
             d_l2 = l2(delta)
 
             adv = success_of(logits, y, target)
-            better = adv & (d_l2 < best_l2)
-            best_l2 = torch.where(better, d_l2, best_l2)
-            best[better] = xa[better]
-            found |= adv
+            smallest.update(xa, d_l2, adv)
 
             delta = delta + (step / l2(g).clamp_min(_TINY)).reshape(view) * g
             eps = torch.minimum(torch.where(adv, eps * (1.0 - gamma), eps * (1.0 + gamma)), worst)
@@ -128,4 +121,4 @@ def ddn(
                 xa = (xa * (levels - 1)).round() / (levels - 1)
             delta = xa - x0
 
-        return finish_min_norm(guard, x, best, found, y, target)
+        return smallest.result(guard, x, y, target)

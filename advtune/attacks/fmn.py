@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._minnorm import cosine_anneal, finish_min_norm
+from advtune.attacks._minnorm import Smallest, check_fraction, cosine_anneal
 from advtune.attacks._registry import register
 from advtune.attacks._result import (
     AttackResult,
@@ -90,8 +90,8 @@ def fmn(
     alpha_final = (
         alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
     )
-    gamma_init = _check_fraction("gamma_init", gamma_init)
-    gamma_final = _check_fraction("gamma_final", gamma_final)
+    gamma_init = check_fraction("gamma_init", gamma_init)
+    gamma_final = check_fraction("gamma_final", gamma_final)
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         wd = work_dtype(x)
@@ -107,9 +107,7 @@ def fmn(
         eps = torch.full((n,), float("inf"), dtype=wd, device=dev)
         # The farthest any image in the box can be from x: ε never needs to exceed it.
         worst = size(torch.maximum(x0, 1.0 - x0))
-        best = x0.clone()
-        best_norm = torch.full((n,), float("inf"), dtype=wd, device=dev)
-        found = torch.zeros(n, dtype=torch.bool, device=dev)
+        smallest = Smallest(x0)
 
         for i in range(steps):
             alpha = cosine_anneal(alpha_init, alpha_final, i, steps)
@@ -121,10 +119,7 @@ def fmn(
             d_norm = size(delta)
 
             adv = success_of(logits, y, target)
-            better = adv & (d_norm < best_norm)
-            best_norm = torch.where(better, d_norm, best_norm)
-            best[better] = xa[better]
-            found |= adv
+            smallest.update(xa, d_norm, adv)
 
             flat = g.flatten(1)
             g_l2 = flat.norm(p=2, dim=1)
@@ -136,8 +131,8 @@ def fmn(
             # undershoots step after step (docs/minnorm.md has the measurements).
             to_boundary = d_norm + margin.abs() / g_dual.clamp_min(_TINY)
             seek = torch.where(torch.isfinite(eps), torch.maximum(eps, to_boundary), to_boundary)
-            grown = (1.0 + gamma) * torch.where(found, eps, seek)
-            eps = torch.where(adv, torch.minimum(eps * (1.0 - gamma), best_norm), grown)
+            grown = (1.0 + gamma) * torch.where(smallest.found, eps, seek)
+            eps = torch.where(adv, torch.minimum(eps * (1.0 - gamma), smallest.norm), grown)
             eps = torch.minimum(eps, worst)
 
             delta = delta + (alpha / g_l2.clamp_min(_TINY)).reshape(view) * g
@@ -148,11 +143,4 @@ def fmn(
                 delta = torch.maximum(torch.minimum(delta, eps.reshape(view)), -eps.reshape(view))
             delta = (x0 + delta).clamp(0.0, 1.0) - x0
 
-        return finish_min_norm(guard, x, best, found, y, target)
-
-
-def _check_fraction(name: str, value: object) -> float:
-    value = check_positive(name, value)
-    if value >= 1:
-        raise ValueError(f"{name} must be < 1, got {value!r}")
-    return value
+        return smallest.result(guard, x, y, target)
