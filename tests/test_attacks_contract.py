@@ -542,7 +542,7 @@ def test_registry_names_get_spec():
         "initial_const": 1e-3,
         "binary_search_steps": 9,
         "kappa": 0.0,
-        "abort_early": True,
+        "abort_early": False,
     }
     assert set(cw.cost_keys) == {"steps", "binary_search_steps"}
 

@@ -19,7 +19,9 @@ from advtune.attacks._result import AttackResult, least_likely_target
 from advtune.attacks.apgd import apgd, apgd_t
 from advtune.attacks.autoattack import EnsembleResult, autoattack
 from advtune.attacks.cw import cw_l2
+from advtune.attacks.ddn import ddn
 from advtune.attacks.fgsm import fgsm
+from advtune.attacks.fmn import fmn
 from advtune.attacks.mifgsm import mifgsm
 from advtune.attacks.pgd import pgd
 from advtune.attacks.threat import L2, Linf, ThreatModel, threat_model, threat_names
@@ -44,7 +46,9 @@ __all__ = [
     "apgd_t",
     "autoattack",
     "cw_l2",
+    "ddn",
     "fgsm",
+    "fmn",
     "get",
     "least_likely_target",
     "mifgsm",
