@@ -51,15 +51,6 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- value types
 
 
-def _number(text: str) -> float:
-    from advtune.presets import parse_number
-
-    try:
-        return parse_number(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _int(text: str) -> int:
     # Flags without a fixed range (--steps...) are checked later, where the message can
     # name the setting; fixed ranges go through _int_at_least.
@@ -111,16 +102,25 @@ def _eps_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    from advtune.presets import parse_value
-
+def _key_value(text: str) -> tuple[str, str]:
+    # The value stays text: the attack's spec types and validates it (resolve_attack).
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip().replace("-", "_"), parse_value(value)
+    return key.strip().replace("-", "_"), value
+
+
+def _threat_names() -> tuple[str, ...]:
+    from advtune.attacks import threat_names
+
+    return tuple(threat_names())
 
 
 # --------------------------------------------------------------------------- parser
+
+
+#: Flags that are shorthands for ``-p KEY=VALUE`` of a common attack setting.
+_PARAM_FLAGS = {"--steps": "iterations", "--step-size": "step size, e.g. 1/255"}
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None:
@@ -147,9 +147,12 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
         )
     else:
         attack.add_argument("--eps", type=_eps_list, help="budget, e.g. 4/255 (L∞) or 0.5 (L2)")
-    attack.add_argument("--steps", type=_int, help="iterations")
-    attack.add_argument("--step-size", type=_number, help="step size, e.g. 1/255")
-    attack.add_argument("--norm", choices=("linf", "l2"), help="threat model (pgd)")
+    # Shorthands for -p KEY=VALUE (their values are typed by the attack's spec).
+    for flag, what in _PARAM_FLAGS.items():
+        attack.add_argument(flag, metavar=flag.strip("-").upper().replace("-", "_"), help=what)
+    attack.add_argument(
+        "--norm", choices=_threat_names(), help="threat model, for attacks that take one (pgd)"
+    )
     attack.add_argument(
         "--targeted", choices=("random", "least-likely"), help="targeted attack and target choice"
     )
@@ -277,17 +280,27 @@ def _stop_hook() -> Any:
 
 
 def _attack_config(args: argparse.Namespace) -> Any:
-    from advtune.presets import resolve_attack
+    """``resolve_attack`` with the attack's own spec typing every ``-p`` value."""
+    from advtune import attacks
+    from advtune.presets import load_preset, resolve_attack
 
+    preset = load_preset(args.preset) if args.preset is not None else None
+    name = args.attack if args.attack is not None else getattr(preset, "attack", None)
     overrides: dict[str, Any] = dict(args.param)
-    if "eps" in overrides:
-        raise UserError("set the budget with --eps (e.g. --eps 4/255), not -p eps=...")
-    for key, value in (("steps", args.steps), ("step_size", args.step_size), ("norm", args.norm)):
+    for flag in _PARAM_FLAGS:
+        value = getattr(args, flag.strip("-").replace("-", "_"))
         if value is not None:
-            overrides[key] = value
+            overrides[flag.strip("-").replace("-", "_")] = value
+    if args.norm is not None and name is not None:
+        spec = attacks.spec(name)  # UserError suggesting close names if unknown
+        norm_keys = [p.name for p in spec.params if p.role == "norm"]
+        if norm_keys:
+            overrides[norm_keys[0]] = args.norm
+        elif args.norm != spec.norm:
+            raise UserError(f"attack {name!r} is {spec.norm} only, got --norm {args.norm}")
     return resolve_attack(
-        args.attack,
-        preset=args.preset,
+        name,
+        preset=preset,
         eps=args.eps,
         targeted=args.targeted,
         overrides=overrides,
@@ -295,17 +308,19 @@ def _attack_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_eps_fits_8bit(config: Any, *, keep_float: bool = False) -> None:
-    """L∞ budgets below one 8-bit level cannot survive saving as 8-bit images."""
-    small = [e for e in (config.eps or ()) if config.norm == "linf" and 0 < e < 1 / 255 - 1e-9]
-    if small:
-        from advtune.run.report import format_eps
+def _check_eps_fits_8bit(config: Any) -> None:
+    """Budgets below one 8-bit level cannot survive saving as 8-bit images."""
+    from advtune.attacks import threat_model
 
-        raise UserError(
-            f"eps {format_eps(small[0])} is below 1/255: 8-bit images cannot hold an L∞ "
-            "perturbation smaller than one level, so every saved image would equal the "
-            "clean one; use --eps 1/255 or more"
-        )
+    for eps in config.eps or ():
+        if eps > 0 and not threat_model(config.norm, eps).survives_quantization:
+            from advtune.run.report import format_eps
+
+            raise UserError(
+                f"eps {format_eps(eps)} is below 1/255: 8-bit images cannot hold a "
+                f"{threat_model(config.norm).label} perturbation smaller than one level, so "
+                "every saved image would equal the clean one; use --eps 1/255 or more"
+            )
 
 
 def _check_out_not_in_data(data: str | None, out_dir: Path) -> None:
@@ -498,8 +513,9 @@ def _list(args: argparse.Namespace) -> int:
 
         for name in attacks.names():
             spec = attacks.spec(name)
-            budget = "eps" if spec.uses_eps else "no eps"
-            print(f"{name:<12} {spec.norm:<5} {budget:<7} {spec.summary}")
+            print(f"{name:<12} {spec.norm:<5} {spec.summary}")
+            for param in spec.params:
+                print(f"    {param.describe()}")
     else:
         from advtune.presets import list_presets
         from advtune.run import format_eps

@@ -171,6 +171,40 @@ def test_list_version_and_help(capsys):
     assert "ConvBN" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "cw_l2"])
+def test_list_attacks_prints_each_declared_param(name, capsys):
+    from advtune import attacks
+
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    for param in attacks.spec(name).params:
+        assert f"    {param.describe()}" in out.splitlines()
+
+
+def test_norm_choices_are_the_threat_models(capsys):
+    from advtune.attacks import threat_names
+
+    assert main(["generate", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "{" + ",".join(threat_names()) + "}" in help_text
+
+
+def test_torchattacks_attack_runs_from_the_cli(imagenet, checkpoint, tmp_path, capsys):
+    pytest.importorskip("torchattacks")
+    out = tmp_path / "ta"
+    rc = main(
+        ["evaluate", *base_args(imagenet, checkpoint, out), "--attack", "torchattacks:PGD",
+         "--eps", "2/255", "-p", "steps=2", "-p", "alpha=1/255", "--limit", "2", "-q"]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete"
+    # -p values are typed by the wrapped class's spec: "1/255" is a number, not text.
+    assert report["config"]["attack"]["params"] == {"steps": 2, "alpha": 1 / 255}
+    rows = read_manifest(out / "manifest.csv")
+    assert len(rows) == 2 and all(r["linf"] <= 2 / 255 + 1e-9 for r in rows)
+
+
 def _one_line_error(capsys, rc, *names):
     err = capsys.readouterr().err
     assert rc == 2, err
