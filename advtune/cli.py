@@ -335,42 +335,27 @@ def _check_out_not_in_data(data: str | None, out_dir: Path) -> None:
         )
 
 
-def _load_model(args: argparse.Namespace, *, convbn: str, device: str) -> Any:
-    """``load_model`` with ``--seed`` for random weights where the loader takes it."""
-    import inspect
-
-    from advtune.models import load_model
-
-    kwargs: dict[str, Any] = {}
-    if "seed" in inspect.signature(load_model).parameters:
-        kwargs["seed"] = args.seed
-    return load_model(
-        args.model, weights=args.weights, convbn=convbn, device=device,
-        progress=not args.quiet, **kwargs,
-    )  # fmt: skip
-
-
 def _dataset_and_model(args: argparse.Namespace, *, convbn: str, device: str) -> tuple:
-    """List the images (data errors before the slow model load), then load the model
-    and give the dataset the model's preprocessing (decoding is lazy).
-
-    # merge: model card — with ``advtune.models`` cards, ``.preprocess`` is known before
-    # building, so the dataset gets its real transform at once and this patch goes.
-    """
+    """The model's card (nothing built), the dataset with the card's preprocessing (data
+    errors before the slow model load), then the model, seeded by ``--seed``."""
     from advtune.data import build_dataset
+    from advtune.models import load_model, model_card
     from advtune.run.inputs import image_size_preprocess
 
+    card = model_card(args.model, weights=args.weights, seed=args.seed)
+    transform = image_size_preprocess(card.preprocess, args.image_size)
     dataset = build_dataset(
         args.data,
-        transform=_unset_transform,
+        transform=transform,
         limit=args.limit,
         subset=args.subset,
         shuffle_seed=args.shuffle_seed,
         labels=args.labels,
     )
-    model = _load_model(args, convbn=convbn, device=device)
-    transform = image_size_preprocess(model.preprocess, args.image_size)
-    dataset.transform = transform
+    model = load_model(
+        args.model, weights=args.weights, convbn=convbn, device=device,
+        progress=not args.quiet, seed=args.seed,
+    )  # fmt: skip
     return dataset, model, transform
 
 
@@ -411,7 +396,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     if args.subset is not None and not Path(args.subset).expanduser().is_file():
         raise UserError(f"subset file {args.subset!r} not found")
     dataset, model, transform = _dataset_and_model(args, convbn=convbn, device=device)
-    weights_used = model.weights
+    card = model.card
     if args.amp or args.channels_last or args.compile:
         from advtune.runtime import prepare
 
@@ -428,9 +413,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         spec,
         batch_size=batch_size,
         context=model_context(
-            name=args.model,
-            weights=args.weights,
-            weights_used=weights_used,
+            card=card,
             convbn=convbn,
             preprocess=transform,
             amp=args.amp,
@@ -491,10 +474,6 @@ def _auto_batch_size(
     )
 
 
-def _unset_transform(image: Any) -> Any:
-    raise RuntimeError("the dataset transform is set after the model is loaded")
-
-
 def _generate(args: argparse.Namespace) -> int:
     return _run(args, command="generate")
 
@@ -505,9 +484,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     if args.what == "models":
-        from advtune.models import list_models
+        from advtune.models import model_rows
 
-        print("\n".join(list_models()))
+        for row in model_rows():
+            print(row.format())
     elif args.what == "attacks":
         from advtune import attacks
 

@@ -54,7 +54,6 @@ from advtune.run.report import (
     device_info,
     plot_curve,
     plural,
-    unwrap_model,
 )
 from advtune.run.spec import RunSpec
 
@@ -421,7 +420,7 @@ def _finish_main(
         final["status"] = status = "failed"  # every clean logit non-finite: see _check_finite
     config = spec.attack
     if status == "complete" and spec.want_plot and final["metrics"]:
-        name = getattr(unwrap_model(model), "name", "")
+        name = final["model"].get("name") or ""
         if plot_curve(
             final["metrics"], out.plot_path, title=f"{name} · {config.attack} {config.norm}"
         ):
