@@ -323,19 +323,23 @@ def _check_eps_fits_8bit(config: Any) -> None:
             )
 
 
-def _check_out_not_in_data(data: str | None, out_dir: Path) -> None:
-    """Refuse an output folder inside the data folder: the run would read its own PNGs."""
+def _note_out_in_data(data: str | None, out_dir: Path) -> None:
+    """One line when the output folder is inside the data folder: its files are left out
+    of the input (``build_dataset(exclude=...)``), so a run never reads its own PNGs."""
     if data is None:
         return
     root, out = Path(data).expanduser().resolve(), out_dir.expanduser().resolve()
-    if out == root or root in out.parents:
-        raise UserError(
-            f"--out {str(out_dir)!r} is inside --data {data!r}: the run would read its own "
-            "outputs as input; choose an --out outside the data folder"
+    if root in out.parents:
+        print(
+            f"advtune: note: --out {str(out_dir)!r} is inside --data {data!r}; its files "
+            "are left out of the input",
+            file=sys.stderr,
         )
 
 
-def _dataset_and_model(args: argparse.Namespace, *, convbn: str, device: str) -> tuple:
+def _dataset_and_model(
+    args: argparse.Namespace, *, convbn: str, device: str, out_dir: Path
+) -> tuple:
     """The model's card (nothing built), the dataset with the card's preprocessing (data
     errors before the slow model load), then the model, seeded by ``--seed``."""
     from advtune.data import build_dataset
@@ -351,6 +355,7 @@ def _dataset_and_model(args: argparse.Namespace, *, convbn: str, device: str) ->
         subset=args.subset,
         shuffle_seed=args.shuffle_seed,
         labels=args.labels,
+        exclude=[out_dir],  # a run never reads its own outputs back as input
     )
     model = load_model(
         args.model, weights=args.weights, convbn=convbn, device=device,
@@ -377,7 +382,6 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         overwrite=args.overwrite,
     )
     out_dir = spec.out_dir
-    _check_out_not_in_data(args.data, out_dir)
     # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
     comm = init_comm(args.device)
     device = comm.device
@@ -393,9 +397,15 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
 
         raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
     OutputDir(out_dir)  # fails early if the folder is not writable
-    if args.subset is not None and not Path(args.subset).expanduser().is_file():
-        raise UserError(f"subset file {args.subset!r} not found")
-    dataset, model, transform = _dataset_and_model(args, convbn=convbn, device=device)
+    if args.subset is not None:
+        from advtune.data import resolve_subset_path
+
+        resolve_subset_path(args.subset)  # a typo costs no model load; any cwd works
+    dataset, model, transform = _dataset_and_model(
+        args, convbn=convbn, device=device, out_dir=out_dir
+    )
+    if comm.is_main and not args.quiet:
+        _note_out_in_data(args.data, out_dir)
     card = model.card
     if args.amp or args.channels_last or args.compile:
         from advtune.runtime import prepare

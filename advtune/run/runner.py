@@ -234,7 +234,9 @@ def _run_locked(
     remaining = [i for i in range(len(paths)) if paths[i] not in done]
     mine = shard(remaining, comm.rank, comm.world_size)
     writer = (
-        ManifestWriter(out.root / partial_manifest_name(comm.rank, comm.world_size))
+        ManifestWriter(
+            out.root / partial_manifest_name(comm.rank, comm.world_size), keep_sorted=False
+        )
         if comm.is_distributed
         else out.writer
     )
@@ -309,6 +311,11 @@ def _run_locked(
         error = comm_error = e
     except BaseException as e:
         error = e
+    try:
+        with signals.deferred():
+            writer.close()  # sorted on disk again if a batch came out of order
+    except BaseException as e:
+        error = error or e
     failed: set[int] = set()
     if comm_error is None:
         try:
