@@ -334,6 +334,22 @@ def test_out_inside_data_is_left_out_of_the_input(imagenet, checkpoint, tmp_path
     assert [r["index"] for r in read_manifest(out / "manifest.csv")] == [0, 1, 2]
 
 
+def test_torn_manifest_line_is_one_warning_line_on_resume(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "torn"
+    argv = ["evaluate", *base_args(imagenet, checkpoint, out), "--attack", "fgsm", "--limit", "3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = out / "manifest.csv"
+    whole = manifest.read_bytes()
+    manifest.write_bytes(whole[:-20])  # a kill in the middle of the last row's append
+    capsys.readouterr()
+    assert main([*argv, "--resume", "-q"]) == 0
+    err = capsys.readouterr().err
+    warnings_ = [ln for ln in err.splitlines() if ln.startswith("advtune: warning:")]
+    assert len(warnings_) == 1 and "dropped a torn last line" in warnings_[0], err
+    assert "Traceback" not in err and "TornManifestWarning" not in err
+    assert manifest.read_bytes() == whole  # the torn row's image was attacked again
+
+
 def test_out_equal_to_data_is_refused(imagenet, tmp_path, capsys):
     import shutil
 
