@@ -110,12 +110,6 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip().replace("-", "_"), value
 
 
-def _threat_names() -> tuple[str, ...]:
-    from advtune.attacks import threat_names
-
-    return tuple(threat_names())
-
-
 # --------------------------------------------------------------------------- parser
 
 
@@ -150,8 +144,10 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
     # Shorthands for -p KEY=VALUE (their values are typed by the attack's spec).
     for flag, what in _PARAM_FLAGS.items():
         attack.add_argument(flag, metavar=flag.strip("-").upper().replace("-", "_"), help=what)
+    # Checked against advtune.attacks.threat_names() after parsing: importing the attacks
+    # (and torch) here would slow --help and widen the window before Ctrl-C is one line.
     attack.add_argument(
-        "--norm", choices=_threat_names(), help="threat model, for attacks that take one (pgd)"
+        "--norm", help="threat model (advtune.attacks.threat_names()), for attacks that take one"
     )
     attack.add_argument(
         "--targeted", choices=("random", "least-likely"), help="targeted attack and target choice"
@@ -291,6 +287,10 @@ def _attack_config(args: argparse.Namespace) -> Any:
         value = getattr(args, flag.strip("-").replace("-", "_"))
         if value is not None:
             overrides[flag.strip("-").replace("-", "_")] = value
+    if args.norm is not None and args.norm not in attacks.threat_names():
+        from advtune.errors import suggest
+
+        raise UserError(suggest(args.norm, attacks.threat_names(), what="--norm threat model"))
     if args.norm is not None and name is not None:
         spec = attacks.spec(name)  # UserError suggesting close names if unknown
         norm_keys = [p.name for p in spec.params if p.role == "norm"]
