@@ -51,15 +51,6 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- value types
 
 
-def _number(text: str) -> float:
-    from advtune.presets import parse_number
-
-    try:
-        return parse_number(text)
-    except UserError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def _int(text: str) -> int:
     # Flags without a fixed range (--steps...) are checked later, where the message can
     # name the setting; fixed ranges go through _int_at_least.
@@ -111,16 +102,19 @@ def _eps_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _key_value(text: str) -> tuple[str, Any]:
-    from advtune.presets import parse_value
-
+def _key_value(text: str) -> tuple[str, str]:
+    # The value stays text: the attack's spec types and validates it (resolve_attack).
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key.strip().replace("-", "_"), parse_value(value)
+    return key.strip().replace("-", "_"), value
 
 
 # --------------------------------------------------------------------------- parser
+
+
+#: Flags that are shorthands for ``-p KEY=VALUE`` of a common attack setting.
+_PARAM_FLAGS = {"--steps": "iterations", "--step-size": "step size, e.g. 1/255"}
 
 
 def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None:
@@ -147,9 +141,14 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
         )
     else:
         attack.add_argument("--eps", type=_eps_list, help="budget, e.g. 4/255 (L∞) or 0.5 (L2)")
-    attack.add_argument("--steps", type=_int, help="iterations")
-    attack.add_argument("--step-size", type=_number, help="step size, e.g. 1/255")
-    attack.add_argument("--norm", choices=("linf", "l2"), help="threat model (pgd)")
+    # Shorthands for -p KEY=VALUE (their values are typed by the attack's spec).
+    for flag, what in _PARAM_FLAGS.items():
+        attack.add_argument(flag, metavar=flag.strip("-").upper().replace("-", "_"), help=what)
+    # Checked against advtune.attacks.threat_names() after parsing: importing the attacks
+    # (and torch) here would slow --help and widen the window before Ctrl-C is one line.
+    attack.add_argument(
+        "--norm", help="threat model (advtune.attacks.threat_names()), for attacks that take one"
+    )
     attack.add_argument(
         "--targeted", choices=("random", "least-likely"), help="targeted attack and target choice"
     )
@@ -277,17 +276,31 @@ def _stop_hook() -> Any:
 
 
 def _attack_config(args: argparse.Namespace) -> Any:
-    from advtune.presets import resolve_attack
+    """``resolve_attack`` with the attack's own spec typing every ``-p`` value."""
+    from advtune import attacks
+    from advtune.presets import load_preset, resolve_attack
 
+    preset = load_preset(args.preset) if args.preset is not None else None
+    name = args.attack if args.attack is not None else getattr(preset, "attack", None)
     overrides: dict[str, Any] = dict(args.param)
-    if "eps" in overrides:
-        raise UserError("set the budget with --eps (e.g. --eps 4/255), not -p eps=...")
-    for key, value in (("steps", args.steps), ("step_size", args.step_size), ("norm", args.norm)):
+    for flag in _PARAM_FLAGS:
+        value = getattr(args, flag.strip("-").replace("-", "_"))
         if value is not None:
-            overrides[key] = value
+            overrides[flag.strip("-").replace("-", "_")] = value
+    if args.norm is not None and args.norm not in attacks.threat_names():
+        from advtune.errors import suggest
+
+        raise UserError(suggest(args.norm, attacks.threat_names(), what="--norm threat model"))
+    if args.norm is not None and name is not None:
+        spec = attacks.spec(name)  # UserError suggesting close names if unknown
+        norm_keys = [p.name for p in spec.params if p.role == "norm"]
+        if norm_keys:
+            overrides[norm_keys[0]] = args.norm
+        elif args.norm != spec.norm:
+            raise UserError(f"attack {name!r} is {spec.norm} only, got --norm {args.norm}")
     return resolve_attack(
-        args.attack,
-        preset=args.preset,
+        name,
+        preset=preset,
         eps=args.eps,
         targeted=args.targeted,
         overrides=overrides,
@@ -295,67 +308,59 @@ def _attack_config(args: argparse.Namespace) -> Any:
     )
 
 
-def _check_eps_fits_8bit(config: Any, *, keep_float: bool = False) -> None:
-    """L∞ budgets below one 8-bit level cannot survive saving as 8-bit images."""
-    small = [e for e in (config.eps or ()) if config.norm == "linf" and 0 < e < 1 / 255 - 1e-9]
-    if small:
-        from advtune.run.report import format_eps
+def _check_eps_fits_8bit(config: Any) -> None:
+    """Budgets below one 8-bit level cannot survive saving as 8-bit images."""
+    from advtune.attacks import threat_model
 
-        raise UserError(
-            f"eps {format_eps(small[0])} is below 1/255: 8-bit images cannot hold an L∞ "
-            "perturbation smaller than one level, so every saved image would equal the "
-            "clean one; use --eps 1/255 or more"
-        )
+    for eps in config.eps or ():
+        if eps > 0 and not threat_model(config.norm, eps).survives_quantization:
+            from advtune.run.report import format_eps
+
+            raise UserError(
+                f"eps {format_eps(eps)} is below 1/255: 8-bit images cannot hold a "
+                f"{threat_model(config.norm).label} perturbation smaller than one level, so "
+                "every saved image would equal the clean one; use --eps 1/255 or more"
+            )
 
 
-def _check_out_not_in_data(data: str | None, out_dir: Path) -> None:
-    """Refuse an output folder inside the data folder: the run would read its own PNGs."""
+def _note_out_in_data(data: str | None, out_dir: Path) -> None:
+    """One line when the output folder is inside the data folder: its files are left out
+    of the input (``build_dataset(exclude=...)``), so a run never reads its own PNGs."""
     if data is None:
         return
     root, out = Path(data).expanduser().resolve(), out_dir.expanduser().resolve()
-    if out == root or root in out.parents:
-        raise UserError(
-            f"--out {str(out_dir)!r} is inside --data {data!r}: the run would read its own "
-            "outputs as input; choose an --out outside the data folder"
+    if root in out.parents:
+        print(
+            f"advtune: note: --out {str(out_dir)!r} is inside --data {data!r}; its files "
+            "are left out of the input",
+            file=sys.stderr,
         )
 
 
-def _load_model(args: argparse.Namespace, *, convbn: str, device: str) -> Any:
-    """``load_model`` with ``--seed`` for random weights where the loader takes it."""
-    import inspect
-
-    from advtune.models import load_model
-
-    kwargs: dict[str, Any] = {}
-    if "seed" in inspect.signature(load_model).parameters:
-        kwargs["seed"] = args.seed
-    return load_model(
-        args.model, weights=args.weights, convbn=convbn, device=device,
-        progress=not args.quiet, **kwargs,
-    )  # fmt: skip
-
-
-def _dataset_and_model(args: argparse.Namespace, *, convbn: str, device: str) -> tuple:
-    """List the images (data errors before the slow model load), then load the model
-    and give the dataset the model's preprocessing (decoding is lazy).
-
-    # merge: model card — with ``advtune.models`` cards, ``.preprocess`` is known before
-    # building, so the dataset gets its real transform at once and this patch goes.
-    """
+def _dataset_and_model(
+    args: argparse.Namespace, *, convbn: str, device: str, out_dir: Path
+) -> tuple:
+    """The model's card (nothing built), the dataset with the card's preprocessing (data
+    errors before the slow model load), then the model, seeded by ``--seed``."""
     from advtune.data import build_dataset
+    from advtune.models import load_model, model_card
     from advtune.run.inputs import image_size_preprocess
 
+    card = model_card(args.model, weights=args.weights, seed=args.seed)
+    transform = image_size_preprocess(card.preprocess, args.image_size)
     dataset = build_dataset(
         args.data,
-        transform=_unset_transform,
+        transform=transform,
         limit=args.limit,
         subset=args.subset,
         shuffle_seed=args.shuffle_seed,
         labels=args.labels,
+        exclude=[out_dir],  # a run never reads its own outputs back as input
     )
-    model = _load_model(args, convbn=convbn, device=device)
-    transform = image_size_preprocess(model.preprocess, args.image_size)
-    dataset.transform = transform
+    model = load_model(
+        args.model, weights=args.weights, convbn=convbn, device=device,
+        progress=not args.quiet, seed=args.seed,
+    )  # fmt: skip
     return dataset, model, transform
 
 
@@ -377,7 +382,6 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         overwrite=args.overwrite,
     )
     out_dir = spec.out_dir
-    _check_out_not_in_data(args.data, out_dir)
     # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
     comm = init_comm(args.device)
     device = comm.device
@@ -393,10 +397,16 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
 
         raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
     OutputDir(out_dir)  # fails early if the folder is not writable
-    if args.subset is not None and not Path(args.subset).expanduser().is_file():
-        raise UserError(f"subset file {args.subset!r} not found")
-    dataset, model, transform = _dataset_and_model(args, convbn=convbn, device=device)
-    weights_used = model.weights
+    if args.subset is not None:
+        from advtune.data import resolve_subset_path
+
+        resolve_subset_path(args.subset)  # a typo costs no model load; any cwd works
+    dataset, model, transform = _dataset_and_model(
+        args, convbn=convbn, device=device, out_dir=out_dir
+    )
+    if comm.is_main and not args.quiet:
+        _note_out_in_data(args.data, out_dir)
+    card = model.card
     if args.amp or args.channels_last or args.compile:
         from advtune.runtime import prepare
 
@@ -413,9 +423,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         spec,
         batch_size=batch_size,
         context=model_context(
-            name=args.model,
-            weights=args.weights,
-            weights_used=weights_used,
+            card=card,
             convbn=convbn,
             preprocess=transform,
             amp=args.amp,
@@ -476,10 +484,6 @@ def _auto_batch_size(
     )
 
 
-def _unset_transform(image: Any) -> Any:
-    raise RuntimeError("the dataset transform is set after the model is loaded")
-
-
 def _generate(args: argparse.Namespace) -> int:
     return _run(args, command="generate")
 
@@ -490,16 +494,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     if args.what == "models":
-        from advtune.models import list_models
+        from advtune.models import model_rows
 
-        print("\n".join(list_models()))
+        for row in model_rows():
+            print(row.format())
     elif args.what == "attacks":
         from advtune import attacks
 
         for name in attacks.names():
             spec = attacks.spec(name)
-            budget = "eps" if spec.uses_eps else "no eps"
-            print(f"{name:<12} {spec.norm:<5} {budget:<7} {spec.summary}")
+            print(f"{name:<12} {spec.norm:<5} {spec.summary}")
+            for param in spec.params:
+                print(f"    {param.describe()}")
     else:
         from advtune.presets import list_presets
         from advtune.run import format_eps

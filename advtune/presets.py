@@ -18,7 +18,7 @@ numbers (``"4/255"``, ``"1e-3"``) become numbers.
 preset and explicit overrides (command-line flags; raw strings are parsed with
 :meth:`advtune.attacks.AttackSpec.parse`), validates everything against the attack's
 declared :class:`~advtune.attacks.Param` s and threat model, and returns an
-:class:`advtune.evaluate.AttackConfig`. Nothing here knows a hyperparameter by name.
+:class:`advtune.run.spec.AttackConfig`. Nothing here knows a hyperparameter by name.
 """
 
 from __future__ import annotations
@@ -250,14 +250,14 @@ def resolve_attack(
         seed: the run seed (per-sample seeds derive from it and the dataset index).
 
     Returns:
-        An :class:`advtune.evaluate.AttackConfig`.
+        An :class:`advtune.run.spec.AttackConfig`.
 
     Raises:
         UserError: unknown attack, preset/attack mismatch, unknown or out-of-range
             setting (the message names the value).
     """
     from advtune import attacks
-    from advtune.evaluate import AttackConfig
+    from advtune.run.spec import AttackConfig
 
     loaded = load_preset(preset) if isinstance(preset, (str, Path)) else preset
     if attack is None:

@@ -108,6 +108,11 @@ class AmpModel(nn.Module):
             out = self.module(x)
         return out.float() if out.is_floating_point() and out.dtype != torch.float64 else out
 
+    @property
+    def card(self) -> Any:
+        """The wrapped classifier's :class:`~advtune.models.ModelCard` (``None`` if none)."""
+        return getattr(self.module, "card", None)
+
     def extra_repr(self) -> str:
         return f"amp={self.amp!r}, channels_last={self.channels_last}"
 

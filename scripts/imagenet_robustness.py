@@ -218,10 +218,8 @@ def _cell_spec(args: argparse.Namespace, cell: Path, config: Any, context: Any, 
 
 def run_grid(args: argparse.Namespace, comm: Any) -> list[dict[str, Any]]:
     """Run (or resume) every cell; returns one result row per (model, attack, eps)."""
-    import inspect
-
     from advtune.data import build_dataset, robustbench_subset
-    from advtune.models import DEFAULT_CONVBN, load_model
+    from advtune.models import DEFAULT_CONVBN, load_model, model_card
     from advtune.run import TqdmProgress, image_size_preprocess, run
     from advtune.run.spec import model_context
 
@@ -241,21 +239,14 @@ def run_grid(args: argparse.Namespace, comm: Any) -> list[dict[str, Any]]:
     )
     if len(dataset) == 0:
         raise UserError(f"no images found in {args.data!r}")
-    seed_kwarg = {"seed": args.seed} if "seed" in inspect.signature(load_model).parameters else {}
     for model_name in args.models:
         weights = _weights_for(model_name, args.weights)
-        # Loaded even when every cell is done: the resume key holds what the loader
-        # reports (weights, preprocessing), so a changed checkpoint is never "finished".
-        model = load_model(
-            model_name, weights=weights, convbn=convbn, device=device,
-            progress=not args.quiet and comm.is_main, **seed_kwarg,
-        )  # fmt: skip
-        transform = image_size_preprocess(model.preprocess, args.image_size)
+        # The card (nothing built) gives the preprocessing and the resume key (weights,
+        # checkpoint digest, seed), so a changed checkpoint is never "finished".
+        card = model_card(model_name, weights=weights, seed=args.seed)
+        transform = image_size_preprocess(card.preprocess, args.image_size)
         dataset.transform = transform
-        context = model_context(
-            name=model_name, weights=weights, weights_used=model.weights, convbn=convbn,
-            preprocess=transform,
-        )  # fmt: skip
+        context = model_context(card=card, convbn=convbn, preprocess=transform)
         specs = {
             name: _cell_spec(
                 args, out / "cells" / model_name / name, configs[name], context, device
@@ -268,7 +259,14 @@ def run_grid(args: argparse.Namespace, comm: Any) -> list[dict[str, Any]]:
             if args.overwrite or not _finished(specs[name].out_dir, specs[name], dataset)
         ]
         # Every rank must take the same decision (the cells are collective runs).
-        for name in comm.broadcast(todo):
+        todo = comm.broadcast(todo)
+        if not todo:
+            continue  # every cell is finished: the model is not even built
+        model = load_model(
+            model_name, weights=weights, convbn=convbn, device=device,
+            progress=not args.quiet and comm.is_main, seed=args.seed,
+        )  # fmt: skip
+        for name in todo:
             run(
                 specs[name],
                 model,
@@ -280,7 +278,7 @@ def run_grid(args: argparse.Namespace, comm: Any) -> list[dict[str, Any]]:
 
 
 def _unset(image: Any) -> Any:
-    raise RuntimeError("the dataset transform is set once the model is loaded")
+    raise RuntimeError("the dataset transform is set from each model's card")
 
 
 def collect(out: Path, models: Sequence[str], attacks: Sequence[str]) -> list[dict[str, Any]]:

@@ -375,7 +375,7 @@ def test_l2_start_radius_is_uniform():
 @pytest.mark.parametrize("eps_levels", [0.4, 1.0, 2.5, 4.0])
 def test_quantize_stays_inside_and_matches_evaluate(norm, eps_levels):
     from advtune.attacks import threat_model
-    from advtune.evaluate import quantize_adv
+    from advtune.run.quantize import quantize_adv
 
     gen = torch.Generator().manual_seed(7)
     x = torch.randint(0, 256, (6, 3, 5, 5), generator=gen).double() / 255

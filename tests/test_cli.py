@@ -123,6 +123,10 @@ def test_evaluate_curve_plot_and_quiet(imagenet, checkpoint, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["amp"] == "bf16" and report["config"]["channels_last"] is True
     assert report["model"]["name"] == "resnet18" and report["model"]["wrapper"] == "AmpModel"
+    # The metadata is the model card's, read through the AMP wrapper.
+    card = load_model("resnet18", weights=str(checkpoint)).card
+    assert {k: report["model"][k] for k in card.to_dict()} == json.loads(json.dumps(card.to_dict()))
+    assert report["config"]["model"]["weights_sha256"] == card.weights_digest
     per_eps = report["metrics"]["per_eps"]
     assert [e["eps"] for e in per_eps] == [1 / 255, 4 / 255]
     assert all(e["per_class"] for e in per_eps)
@@ -171,6 +175,89 @@ def test_list_version_and_help(capsys):
     assert "ConvBN" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["pgd", "fgsm", "cw_l2"])
+def test_list_attacks_prints_each_declared_param(name, capsys):
+    from advtune import attacks
+
+    assert main(["list", "attacks"]) == 0
+    out = capsys.readouterr().out
+    for param in attacks.spec(name).params:
+        assert f"    {param.describe()}" in out.splitlines()
+
+
+def test_torchattacks_attack_runs_from_the_cli(imagenet, checkpoint, tmp_path, capsys):
+    pytest.importorskip("torchattacks")
+    out = tmp_path / "ta"
+    rc = main(
+        ["evaluate", *base_args(imagenet, checkpoint, out), "--attack", "torchattacks:PGD",
+         "--eps", "2/255", "-p", "steps=2", "-p", "alpha=1/255", "--limit", "2", "-q"]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"] == "complete"
+    # -p values are typed by the wrapped class's spec: "1/255" is a number, not text.
+    assert report["config"]["attack"]["params"] == {"steps": 2, "alpha": 1 / 255}
+    rows = read_manifest(out / "manifest.csv")
+    assert len(rows) == 2 and all(r["linf"] <= 2 / 255 + 1e-9 for r in rows)
+
+
+def test_dataset_gets_the_cards_preprocessing_before_the_model_is_built(
+    imagenet, tmp_path, monkeypatch
+):
+    import argparse
+
+    import advtune.models
+    from advtune import cli
+
+    seen = []
+
+    def fake_load(name, **kwargs):
+        seen.append((name, kwargs["seed"]))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(advtune.models, "load_model", fake_load)
+    import advtune.data
+
+    built = []
+    original = advtune.data.build_dataset
+    monkeypatch.setattr(
+        advtune.data,
+        "build_dataset",
+        lambda *a, **k: built.append(k["transform"]) or original(*a, **k),
+    )
+    args = argparse.Namespace(
+        model="resnet18", weights="random", seed=7, image_size=None, data=str(imagenet),
+        limit=None, subset=None, shuffle_seed=None, labels=None, quiet=True,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="stop here"):
+        cli._dataset_and_model(args, convbn=DEFAULT_CONVBN, device="cpu", out_dir=tmp_path / "o")
+    expected = advtune.models.model_card("resnet18", weights="random", seed=7).preprocess
+    assert built == [expected]  # the real transform, before any model is built
+    assert seen == [("resnet18", 7)]  # --seed seeds random weights
+
+
+def test_summary_compares_published_figures():
+    from advtune.run import format_summary
+
+    published = {"clean": 0.64, "robust": 0.34, "attack": "autoattack", "norm": "Linf",
+                 "eps": 4 / 255, "images": 5000, "reference": "leaderboard"}  # fmt: skip
+    entry = {"eps": 4 / 255, "clean_accuracy": 0.6, "robust_accuracy": 0.3,
+             "success_rate": 0.5, "linf_mean": 0.01, "l2_mean": 1.0}  # fmt: skip
+    report = {
+        "command": "evaluate", "config": {"attack": {"attack": "pgd", "norm": "linf"}},
+        "metrics": {"num_images": 10, "per_eps": [entry]}, "device": {"type": "cpu"},
+        "data": {"label_source": "dataset"}, "model": {"name": "m", "published": published},
+    }  # fmt: skip
+    lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
+    assert len(lines) == 1
+    assert "clean 64.0% vs 60.0%" in lines[0] and "robust 34.0% vs 30.0%" in lines[0]
+    report["config"]["attack"]["norm"] = "l2"  # other threat model: nothing to compare
+    assert "published" not in format_summary(report)
+    entry["eps"] = 2 / 255  # other eps: nothing to compare
+    report["config"]["attack"]["norm"] = "linf"
+    assert "published" not in format_summary(report)
+
+
 def _one_line_error(capsys, rc, *names):
     err = capsys.readouterr().err
     assert rc == 2, err
@@ -201,6 +288,8 @@ def _one_line_error(capsys, rc, *names):
         (["--attack", "pgd", "--image-size", "5000"], ["--image-size", "<= 4096", "5000"]),
         (["--attack", "pgd", "--eps", "0.5/255"], ["below 1/255", "8-bit", "--eps 1/255"]),
         (["--attack", "pgd", "-p", "eps=0.1"], ["--eps"]),
+        (["--attack", "pgd", "--norm", "l3"], ["'l3'", "linf", "l2"]),  # threat_names()
+        (["--attack", "fgsm", "--norm", "l2"], ["'fgsm' is linf only"]),
     ],
 )
 def test_bad_inputs_before_model_load(extra, names, imagenet, tmp_path, capsys, monkeypatch):
@@ -224,11 +313,62 @@ def test_bench_batch_size_must_be_positive(capsys):
     _one_line_error(capsys, main(["bench", "--batch-size", "0"]), "--batch-size", ">= 1")
 
 
-def test_out_inside_data_is_refused(imagenet, tmp_path, capsys):
+def test_out_inside_data_is_left_out_of_the_input(imagenet, checkpoint, tmp_path, capsys):
+    import shutil
+
+    data = shutil.copytree(imagenet, tmp_path / "val")
+    out = data / "advtune-out"
+    argv = ["generate", *base_args(data, checkpoint, out), "--attack", "fgsm", "--limit", "3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "advtune: note:" in ln]
+    assert len(notes) == 1 and "left out of the input" in notes[0]
+    assert len(list((out / "adv").rglob("*.png"))) == 3
+    # The saved PNGs are not read back as input: the resumed run sees the same images.
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    assert [r["index"] for r in read_manifest(out / "manifest.csv")] == [0, 1, 2]
+
+
+def test_torn_manifest_line_is_one_warning_line_on_resume(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "torn"
+    argv = ["evaluate", *base_args(imagenet, checkpoint, out), "--attack", "fgsm", "--limit", "3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = out / "manifest.csv"
+    whole = manifest.read_bytes()
+    manifest.write_bytes(whole[:-20])  # a kill in the middle of the last row's append
+    capsys.readouterr()
+    assert main([*argv, "--resume", "-q"]) == 0
+    err = capsys.readouterr().err
+    warnings_ = [ln for ln in err.splitlines() if ln.startswith("advtune: warning:")]
+    assert len(warnings_) == 1 and "dropped a torn last line" in warnings_[0], err
+    assert "Traceback" not in err and "TornManifestWarning" not in err
+    assert manifest.read_bytes() == whole  # the torn row's image was attacked again
+
+
+def test_out_equal_to_data_is_refused(imagenet, tmp_path, capsys):
+    import shutil
+
+    data = shutil.copytree(imagenet, tmp_path / "val")
     argv = ["generate", "--model", "resnet18", "--weights", "random", "--attack", "fgsm",
-            "--data", str(imagenet), "--out", str(imagenet / "advtune-out")]  # fmt: skip
-    _one_line_error(capsys, main(argv), "inside --data", "its own outputs")
-    assert not (imagenet / "advtune-out").exists()
+            "--data", str(data), "--out", str(data)]  # fmt: skip
+    _one_line_error(capsys, main(argv), str(data), "excluded")
+
+
+def test_subset_file_resolves_from_any_directory(imagenet, tmp_path, capsys, monkeypatch):
+    import advtune.models
+
+    loads = []
+    monkeypatch.setattr(advtune.models, "load_model", lambda *a, **k: loads.append(a) or 1 / 0)
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    argv = ["evaluate", "--model", "resnet18", "--weights", "random", "--attack", "fgsm",
+            "--data", str(imagenet), "--out", str(tmp_path / "o"),
+            "--subset", "datasets/imagenet_val_5000_robustbench.txt"]  # fmt: skip
+    # The packaged list is found and read: its 5000 paths are not in this tiny folder,
+    # which is refused before the model is loaded (naming the entries, not the file).
+    _one_line_error(capsys, main(argv), "5000 of 5000 subset entries")
+    assert loads == []
+    argv[-1] = "datasets/no_such_subset.txt"
+    _one_line_error(capsys, main(argv), "no_such_subset.txt", "not found")
+    assert loads == []
 
 
 def test_error_lines_carry_no_terminal_codes(imagenet, tmp_path, capsys):

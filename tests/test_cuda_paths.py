@@ -5,7 +5,7 @@ CUDA runtime: ``torch.cuda``'s queries and memory statistics are recorded and sc
 tensors sent to a ``cuda`` device stay on the CPU (and are remembered as "on the GPU"),
 and a simulated allocator raises ``torch.cuda.OutOfMemoryError`` for any single CUDA
 allocation above a budget. The real code of ``advtune.runtime``, ``advtune.bench``,
-``advtune.evaluate``, ``advtune.data`` and ``advtune.distributed`` then runs its CUDA
+``advtune.run``, ``advtune.data`` and ``advtune.run.comm`` then runs its CUDA
 branches; the tests check what it chooses (batch sizes), which calls it makes and in
 which order (synchronize before reading a clock, peak statistics reset before the
 measured loop), and that every collective goes through the gloo control group with CPU

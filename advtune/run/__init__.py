@@ -49,7 +49,6 @@ _EXPORTS = {
     "build_report": "report",
     "compute_metrics": "metrics",
     "dataset_info": "spec",
-    "file_sha256": "spec",
     "format_eps": "report",
     "format_summary": "report",
     "image_size_preprocess": "inputs",

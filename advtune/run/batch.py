@@ -26,9 +26,6 @@ __all__ = ["TARGET_MODES", "BatchOutput", "attack_batch", "attack_kwargs", "row_
 #: ``AttackConfig.targeted`` values besides ``None``.
 TARGET_MODES = ("random", "least-likely")
 
-#: Hyperparameters that set an attack's cost, not its memory (see :func:`attack_kwargs`).
-_COST_PARAMS = ("steps", "restarts", "binary_search_steps")
-
 
 @dataclass
 class BatchOutput:
@@ -55,34 +52,39 @@ def row_is_finite(row: Mapping[str, Any]) -> bool:
 
 
 def attack_kwargs(config: AttackConfig, eps: float | None, *, probe: bool = False) -> dict:
-    """The attack's keyword arguments for one eps.
+    """The attack's keyword arguments for one eps, read from its declared spec.
 
-    ``norm`` is made to agree with ``config.norm``; with ``probe`` the cost
-    hyperparameters are set to one iteration (memory does not grow with the number of
-    steps, restarts or binary-search rounds), for batch-size probing.
+    The threat model the attack uses (``spec.threat``) is made to agree with
+    ``config.norm`` (an attack with a norm hyperparameter gets it set; one fixed to a norm
+    must be that one); ``eps`` goes to the spec's radius parameter. With ``probe`` the
+    cost budgets are at their minimum (``spec.probe_hyperparameters``: memory does not
+    grow with the number of steps, restarts or queries), for batch-size probing.
 
-    This is the one place the run pipeline names attack hyperparameters.
-    # merge: read from attack spec (budget name, cost parameters, threat model)
+    Raises:
+        ValueError: the attack's threat model is not ``config.norm``, or ``eps`` is given
+            to an attack without a radius.
     """
     from advtune import attacks
 
+    spec = attacks.spec(config.attack)
     kwargs = dict(config.params)
-    known = config.attack in attacks.names()
-    spec = attacks.spec(config.attack) if known else None
-    if spec is not None and "norm" in spec.defaults:
+    norm_keys = [p.name for p in spec.params if p.role == "norm"]
+    if norm_keys:
         # The threat model of the saved images and the attack's own must be the same one.
-        if kwargs.get("norm", config.norm) != config.norm:
+        if spec.norm_of(kwargs) != config.norm and norm_keys[0] in kwargs:
             raise ValueError(
-                f"params norm {kwargs['norm']!r} disagrees with config norm {config.norm!r}"
+                f"params {norm_keys[0]} {kwargs[norm_keys[0]]!r} disagrees with config "
+                f"norm {config.norm!r}"
             )
-        kwargs["norm"] = config.norm
-    elif spec is not None and spec.norm != config.norm:
+        kwargs[norm_keys[0]] = config.norm
+    elif spec.norm != config.norm:
         raise ValueError(f"attack {config.attack!r} is {spec.norm}, not {config.norm}")
     if eps is not None:
-        kwargs["eps"] = eps
+        if spec.radius_key is None:
+            raise ValueError(f"attack {config.attack!r} takes no eps, got {eps}")
+        kwargs[spec.radius_key] = eps
     if probe:
-        names = set(kwargs) | (set(spec.defaults) if spec is not None else set())
-        kwargs.update({name: 1 for name in _COST_PARAMS if name in names})
+        kwargs = spec.probe_hyperparameters(kwargs)
     return kwargs
 
 

@@ -245,7 +245,9 @@ class OutputDir:
         self.report_path = self.root / REPORT_NAME
         self.adv_dir = self.root / ADV_DIR
         self.plot_path = self.root / PLOT_NAME
-        self.writer = ManifestWriter(self.manifest_path)
+        # Appends only, even out of order (a resumed torchrun run); the run loop's close()
+        # sorts the file once at the end.
+        self.writer = ManifestWriter(self.manifest_path, keep_sorted=False)
         self.previous_report: dict[str, Any] | None = None
         self._lock_fd: int | None = None
 
@@ -357,7 +359,7 @@ class OutputDir:
                 f"cannot resume: {str(self.manifest_path)!r} lists {len(bad)} file(s) outside "
                 f"{str(self.adv_dir)!r} (e.g. {bad[0]!r}); it was not written by advtune"
             )
-        self.writer = ManifestWriter(self.manifest_path, rows)
+        self.writer = ManifestWriter(self.manifest_path, rows, keep_sorted=False)
         self.previous_report = stored
 
     def _clear(self) -> None:

@@ -39,7 +39,7 @@ def auto_batch_size(
     """The largest batch the run loop can attack at once in free GPU memory.
 
     Probes :func:`~advtune.run.batch.attack_batch` itself — clean forward, the attack
-    reduced to one iteration per eps (``attack_kwargs(..., probe=True)``: memory does not
+    reduced to its cheapest per eps (``attack_kwargs(..., probe=True)``: memory does not
     grow with the step count, but does with the number of eps), 8-bit quantisation and the
     re-check — on random images, doubling then bisecting the batch and backing off on OOM
     (:func:`advtune.runtime.auto_batch_size`, which keeps 90 % of the largest size that

@@ -32,6 +32,7 @@ __all__ = [
     "eps_axis",
     "format_eps",
     "format_summary",
+    "model_info",
     "plot_curve",
     "plural",
     "unwrap_model",
@@ -85,6 +86,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """``report["model"]``: the model's card (``model.card.to_dict()``, through run-time
+    wrappers) plus its ConvBN mode and wrapper; name and class count for a bare module."""
+    inner = unwrap_model(model)
+    card = getattr(model, "card", None)
+    info: dict[str, Any] = (
+        card.to_dict()
+        if card is not None
+        else {
+            "name": getattr(inner, "name", type(inner).__name__),
+            "weights": getattr(inner, "weights", None),
+            "num_classes": getattr(inner, "num_classes", None),
+        }
+    )
+    info["convbn"] = getattr(inner, "convbn", None)
+    info["wrapper"] = type(model).__name__ if inner is not model else None
+    return info
+
+
 def convbn_info(model: nn.Module) -> dict[str, Any] | None:
     try:
         from advtune import convbn_report
@@ -120,7 +140,8 @@ def build_report(
     recorded in ``previous`` (the report of an interrupted run being resumed).
     """
     inner = unwrap_model(model)
-    categories = getattr(inner, "categories", None)
+    card = getattr(model, "card", None)
+    categories = card.categories if card is not None else getattr(inner, "categories", None)
     labeled = bool(getattr(dataset, "labeled", True))
     metrics = compute_metrics(rows, attack, categories=categories) if rows else None
     prev_t = (previous or {}).get("timings") or {}
@@ -154,13 +175,7 @@ def build_report(
         "settings": dict(settings),
         "versions": versions(),
         "device": device_info(device),
-        "model": {
-            "name": getattr(inner, "name", type(inner).__name__),
-            "weights": getattr(inner, "weights", None),
-            "convbn": getattr(inner, "convbn", None),
-            "num_classes": getattr(inner, "num_classes", None),
-            "wrapper": type(model).__name__ if inner is not model else None,
-        },
+        "model": model_info(model),
         "convbn": dict(convbn) if convbn is not None else None,
         "data": {
             **dataset_info(dataset),
@@ -242,6 +257,7 @@ def format_summary(report: Mapping[str, Any]) -> str:
             f"{_pct(entry['robust_accuracy']):>10}  {_pct(entry['success_rate']):>8}  "
             f"{_num(entry['linf_mean']):>9}  {_num(entry['l2_mean']):>8}"
         )
+    lines.extend(_published_lines(model.get("published"), attack["norm"], metrics))
     timings = report.get("timings", {})
     peak = report.get("peak_memory_bytes")
     lines.append(
@@ -252,6 +268,23 @@ def format_summary(report: Mapping[str, Any]) -> str:
     if outputs:
         lines.append("outputs: " + ", ".join(str(v) for v in outputs.values() if v))
     return "\n".join(lines)
+
+
+def _published_lines(
+    published: Mapping[str, Any] | None, norm: str, metrics: Mapping[str, Any]
+) -> list[str]:
+    """ "expected (published) vs measured" for the eps the model card has figures for."""
+    if not published or str(published.get("norm", "")).lower() != norm:
+        return []
+    for entry in metrics.get("per_eps", []):
+        if entry["eps"] is not None and math.isclose(entry["eps"], published["eps"]):
+            return [
+                f"expected (published, {published['attack']} on {published['images']} images) "
+                f"vs measured at eps {format_eps(entry['eps'])}: clean "
+                f"{_pct(published['clean'])} vs {_pct(entry['clean_accuracy'])}, robust "
+                f"{_pct(published['robust'])} vs {_pct(entry['robust_accuracy'])}"
+            ]
+    return []
 
 
 def eps_axis(ax: Any, values: Sequence[float]) -> dict[float, int]:

@@ -54,7 +54,6 @@ from advtune.run.report import (
     device_info,
     plot_curve,
     plural,
-    unwrap_model,
 )
 from advtune.run.spec import RunSpec
 
@@ -235,7 +234,9 @@ def _run_locked(
     remaining = [i for i in range(len(paths)) if paths[i] not in done]
     mine = shard(remaining, comm.rank, comm.world_size)
     writer = (
-        ManifestWriter(out.root / partial_manifest_name(comm.rank, comm.world_size))
+        ManifestWriter(
+            out.root / partial_manifest_name(comm.rank, comm.world_size), keep_sorted=False
+        )
         if comm.is_distributed
         else out.writer
     )
@@ -310,6 +311,11 @@ def _run_locked(
         error = comm_error = e
     except BaseException as e:
         error = e
+    try:
+        with signals.deferred():
+            writer.close()  # sorted on disk again if a batch came out of order
+    except BaseException as e:
+        error = error or e
     failed: set[int] = set()
     if comm_error is None:
         try:
@@ -421,7 +427,7 @@ def _finish_main(
         final["status"] = status = "failed"  # every clean logit non-finite: see _check_finite
     config = spec.attack
     if status == "complete" and spec.want_plot and final["metrics"]:
-        name = getattr(unwrap_model(model), "name", "")
+        name = final["model"].get("name") or ""
         if plot_curve(
             final["metrics"], out.plot_path, title=f"{name} · {config.attack} {config.norm}"
         ):

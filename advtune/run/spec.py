@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,6 @@ __all__ = [
     "AttackConfig",
     "RunSpec",
     "dataset_info",
-    "file_sha256",
     "model_context",
     "sample_seeds",
 ]
@@ -114,20 +112,9 @@ def dataset_info(dataset: Any) -> dict[str, Any]:
     }
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The sha256 hex digest of a file's content, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_context(
     *,
-    name: str,
-    weights: str,
-    weights_used: Any,
+    card: Any,
     convbn: str,
     preprocess: Any,
     amp: str | None = None,
@@ -136,18 +123,19 @@ def model_context(
     """The model part of the resume key (``RunSpec.context``), for the CLI and scripts.
 
     Args:
-        name: the model name as given.
-        weights: ``--weights`` as given: for a checkpoint file its content's sha256 is
-            recorded, so another file at the same path is a different run.
-        weights_used: what the loader reports it loaded (``ImageClassifier.weights``).
+        card: the model's :class:`~advtune.models.ModelCard` (``model.card``): its name,
+            weights, the checkpoint content's sha256 (``card.weights_digest``: another
+            file at the same path is another run) and the seed of random weights.
         convbn: the ConvBN mode.
         preprocess: the dataset transform (its ``repr`` is recorded).
         amp, channels_last: run-time options that change the floats.
     """
-    model: dict[str, Any] = {"name": name, "weights": weights_used, "convbn": convbn}
-    path = Path(str(weights)).expanduser()
-    if path.is_file():
-        model["weights_sha256"] = file_sha256(path)
+    model: dict[str, Any] = {"name": card.name, "weights": card.weights, "convbn": convbn}
+    digest = card.weights_digest
+    if digest is not None:
+        model["weights_sha256"] = digest
+    if card.seed is not None:
+        model["seed"] = card.seed
     return {
         "model": model,
         "preprocess": repr(preprocess),
