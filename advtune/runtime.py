@@ -303,7 +303,7 @@ def _read_cache_file(path: Path) -> dict[str, Any]:
 
 
 def _write_cache_entry(path: Path, text: str, entry: dict[str, Any]) -> None:
-    from advtune.io import atomic_write_text
+    from advtune.storage import atomic_write_text
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Time one manifest batch write against the number of rows already in the file.
 
-For each size (rows on disk), a :class:`advtune.io.ManifestWriter` is filled to that
+For each size (rows on disk), a :class:`advtune.storage.ManifestWriter` is filled to that
 size, then one batch is written, again and again: ``append`` is what a run does per batch
-(:meth:`~advtune.io.ManifestWriter.extend`), ``rewrite`` is a whole-file atomic rewrite
-(:meth:`~advtune.io.ManifestWriter.flush`, what every batch cost before appends). The
+(:meth:`~advtune.storage.ManifestWriter.extend`), ``rewrite`` is a whole-file atomic rewrite
+(:meth:`~advtune.storage.ManifestWriter.flush`, what every batch cost before appends). The
 sizes are interleaved within each repeat, so background load hits them alike; medians
 are printed.
 
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from advtune.io import ManifestWriter
+from advtune.storage import ManifestWriter
 
 
 def _row(index: int) -> dict:

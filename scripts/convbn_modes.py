@@ -31,8 +31,8 @@ from typing import Any
 from advtune.bench import run_bench
 from advtune.convbn import MODES
 from advtune.errors import UserError
-from advtune.io import atomic_write_bytes, atomic_write_text, read_json, write_json
 from advtune.models import REFERENCE_MODELS, random_net
+from advtune.storage import atomic_write_bytes, atomic_write_text, read_json, write_json
 
 FIELDS = ("saved_mib_per_image", "peak_mib_per_image", "images_steps_per_s", "max_batch")
 

@@ -49,8 +49,8 @@ from typing import Any
 import torch
 
 from advtune.errors import UserError
-from advtune.io import atomic_write_text, read_json, write_json
 from advtune.run.comm import parse_device
+from advtune.storage import atomic_write_text, read_json, write_json
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "fp32": {"amp": None, "channels_last": False, "compile": False, "modes": "all"},

@@ -194,7 +194,7 @@ def _weights_for(model: str, text: str) -> str:
 
 def _finished(cell: Path, spec: Any, dataset: Any) -> bool:
     """Whether ``cell`` holds a complete run with the resume key of ``spec``."""
-    from advtune.io import read_json
+    from advtune.storage import read_json
 
     try:
         report = read_json(cell / "report.json")
@@ -283,7 +283,7 @@ def _unset(image: Any) -> Any:
 
 def collect(out: Path, models: Sequence[str], attacks: Sequence[str]) -> list[dict[str, Any]]:
     """One row per (model, attack, eps) from the cells' ``report.json``."""
-    from advtune.io import read_json
+    from advtune.storage import read_json
 
     rows = []
     for model in models:
@@ -321,7 +321,7 @@ def _pct(value: float | None) -> str:
 
 
 def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    from advtune.io import atomic_write_text
+    from advtune.storage import atomic_write_text
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
@@ -372,8 +372,8 @@ def plot(rows: Sequence[dict[str, Any]], folder: Path) -> list[Path]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from advtune.io import atomic_write_bytes
     from advtune.run.report import eps_axis
+    from advtune.storage import atomic_write_bytes
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         out = Path(args.out)
         write_csv(rows, out / "results.csv")
-        from advtune.io import atomic_write_text
+        from advtune.storage import atomic_write_text
 
         table = markdown(rows)
         atomic_write_text(out / "results.md", table)

@@ -21,8 +21,8 @@ from PIL import Image
 
 from advtune.cli import main
 from advtune.data import build_dataset
-from advtune.io import read_manifest
 from advtune.models import DEFAULT_CONVBN, Preprocess, load_model
+from advtune.storage import read_manifest
 
 SIZE = 32
 

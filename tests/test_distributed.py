@@ -20,9 +20,9 @@ from fakes import write_run_inputs
 
 from advtune.cli import STOP_HOOK_ENV, main
 from advtune.errors import UserError
-from advtune.io import format_manifest, read_manifest
 from advtune.run import comm as distributed
 from advtune.run.outputs import consolidate, partial_manifest_name
+from advtune.storage import format_manifest, read_manifest
 
 TORCHRUN_TIMEOUT_S = 240
 

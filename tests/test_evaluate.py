@@ -16,15 +16,6 @@ from fakes import OOMAbove, TensorImages, linear_classifier
 from torch import nn
 
 from advtune.errors import UserError
-from advtune.io import (
-    ManifestWriter,
-    atomic_write_text,
-    format_manifest,
-    merge_manifests,
-    parse_manifest,
-    read_manifest,
-    save_png,
-)
 from advtune.run import (
     AttackConfig,
     RunSpec,
@@ -39,6 +30,15 @@ from advtune.run import (
 )
 from advtune.run import run as run_spec
 from advtune.run.outputs import OutputDir, adv_relpaths, config_differences
+from advtune.storage import (
+    ManifestWriter,
+    atomic_write_text,
+    format_manifest,
+    merge_manifests,
+    parse_manifest,
+    read_manifest,
+    save_png,
+)
 
 SIZE = 8
 CLASSES = 5

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from fakes import load_script
 
-from advtune.io import read_json
+from advtune.storage import read_json
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -20,7 +20,8 @@ from PIL import Image
 
 from advtune.data import build_dataset
 from advtune.errors import UserError
-from advtune.io import (
+from advtune.models import Preprocess
+from advtune.storage import (
     MANIFEST_COLUMNS,
     ManifestWriter,
     TornManifestWarning,
@@ -28,7 +29,6 @@ from advtune.io import (
     parse_manifest,
     read_manifest,
 )
-from advtune.models import Preprocess
 
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -19,8 +19,8 @@ from fakes import write_run_inputs
 from torch import nn
 
 from advtune.cli import STOP_HOOK_ENV, main
-from advtune.io import read_manifest
 from advtune.run import AttackConfig, RunCallbacks, RunSpec, run
+from advtune.storage import read_manifest
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +258,7 @@ def test_resume_refuses_another_checkpoint_at_the_same_path(setup, tmp_path, cap
 
 
 def test_overwrite_and_resume_stay_inside_the_output_folder(setup, tmp_path, capsys):
-    from advtune.io import format_manifest
+    from advtune.storage import format_manifest
 
     data, ckpt = setup
     out = tmp_path / "deep" / "out"

@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from advtune.errors import UserError
-from advtune.io import (
+from advtune.run.batch import BatchOutput
+from advtune.storage import (
     ManifestWriter,
     atomic_write_text,
     format_manifest,
@@ -31,7 +32,6 @@ from advtune.io import (
     save_png,
     write_json,
 )
-from advtune.run.batch import BatchOutput
 
 __all__ = [
     "ADV_DIR",

@@ -334,7 +334,7 @@ def plot_curve(metrics: Mapping[str, Any], path: str | Path, *, title: str = "")
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    from advtune.io import atomic_write_bytes
+    from advtune.storage import atomic_write_bytes
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")

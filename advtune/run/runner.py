@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from advtune.errors import UserError
-from advtune.io import ManifestWriter, atomic_write_text, format_manifest, read_manifest
 from advtune.run import signals
 from advtune.run.batch import BatchOutput
 from advtune.run.callbacks import Progress, RunCallbacks
@@ -56,6 +55,7 @@ from advtune.run.report import (
     plural,
 )
 from advtune.run.spec import RunSpec
+from advtune.storage import ManifestWriter, atomic_write_text, format_manifest, read_manifest
 
 __all__ = ["run"]
 

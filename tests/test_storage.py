@@ -1,4 +1,4 @@
-"""advtune.io: atomic writes and the append-only, crash-safe manifest."""
+"""advtune.storage: atomic writes and the append-only, crash-safe manifest."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import warnings
 
 import pytest
 
-from advtune import io as aio
+from advtune import storage as aio
 from advtune.errors import UserError
-from advtune.io import (
+from advtune.storage import (
     MANIFEST_COLUMNS,
     ManifestWriter,
     TornManifestWarning,
@@ -131,7 +131,7 @@ def test_write_past_file_size_limit_is_an_oserror_not_a_kill(tmp_path):
         import resource, sys
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
         from test_io import rows
-        from advtune.io import ManifestWriter, read_manifest
+        from advtune.storage import ManifestWriter, read_manifest
         w = ManifestWriter({str(tmp_path / "m.csv")!r})
         w.extend(rows(range(3)))
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
