@@ -316,7 +316,7 @@ def _run_conv(
             weight,
             bias,
             conv.stride,
-            conv.padding,
+            conv.padding,  # type: ignore[arg-type]
             conv.output_padding,
             conv.groups,
             conv.dilation,
@@ -439,7 +439,7 @@ def _analyze(model: nn.Module) -> _Analysis:
     seen_bn: set[int] = set()
     used_conv: set[int] = set()
     for prefix, root, node, bn_name in bn_nodes:
-        bn = root.get_submodule(node.target)
+        bn = root.get_submodule(node.target)  # type: ignore[arg-type]
         if id(bn) in seen_bn:
             continue
         seen_bn.add(id(bn))
@@ -477,7 +477,7 @@ def _check_pair(prefix, root, node, bn, calls, used_conv) -> tuple[str, str, nn.
         name = getattr(what, "__name__", what)
         return f"input is not a conv output (comes from {name})", "", None
     conv = root.get_submodule(src.target)
-    conv_name = _join(prefix, src.target)
+    conv_name = _join(prefix, src.target)  # type: ignore[arg-type]
     if not _supported_conv(conv):
         return f"input comes from {conv_name} ({type(conv).__name__}), not a conv", "", None
     if calls[id(conv)] != 1:
@@ -578,10 +578,10 @@ def _apply_deploy(model: nn.Module, pairs: list[FoldedPair]) -> None:
     for pair in pairs:
         conv = model.get_submodule(pair.conv)
         bn = model.get_submodule(pair.bn)
-        weight, bias = fold_conv_bn(conv, bn)
+        weight, bias = fold_conv_bn(conv, bn)  # type: ignore[arg-type]
         dtype = conv.weight.dtype
-        conv.weight = nn.Parameter(weight.to(dtype), requires_grad=conv.weight.requires_grad)
-        conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)
+        conv.weight = nn.Parameter(weight.to(dtype), requires_grad=conv.weight.requires_grad)  # type: ignore[arg-type]
+        conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)  # type: ignore[arg-type]
         if _is_norm_act(bn):
             replacement: nn.Module = DeployedBatchNormAct(pair.conv, bn.drop, bn.act)  # type: ignore[arg-type]
         else:

@@ -151,7 +151,7 @@ def prepare(
     if amp is not None or channels_last:
         model = AmpModel(model, amp=amp, channels_last=channels_last)
     if compile:
-        model = torch.compile(model, **dict(compile_options or {}))
+        model = torch.compile(model, **dict(compile_options or {}))  # type: ignore[assignment]
     return model
 
 
@@ -389,7 +389,7 @@ def auto_batch_size(
         if answer is None and path is not None:
             entry = _read_cache_file(path).get(text)
             answer = _entry_answer(entry, limit)
-            if answer is not None:
+            if answer is not None and entry is not None:
                 _AUTO_CACHE[text] = entry
         if answer is not None:
             log.debug("batch size %d from the cache", answer)
@@ -462,7 +462,7 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch[start:stop]
     if isinstance(batch, Mapping):
-        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})
+        return type(batch)({k: _slice(v, start, stop) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
         return type(batch)(_slice(v, start, stop) for v in batch)
     return batch  # non-tensor values (hyperparameters) are passed to every chunk
@@ -486,7 +486,7 @@ def concat_results(parts: list[Any]) -> Any:
         }
         return type(first)(**values)
     if isinstance(first, Mapping):
-        return type(first)({k: concat_results([p[k] for p in parts]) for k in first})
+        return type(first)({k: concat_results([p[k] for p in parts]) for k in first})  # type: ignore[call-arg]
     if isinstance(first, (tuple, list)):
         return type(first)(concat_results(list(items)) for items in zip(*parts))
     if isinstance(first, (int, float)) and not isinstance(first, bool):
@@ -512,7 +512,7 @@ def trim_results(value: Any, n: int) -> Any:
             },
         )
     if isinstance(value, Mapping):
-        return type(value)({k: trim_results(v, n) for k, v in value.items()})
+        return type(value)({k: trim_results(v, n) for k, v in value.items()})  # type: ignore[call-arg]
     if isinstance(value, (tuple, list)):
         return type(value)(trim_results(v, n) for v in value)
     return value
@@ -524,7 +524,7 @@ def _pad(batch: Any, size: int) -> Any:
         fill = size - batch.shape[0]
         return torch.cat([batch, batch[-1:].expand(fill, *batch.shape[1:])]) if fill else batch
     if isinstance(batch, Mapping):
-        return type(batch)({k: _pad(v, size) for k, v in batch.items()})
+        return type(batch)({k: _pad(v, size) for k, v in batch.items()})  # type: ignore[call-arg]
     if isinstance(batch, (tuple, list)):
         return type(batch)(_pad(v, size) for v in batch)
     return batch

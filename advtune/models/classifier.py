@@ -84,7 +84,9 @@ class ImageClassifier(nn.Module):
         self.card = card
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net((x - self.mean) / self.std)
+        mean: torch.Tensor = self.mean  # type: ignore[assignment]  # registered buffers
+        std: torch.Tensor = self.std  # type: ignore[assignment]
+        return self.net((x - mean) / std)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         super()._apply(fn, recurse)

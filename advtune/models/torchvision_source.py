@@ -166,7 +166,7 @@ def _download_build(name: str, member: Any, *, progress: bool) -> nn.Module:
 
 
 def _drop_aux(net: nn.Module) -> None:
-    net.aux_logits = False
+    net.aux_logits = False  # type: ignore[assignment]  # a plain bool attribute
     for attr in ("AuxLogits", "aux1", "aux2"):
         if hasattr(net, attr):
             setattr(net, attr, None)
