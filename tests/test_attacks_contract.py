@@ -53,6 +53,8 @@ def kwargs_for(name: str, extra: dict | None = None) -> dict:
         kw["eps"] = EPS[spec.norm_of(extra)]
     if "steps" in spec.defaults:
         kw["steps"] = 5
+    if "queries" in spec.defaults:
+        kw["queries"] = 30
     if "binary_search_steps" in spec.defaults:
         kw["binary_search_steps"] = 3
     if "lr" in spec.defaults:

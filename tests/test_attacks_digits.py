@@ -67,6 +67,10 @@ def test_eval_and_tune_agree(digits, name):
     kw: dict = {"eps": EPS if spec.norm == "linf" else 0.5} if spec.uses_eps else {}
     if name == "cw_l2":
         kw |= {"steps": 30, "binary_search_steps": 3}
+    if "queries" in spec.defaults:  # score-based attacks: a short budget keeps this fast
+        kw["queries"] = 50
+    if name == "fab":
+        kw["steps"] = 10
     ref = attacks.get(name)(ref_model, xs, ys, seeds=seeds, **kw)
     res = attacks.get(name)(tuned, xs, ys, seeds=seeds, **kw)
     assert torch.equal(res.success, ref.success)

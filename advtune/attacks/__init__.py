@@ -15,9 +15,11 @@ from advtune.attacks._random import random_target
 from advtune.attacks._registry import AttackSpec, get, names, register, spec
 from advtune.attacks._result import AttackResult, least_likely_target
 from advtune.attacks.cw import cw_l2
+from advtune.attacks.fab import fab
 from advtune.attacks.fgsm import fgsm
 from advtune.attacks.mifgsm import mifgsm
 from advtune.attacks.pgd import pgd
+from advtune.attacks.square import square
 from advtune.attacks.torchattacks_adapter import (
     MissingDependencyError,
     TorchattacksAttack,
@@ -30,6 +32,7 @@ __all__ = [
     "MissingDependencyError",
     "TorchattacksAttack",
     "cw_l2",
+    "fab",
     "fgsm",
     "get",
     "least_likely_target",
@@ -39,5 +42,6 @@ __all__ = [
     "random_target",
     "register",
     "spec",
+    "square",
     "torchattacks",
 ]
