@@ -207,7 +207,16 @@ def _unit_l2(delta: torch.Tensor) -> torch.Tensor:
 class _Search:
     """The random search for one set of hyperparameters (all tensors in the work dtype)."""
 
-    def __init__(self, guard, model_dtype, norm, eps, objective, y, target) -> None:
+    def __init__(
+        self,
+        guard: ModelGuard,
+        model_dtype: torch.dtype,
+        norm: str,
+        eps: float,
+        objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        y: torch.Tensor,
+        target: torch.Tensor | None,
+    ) -> None:
         self.guard, self.model_dtype, self.norm, self.eps = guard, model_dtype, norm, eps
         self.objective, self.y, self.target = objective, y, target
 
