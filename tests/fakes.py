@@ -145,6 +145,23 @@ def linear_classifier(
     return net
 
 
+class CountingModel(nn.Module):
+    """Wraps a model and counts its forward calls and the images each one saw (to check
+    an attack's ``model_calls`` and per-sample query budgets)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net, self.sizes = net, []
+
+    @property
+    def calls(self) -> int:
+        return len(self.sizes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.append(x.shape[0])
+        return self.net(x)
+
+
 class OOMAbove:
     """Wraps ``attack_batch``: a simulated ``torch.OutOfMemoryError`` for calls of more
     images than the current limit; ``limits[k]`` is the limit after k successful calls."""

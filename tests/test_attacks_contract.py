@@ -34,6 +34,8 @@ VARIANTS = {
         {"loss": "margin", "restarts": 2, "early_stop": True},
         {"norm": "l2", "random_start": False, "early_stop": True},
     ],
+    "fab": [{"norm": "l2"}, {"targeted": False}],
+    "square": [{"norm": "l2"}, {"loss": "ce", "rescale_schedule": True}],
 }
 # torchattacks classes run through the adapter (registered on first lookup).
 EXTERNAL = (

@@ -20,10 +20,12 @@ from advtune.attacks.apgd import apgd, apgd_t
 from advtune.attacks.autoattack import EnsembleResult, autoattack
 from advtune.attacks.cw import cw_l2
 from advtune.attacks.ddn import ddn
+from advtune.attacks.fab import fab
 from advtune.attacks.fgsm import fgsm
 from advtune.attacks.fmn import fmn
 from advtune.attacks.mifgsm import mifgsm
 from advtune.attacks.pgd import pgd
+from advtune.attacks.square import square
 from advtune.attacks.threat import L2, Linf, ThreatModel, threat_model, threat_names
 from advtune.attacks.torchattacks_adapter import (
     MissingDependencyError,
@@ -47,6 +49,7 @@ __all__ = [
     "autoattack",
     "cw_l2",
     "ddn",
+    "fab",
     "fgsm",
     "fmn",
     "get",
@@ -57,6 +60,7 @@ __all__ = [
     "random_target",
     "register",
     "spec",
+    "square",
     "threat_model",
     "threat_names",
     "torchattacks",

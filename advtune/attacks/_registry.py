@@ -261,9 +261,13 @@ def _derive(p: inspect.Parameter) -> Param:
         kind = str
     else:
         kind = object
-    if conv.get("role") == "budget" and kind is not int:
+    if default is None and conv.get("role") == "budget":
+        # An optional budget override (None: the attack's own default, as in autoattack):
+        # still a budget, so fast tests and batch-size probing shrink it too.
+        kind = int
+    elif conv.get("role") == "budget" and kind is not int:
         conv = {}
-    if "cheap" in conv and default is not REQUIRED:
+    if "cheap" in conv and default not in (REQUIRED, None):
         conv["cheap"] = min(conv["cheap"], default)
     if "choices" in conv and default not in conv["choices"]:
         conv.pop("choices")
