@@ -130,7 +130,7 @@ def test_write_past_file_size_limit_is_an_oserror_not_a_kill(tmp_path):
         f"""
         import resource, sys
         sys.path.insert(0, {str(os.path.dirname(__file__))!r})
-        from test_io import rows
+        from test_storage import rows
         from advtune.storage import ManifestWriter, read_manifest
         w = ManifestWriter({str(tmp_path / "m.csv")!r})
         w.extend(rows(range(3)))

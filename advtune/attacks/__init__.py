@@ -12,6 +12,9 @@ modes you give and restore every flag they touch). See ``docs/attacks.md``.
 >>> res.success.float().mean()  # doctest: +SKIP
 """
 
+import importlib
+import pkgutil
+
 from advtune.attacks._loop import with_restarts
 from advtune.attacks._random import random_target
 from advtune.attacks._registry import REQUIRED, AttackSpec, Param, get, names, register, spec
@@ -66,3 +69,10 @@ __all__ = [
     "torchattacks",
     "with_restarts",
 ]
+
+# Each public module of this package registers its attacks when imported. Importing them
+# all here means a new attack is one file with one ``@register``: the registry, the CLI,
+# presets, batch-size probing, bench and the contract suite find it with no other edit.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
