@@ -23,7 +23,8 @@ mode and then calls :func:`freeze`, which
   weight (weight standardisation) save masks and weights instead of activations too.
 
 Everything else (smooth activations, LayerNorm, attention, elementwise products)
-runs unchanged. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
+runs unchanged, unless ``recompute=True``: then each residual block of a known type
+(:data:`RECOMPUTE_BLOCKS`) keeps only its input and runs again in backward. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
 float64; the tests check every torchvision classification model that fits in RAM).
 """
 
@@ -406,6 +407,7 @@ class _Recompute(torch.autograd.Function):
         return block._advtune_plain_forward(x)  # grad mode is off inside forward
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, never wrong
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (x,) = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast

@@ -175,3 +175,12 @@ def test_recompute_redoes_autocast_in_backward():
     assert grad.abs().max() > 0
     # The MLP's first linear ran twice (forward, recomputation), both times in bf16.
     assert dtypes == [torch.bfloat16, torch.bfloat16]
+
+
+def test_double_backward_raises_rather_than_returning_zero():
+    frozen = advtune.tune(_build("vit"), "frozen", recompute=True)
+    block = frozen.encoder.layers[0]
+    x = torch.rand(2, 17, 16, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), x)
