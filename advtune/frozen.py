@@ -394,7 +394,7 @@ class _Recompute(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, block: nn.Module) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: torch.Tensor, block: _RecomputeMixin) -> torch.Tensor:  # type: ignore[override]
         ctx.block = block
         device = x.device.type
         # Backward runs outside the caller's autocast region: record it to redo it.
@@ -444,7 +444,8 @@ class _RecomputeMixin:
         return _Recompute.apply(args[0], self)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        return (_restore_swapped, (_RecomputeMixin, _native_class(self)), self.__dict__)
+        native = _native_class(self)  # type: ignore[arg-type]
+        return (_restore_swapped, (_RecomputeMixin, native), self.__dict__)
 
 
 _SWAPPED_CLASSES: dict[tuple[type, type], type] = {}
