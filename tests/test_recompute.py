@@ -184,3 +184,17 @@ def test_double_backward_raises_rather_than_returning_zero():
     (g,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(g.sum(), x)
+
+
+@pytest.mark.parametrize("name", ["test_vit", "test_convnext", "test_efficientnet"])
+def test_timm_blocks_recompute_equal_eval(name):
+    pytest.importorskip("timm")
+    model = random_net(f"timm:{name}", seed=0, size=64, batch=4, dtype=torch.float64)
+    x = torch.rand(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    ref_out, ref_grad = output_and_grad(model.requires_grad_(False), x)
+    frozen = advtune.tune(model, "frozen", recompute=True)
+    assert freeze_report(frozen).recomputed
+    out, grad = output_and_grad(frozen, x)
+    assert ref_grad.abs().max() > 0
+    assert rel_error(out, ref_out) <= 1e-10
+    assert rel_error(grad, ref_grad) <= 1e-10
