@@ -64,6 +64,7 @@ from advtune.runtime import amp_dtype, find_max_batch, is_oom_error, prepare
 
 __all__ = [
     "ATTACKS",
+    "BENCH_MODES",
     "BenchResult",
     "ModeResult",
     "build_model",
@@ -87,6 +88,9 @@ _BUILD_KWARGS: dict[str, dict[str, Any]] = {
     "googlenet": {"aux_logits": False, "init_weights": True},
     "inception_v3": {"aux_logits": False, "init_weights": True},
 }
+_RECOMPUTE = "frozen+recompute"
+# The ConvBN modes plus frozen with selective recomputation (advtune.frozen.freeze).
+BENCH_MODES: tuple[str, ...] = (*MODES, _RECOMPUTE)
 _MIN_SIZE = {"inception_v3": 75}
 
 
@@ -425,7 +429,7 @@ class BenchResult:
             return f"{'n/a':>{width}s}" if v is None else format(v, spec)
 
         head = (
-            f"{'mode':8s} {'saved MiB/img':>14s} {'x eval':>7s} {'step peak':>10s} "
+            f"{'mode':16s} {'saved MiB/img':>14s} {'x eval':>7s} {'step peak':>10s} "
             f"{'floor':>7s} {'x floor':>8s} {'loop peak':>10s} {'img*steps/s':>12s} "
             f"{'x eval':>7s} {'max batch':>10s}"
         )
@@ -450,10 +454,10 @@ class BenchResult:
         for r in self.rows:
             rr = ratios[r.mode]
             if r.error:
-                lines.append(f"{r.mode:8s} failed: {r.error}")
+                lines.append(f"{r.mode:16s} failed: {r.error}")
                 continue
             lines.append(
-                f"{r.mode:8s} {fmt(r.saved_mib_per_image, '14.2f')} "
+                f"{r.mode:16s} {fmt(r.saved_mib_per_image, '14.2f')} "
                 f"{fmt(rr['saved_mib_per_image'], '7.3f')} "
                 f"{fmt(r.step_peak_mib_per_image, '10.2f')} "
                 f"{fmt(r.floor_mib_per_image, '7.2f')} {fmt(r.peak_over_floor, '8.3f')} "
@@ -519,6 +523,7 @@ def run_bench(
     max_batch_limit: int = 16384,
     seed: int = 0,
     model_factory: Callable[[], nn.Module] | None = None,
+    recompute: bool = False,
 ) -> BenchResult:
     """Measure every mode of ``modes`` (see the module docs for the figures).
 
@@ -539,15 +544,21 @@ def run_bench(
             probe (under ``compile`` each probed size would compile again).
         seed: Seed for weights and images.
         model_factory: Builds the eval-mode model instead of :func:`build_model`.
+        recompute: Measure ``"frozen"`` with selective recomputation
+            (``tune(model, "frozen", recompute=True)``); the row is named
+            ``"frozen+recompute"``. That name may also be given in ``modes`` directly, next
+            to ``"frozen"``, to time both in the same interleaved runs.
 
     Raises:
         UserError: Unknown model, mode, attack or device; bad sizes.
     """
     if attack not in ATTACKS:
         raise UserError(suggest(attack, ATTACKS, what="bench attack"))
-    bad = [m for m in modes if m not in MODES]
+    if recompute:
+        modes = [_RECOMPUTE if m == "frozen" else m for m in modes]
+    bad = [m for m in modes if m not in BENCH_MODES]
     if bad or not modes:
-        raise UserError(f"--modes must be a comma list of {', '.join(MODES)}; got {modes!r}")
+        raise UserError(f"--modes must be a comma list of {', '.join(BENCH_MODES)}; got {modes!r}")
     try:
         amp_dtype(amp)
     except ValueError as exc:
@@ -575,7 +586,9 @@ def run_bench(
         with _OOMGuard(row, dev):
             # Parameters frozen in every mode, as the attacks run them (ModelGuard):
             # autograd then skips what only weight gradients need where PyTorch can.
-            converted = tune(base, row.mode).to(dev).requires_grad_(False)
+            mode, _, extra = row.mode.partition("+")
+            converted = tune(base, mode, recompute=bool(extra))  # type: ignore[arg-type]
+            converted = converted.to(dev).requires_grad_(False)
             eager = prepare(converted, channels_last=channels_last, amp=amp)
             row.saved_mib_per_image = (
                 saved_bytes_per_image(eager, size=size, batches=saved_batches, device=dev) / MIB
@@ -684,6 +697,12 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--amp", choices=("bf16", "fp16"), default=None)
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--recompute",
+        action="store_true",
+        help="measure frozen with selective recomputation (row frozen+recompute); the "
+        "mode frozen+recompute may also be listed in --modes next to frozen",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed PGD steps (0: skip)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     for flag, default, what in (
@@ -736,6 +755,7 @@ def _cli_main(args: argparse.Namespace) -> int:
         peak_batches=None if args.no_peak else args.peak_batches,
         repeats=args.repeats,
         max_batch_limit=args.max_batch_limit,
+        recompute=args.recompute,
     )
     sys.stdout.write(result.table() + "\n")
     if args.json is not None:

@@ -516,7 +516,9 @@ def _modules_by_id(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return places
 
 
-def tune(model: nn.Module, mode: Mode = "tune", *, inplace: bool = False) -> nn.Module:
+def tune(
+    model: nn.Module, mode: Mode = "tune", *, inplace: bool = False, recompute: bool = False
+) -> nn.Module:
     """Convert every foldable Conv→BatchNorm block of ``model`` to the given ConvBN mode.
 
     Args:
@@ -524,15 +526,20 @@ def tune(model: nn.Module, mode: Mode = "tune", *, inplace: bool = False) -> nn.
             ``inplace=True``.
         mode: ``"eval"``, ``"tune"``, ``"deploy"`` or ``"frozen"`` (see module docs).
         inplace: Convert ``model`` itself instead of a deep copy.
+        recompute: ``"frozen"`` only: residual blocks keep only their input and run
+            again in backward (see :func:`advtune.frozen.freeze`).
 
     Returns:
         The converted model. :func:`convbn_report` says what was folded and skipped.
 
     Raises:
-        ValueError: Unknown ``mode``, or ``model`` was already converted.
+        ValueError: Unknown ``mode``, ``recompute`` outside frozen mode, or ``model`` was
+            already converted.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    if recompute and mode != "frozen":
+        raise ValueError(f"recompute=True needs mode='frozen', got mode={mode!r}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     previous = getattr(model, _REPORT_ATTR, None)
@@ -553,7 +560,7 @@ def tune(model: nn.Module, mode: Mode = "tune", *, inplace: bool = False) -> nn.
     if mode == "frozen":
         from advtune.frozen import freeze  # frozen builds on this module
 
-        freeze(model)
+        freeze(model, recompute=recompute)
     if mode != "eval":  # "eval" leaves the model exactly as it was
         model.__dict__[_REPORT_ATTR] = report
     return model

@@ -23,7 +23,8 @@ mode and then calls :func:`freeze`, which
   weight (weight standardisation) save masks and weights instead of activations too.
 
 Everything else (smooth activations, LayerNorm, attention, elementwise products)
-runs unchanged. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
+runs unchanged, unless ``recompute=True``: then each residual block of a known type
+(:data:`RECOMPUTE_BLOCKS`) keeps only its input and runs again in backward. Outputs and input gradients equal Eval mode's (≤1e-10 relative in
 float64; the tests check every torchvision classification model that fits in RAM).
 """
 
@@ -43,7 +44,7 @@ from torch import nn
 from advtune import lean
 from advtune.lean import LEAN_TYPES, FrozenParameterError
 
-__all__ = ["FreezeReport", "freeze", "freeze_report", "is_frozen"]
+__all__ = ["RECOMPUTE_BLOCKS", "FreezeReport", "freeze", "freeze_report", "is_frozen"]
 
 _REPORT_ATTR = "_advtune_freeze_report"
 
@@ -59,11 +60,14 @@ class FreezeReport:
         rewritten: ``{module path: names of the functional calls}`` of modules whose own
             ``forward`` calls ``F.relu``, ``F.max_pool2d``, ... and now calls the lean
             functions instead.
+        recomputed: paths of the residual blocks that keep only their input and run again
+            in backward (``freeze(..., recompute=True)``).
     """
 
     converted: dict[str, str] = field(default_factory=dict)
     native: list[tuple[str, str]] = field(default_factory=list)
     rewritten: dict[str, list[str]] = field(default_factory=dict)
+    recomputed: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         """Number of converted layers per lean class."""
@@ -75,6 +79,7 @@ class FreezeReport:
             "converted": dict(self.converted),
             "native": [list(n) for n in self.native],
             "rewritten": {k: list(v) for k, v in self.rewritten.items()},
+            "recomputed": list(self.recomputed),
         }
 
     def __str__(self) -> str:
@@ -84,6 +89,8 @@ class FreezeReport:
             calls = Counter(c for names in self.rewritten.values() for c in names)
             text = ", ".join(f"{n} {c}" for c, n in sorted(calls.items()))
             lines.append(f"  {len(self.rewritten)} modules with lean functional calls ({text})")
+        if self.recomputed:
+            lines.append(f"  {len(self.recomputed)} blocks recomputed in backward")
         lines += [f"  native   {path or '<root>'} ({cls})" for path, cls in self.native]
         return "\n".join(lines)
 
@@ -341,38 +348,137 @@ class _LeanForwardMixin:
         # The class is made at run time and the forward is generated code: pickle (and
         # deepcopy) the native class and state; the forward is generated again on load.
         state = {k: v for k, v in self.__dict__.items() if k != "_advtune_forward"}
-        return (_restore_lean_forward, (_native_class(self),), state)
+        return (_restore_swapped, (_LeanForwardMixin, _native_class(self)), state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
         _install_lean_forward(self)  # type: ignore[arg-type]
 
 
-_LEAN_FORWARD_CLASSES: dict[type, type] = {}
+# --------------------------------------------------------------------------- recomputation
+
+# Residual blocks whose forward takes one tensor and returns one, by ``module.qualname``
+# of their exact class (no import of torchvision or timm needed to match them).
+RECOMPUTE_BLOCKS: frozenset[str] = frozenset(
+    {
+        "torchvision.models.vision_transformer.EncoderBlock",
+        "torchvision.models.swin_transformer.SwinTransformerBlock",
+        "torchvision.models.swin_transformer.SwinTransformerBlockV2",
+        "torchvision.models.convnext.CNBlock",
+        "torchvision.models.efficientnet.MBConv",
+        "torchvision.models.efficientnet.FusedMBConv",
+        "torchvision.models.mobilenetv2.InvertedResidual",
+        "torchvision.models.mobilenetv3.InvertedResidual",
+        "torchvision.models.regnet.ResBottleneckBlock",
+        "timm.models.vision_transformer.Block",
+        "timm.models.convnext.ConvNeXtBlock",
+        "timm.models._efficientnet_blocks.InvertedResidual",
+        "timm.models._efficientnet_blocks.DepthwiseSeparableConv",
+    }
+)
+
+
+def _recomputable(module: nn.Module) -> bool:
+    cls = type(module)  # exact class: a subclass may change forward's signature
+    return f"{cls.__module__}.{cls.__qualname__}" in RECOMPUTE_BLOCKS
+
+
+class _Recompute(torch.autograd.Function):
+    """``block(x)`` that saves only ``x`` and runs the block again in backward.
+
+    A custom Function rather than ``torch.utils.checkpoint``: the reentrant checkpoint
+    refuses ``torch.autograd.grad`` (which the attacks call), and the non-reentrant one
+    keeps ``x`` alive outside autograd's saved tensors, where ``saved_tensors_hooks``
+    (and so ``advtune bench``) cannot see it. Weight gradients are never needed: the
+    block's parameters do not require grad (checked by the caller).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, block: _RecomputeMixin) -> torch.Tensor:  # type: ignore[override]
+        ctx.block = block
+        device = x.device.type
+        # Backward runs outside the caller's autocast region: record it to redo it.
+        ctx.autocast = (
+            device,
+            torch.is_autocast_enabled(device),
+            torch.get_autocast_dtype(device),
+        )
+        ctx.save_for_backward(x)
+        return block._advtune_plain_forward(x)  # grad mode is off inside forward
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # double backward raises, never wrong
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            inner = x.detach().requires_grad_(True)
+            out = ctx.block._advtune_plain_forward(inner)
+        (gx,) = torch.autograd.grad(out, inner, grad)
+        return gx, None
+
+
+class _RecomputeMixin:
+    """Eval-mode gradient calls keep only the block's input and recompute it in backward.
+
+    Train mode, ``torch.no_grad()``, an input that does not require grad, any other call
+    signature or a parameter that requires grad all run the block's own ``forward``.
+    """
+
+    _advtune_kind = "recompute"
+
+    def _advtune_plain_forward(self, x: torch.Tensor) -> Any:
+        return super().forward(x)  # type: ignore[misc]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if (
+            self.training  # type: ignore[attr-defined]
+            or kwargs
+            or len(args) != 1
+            or not isinstance(args[0], torch.Tensor)
+            or not args[0].requires_grad
+            or not torch.is_grad_enabled()
+            or any(p.requires_grad for p in self.parameters())  # type: ignore[attr-defined]
+        ):
+            return super().forward(*args, **kwargs)  # type: ignore[misc]
+        return _Recompute.apply(args[0], self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        native = _native_class(self)  # type: ignore[arg-type]
+        return (_restore_swapped, (_RecomputeMixin, native), self.__dict__)
+
+
+_SWAPPED_CLASSES: dict[tuple[type, type], type] = {}
 
 
 def _native_class(module: nn.Module) -> type:
     cls = type(module)
-    return cls.__bases__[1] if issubclass(cls, _LeanForwardMixin) else cls
+    return cls.__bases__[1] if issubclass(cls, (_LeanForwardMixin, _RecomputeMixin)) else cls
 
 
-def _lean_forward_class(base: type) -> type:
-    cls = _LEAN_FORWARD_CLASSES.get(base)
+def _swapped_class(mixin: type, base: type) -> type:
+    """``class (mixin, base)``, made once per pair; ``repr()`` keeps the base's name."""
+    cls = _SWAPPED_CLASSES.get((mixin, base))
     if cls is None:
+        tag = mixin._advtune_kind  # type: ignore[attr-defined]
         cls = type(
-            base.__name__,  # repr() stays familiar
-            (_LeanForwardMixin, base),
-            {"__module__": base.__module__, "__qualname__": f"{base.__qualname__}<lean forward>"},
+            base.__name__,
+            (mixin, base),
+            {"__module__": base.__module__, "__qualname__": f"{base.__qualname__}<{tag}>"},
         )
-        _LEAN_FORWARD_CLASSES[base] = cls
+        _SWAPPED_CLASSES[(mixin, base)] = cls
     return cls
 
 
-def _restore_lean_forward(base: type) -> nn.Module:
-    return object.__new__(_lean_forward_class(base))
+def _lean_forward_class(base: type) -> type:
+    return _swapped_class(_LeanForwardMixin, base)
 
 
-def freeze(model: nn.Module, *, functional: bool = True) -> FreezeReport:
+def _restore_swapped(mixin: type, base: type) -> nn.Module:
+    return object.__new__(_swapped_class(mixin, base))
+
+
+def freeze(model: nn.Module, *, functional: bool = True, recompute: bool = False) -> FreezeReport:
     """Convert ``model`` in place to lean layers that save only what input gradients need.
 
     Usually reached through ``advtune.tune(model, "frozen")`` (which folds BatchNorm
@@ -386,6 +492,15 @@ def freeze(model: nn.Module, *, functional: bool = True) -> FreezeReport:
             traced with ``torch.fx`` (its submodules stay calls) and gets a generated
             ``forward`` calling the lean functions, used in eval mode (see
             ``_LeanForwardMixin``). Modules that cannot be traced keep their code.
+        recompute: Selective recomputation for modern architectures: each residual block
+            of a known type (:data:`RECOMPUTE_BLOCKS`: torchvision's ViT, Swin, ConvNeXt,
+            EfficientNet, MobileNet and RegNet blocks, timm's ViT, ConvNeXt and
+            EfficientNet blocks) keeps only its input ``(N, ...)`` for backward and runs
+            its forward again there (its lean layers apply both times). Far fewer bytes
+            saved per image (LayerNorm inputs, GELU/SiLU inputs and attention matrices
+            are no longer kept) for about one more forward of those blocks per gradient
+            step; results are unchanged. Forward hooks inside the blocks fire again
+            during backward. Off by default because it costs time.
 
     Returns:
         A :class:`FreezeReport`; :func:`freeze_report` returns it again later.
@@ -418,6 +533,11 @@ def freeze(model: nn.Module, *, functional: bool = True) -> FreezeReport:
                     module.__class__ = _lean_forward_class(type(module))
                     module.__dict__["_advtune_name"] = name
                     report.rewritten[name] = calls
+    if recompute:
+        for name, module in model.named_modules():
+            if _recomputable(module):
+                module.__class__ = _swapped_class(_RecomputeMixin, type(module))
+                report.recomputed.append(name)
     model.requires_grad_(False)
     previous = model.__dict__.get(_REPORT_ATTR)
     if previous is None:
@@ -425,7 +545,8 @@ def freeze(model: nn.Module, *, functional: bool = True) -> FreezeReport:
     else:  # a second call: keep the first hook and merge the record
         previous.converted.update(report.converted)
         previous.rewritten.update(report.rewritten)
-        report = FreezeReport(previous.converted, report.native, previous.rewritten)
+        recomputed = previous.recomputed + report.recomputed
+        report = FreezeReport(previous.converted, report.native, previous.rewritten, recomputed)
     model.__dict__[_REPORT_ATTR] = report
     return report
 

@@ -140,6 +140,34 @@ def test_bench_cli_writes_json(tmp_path, capsys):
     assert 0 < frozen < 0.1
 
 
+def test_bench_cli_recompute_row(tmp_path, capsys):
+    out = tmp_path / "effnet.json"
+    argv = ["bench", "--model", "efficientnet_b0", "--size", "32", "--steps", "0", "--no-peak"]
+    argv += ["--device", "cpu", "--modes", "eval,frozen", "--recompute", "--json", str(out)]
+    argv += ["--saved-batches", "1,2"]
+    assert cli.main(argv) == 0
+    assert "frozen+recompute" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["mode"] for r in data["rows"]] == ["eval", "frozen+recompute"]
+    assert 0 < data["ratios_vs_eval"]["frozen+recompute"]["saved_mib_per_image"] < 0.25
+
+
+def test_bench_times_frozen_and_recompute_interleaved():
+    result = run_bench(
+        "tiny",
+        modes=("frozen", "frozen+recompute"),
+        size=16,
+        steps=1,
+        batch_size=2,
+        device="cpu",
+        peak_batches=None,
+        repeats=2,
+        model_factory=_tiny_model,
+    )
+    assert [r.mode for r in result.rows] == ["frozen", "frozen+recompute"]
+    assert all(len(r.images_steps_per_s_runs) == 2 for r in result.rows)
+
+
 def test_bench_user_errors(capsys):
     with pytest.raises(UserError, match="resnt50"):
         run_bench("resnt50", device="cpu")
