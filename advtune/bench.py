@@ -32,7 +32,7 @@ channels_last, compile):
 ``max batch`` (CUDA only)
     The largest batch whose PGD step fits in GPU memory (:func:`advtune.runtime.find_max_batch`).
 
-Models are torchvision architectures with random weights (``weights=None``) and BN
+Models are built by :func:`advtune.models.random_net`: seeded random weights and BN
 statistics calibrated by a few train-mode forwards on random images: a benchmark measures
 cost, not accuracy, and must not need downloads.
 """
@@ -53,9 +53,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from advtune import attacks
 from advtune.convbn import MODES, tune
@@ -83,11 +81,6 @@ MIB = 2**20
 #: Attacks the benchmark times: registered name -> number of gradient steps (None: ``--steps``).
 ATTACKS: dict[str, int | None] = {"pgd": None, "fgsm": 1}
 _EPS = 4 / 255
-# torchvision builders that need arguments to build with random weights at any size.
-_BUILD_KWARGS: dict[str, dict[str, Any]] = {
-    "googlenet": {"aux_logits": False, "init_weights": True},
-    "inception_v3": {"aux_logits": False, "init_weights": True},
-}
 _RECOMPUTE = "frozen+recompute"
 # The ConvBN modes plus frozen with selective recomputation (advtune.frozen.freeze).
 BENCH_MODES: tuple[str, ...] = (*MODES, _RECOMPUTE)
@@ -98,35 +91,23 @@ _MIN_SIZE = {"inception_v3": 75}
 
 
 def build_model(name: str, *, size: int = 224, seed: int = 0, calib_batch: int = 4) -> nn.Module:
-    """A torchvision classifier with random weights and calibrated BN statistics (eval mode).
+    """A classifier with seeded random weights and calibrated BN statistics (eval mode).
 
-    The global RNG is restored afterwards (torchvision's initialisers draw from it).
+    The project's one random-weights builder, :func:`advtune.models.random_net` (any model
+    name it knows: torchvision, ``timm:``, ``robustbench:``); the global RNG is untouched.
 
     Args:
-        name: A torchvision classification model name (``resnet50``...).
-        size: Side of the random calibration images.
+        name: A model name (``resnet50``, ``timm:convnext_tiny``...).
+        size: Side of the calibration images.
         seed: Seed for the weights and calibration images.
         calib_batch: Images per calibration forward.
 
     Raises:
         UserError: Unknown model name.
     """
-    names = torchvision.models.list_models(module=torchvision.models)
-    if name not in names:
-        raise UserError(suggest(name, names, what="model"))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torchvision.models.get_model(name, weights=None, **_BUILD_KWARGS.get(name, {}))
-        bns = [m for m in model.modules() if isinstance(m, _BatchNorm)]
-        for bn in bns:
-            bn.momentum = None  # cumulative average over the calibration passes
-        model.train()
-        with torch.no_grad():
-            for _ in range(2):
-                model(torch.rand(calib_batch, 3, size, size))
-        for bn in bns:
-            bn.momentum = 0.1
-    return model.eval()
+    from advtune.models import random_net
+
+    return random_net(name, seed=seed, size=size, batch=calib_batch)
 
 
 # --------------------------------------------------------------------------- measurements
