@@ -554,7 +554,7 @@ def run_bench(
     if repeats < 1:
         raise UserError(f"--repeats must be >= 1, got {repeats}")
     if ATTACKS[attack] is not None:
-        steps = min(steps, ATTACKS[attack]) if steps else 0
+        steps = min(steps, ATTACKS[attack] or steps) if steps else 0
     batch = batch_size or (128 if dev.type == "cuda" else 4)
     if batch < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch}")
@@ -630,8 +630,8 @@ def run_bench(
         device_name=device_name,
         batch_size=batch,
         steps=steps,
-        saved_batches=tuple(saved_batches),
-        peak_batches=None if peak_batches is None else tuple(peak_batches),
+        saved_batches=(saved_batches[0], saved_batches[1]),
+        peak_batches=None if peak_batches is None else (peak_batches[0], peak_batches[1]),
         repeats=repeats,
         amp=amp,
         channels_last=channels_last,

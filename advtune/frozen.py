@@ -238,7 +238,7 @@ def _install_lean_forward(module: nn.Module) -> list[str]:
     """Generate a lean ``forward`` for ``module``; returns the rewritten calls ([] if none)."""
     graph = _trace_own_forward(module)
     names = _rewrite_calls(graph) if graph is not None else []
-    if names:
+    if names and graph is not None:
         module.__dict__["_advtune_forward"] = _compile_forward(graph, _native_class(module))
     return names
 
@@ -451,7 +451,7 @@ class _RecomputeMixin:
 _SWAPPED_CLASSES: dict[tuple[type, type], type] = {}
 
 
-def _native_class(module: nn.Module) -> type:
+def _native_class(module: Any) -> type:
     cls = type(module)
     return cls.__bases__[1] if issubclass(cls, (_LeanForwardMixin, _RecomputeMixin)) else cls
 

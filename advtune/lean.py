@@ -231,7 +231,7 @@ def _keep_where(flat_grad: torch.Tensor, packed: torch.Tensor, out: torch.Tensor
     if itype is None:  # other dtypes: the plain formulation
         for start, end in _chunks(flat_grad.numel()):
             mask = _unpack8(packed[start // 8 : (end + 7) // 8])[: end - start]
-            torch.where(mask, flat_grad[start:end], 0, out=out[start:end])
+            torch.where(mask, flat_grad[start:end], 0, out=out[start:end])  # type: ignore[call-overload]
         return
     g, o = flat_grad.view(itype), out.view(itype)
     for start, end in _chunks(flat_grad.numel()):
@@ -540,11 +540,11 @@ class _LeanConvMixin:
             pads = list(self._reversed_padding_repeated_twice)  # type: ignore[attr-defined]
             symmetric = all(pads[2 * i] == pads[2 * i + 1] for i in range(nd))
             if mode == "zeros" and symmetric:
-                result = (None, mode, [pads[2 * (nd - 1 - i)] for i in range(nd)])
+                result = (None, mode, [pads[2 * (nd - 1 - i)] for i in range(nd)])  # type: ignore[assignment]
             else:
-                result = (tuple(pads), mode, [0] * nd)
+                result = (tuple(pads), mode, [0] * nd)  # type: ignore[assignment]
         elif mode != "zeros":
-            result = (tuple(self._reversed_padding_repeated_twice), mode, [0] * nd)  # type: ignore[attr-defined]
+            result = (tuple(self._reversed_padding_repeated_twice), mode, [0] * nd)  # type: ignore[attr-defined,assignment]
         else:
             result = (None, mode, list(padding))
         return result
@@ -943,7 +943,7 @@ def max_pool2d(
         or kernel[0] * kernel[1] > 256
         or input.dim() not in (3, 4)
     ):
-        return F.max_pool2d(
+        return F.max_pool2d(  # type: ignore[call-overload]
             input, kernel_size, stride, padding, dilation, ceil_mode, return_indices
         )
     stride = _pair(stride) if stride not in (None, (), []) else kernel
