@@ -51,6 +51,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from advtune._fx import TRACE_LOCK
+
 __all__ = [
     "MODES",
     "ConvBNReport",
@@ -384,7 +386,7 @@ def _trace_graphs(
     module: nn.Module, prefix: str, out: list[tuple[str, nn.Module, torch.fx.Graph]], untraced
 ) -> None:
     try:
-        with warnings.catch_warnings():
+        with TRACE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = _LeafTracer().trace(module)
     except Exception as exc:  # any failure means "trace the children instead"

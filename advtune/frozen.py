@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advtune import lean
+from advtune._fx import TRACE_LOCK
 from advtune.lean import LEAN_TYPES, FrozenParameterError
 
 __all__ = ["RECOMPUTE_BLOCKS", "FreezeReport", "freeze", "freeze_report", "is_frozen"]
@@ -179,7 +180,7 @@ def _trace_own_forward(module: nn.Module) -> torch.fx.Graph | None:
     try:
         for m, _ in modes:  # trace the eval-mode code path (the only one used later)
             m.training = False
-        with warnings.catch_warnings():
+        with TRACE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             graph = _OwnForwardTracer().trace(module)
     except Exception:  # untraceable code (data-dependent control flow, ...): stays native
