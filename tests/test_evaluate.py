@@ -801,3 +801,32 @@ def test_robust_after_and_check_warnings_by_hand():
     assert any("'gradients' failed on 1 of 2" in line for line in lines)
     assert any("grows with eps" in line and "1/255 -> 2/255" in line for line in lines)
     assert check_warnings({"gradients": {"batches": 2, "failed": 0, "first_failure": None}}) == []
+
+
+class _Noisy(nn.Module):
+    """A randomised model: logits change between identical calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name, self.num_classes = inner.name, inner.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out + 0.1 * torch.randn_like(out)
+
+
+def test_masking_warnings_are_aggregated_and_raised_once(tmp_path):
+    from advtune.attacks._masking import GradientMaskingWarning
+
+    ds = TensorImages(6)
+    config = AttackConfig(attack="autoattack", norm="linf", eps=(4 / 255,), params=dict(_AA_BUDGET))
+    with pytest.warns(GradientMaskingWarning) as record:
+        report = run(
+            _Noisy(tiny_model()), ds, config, out_dir=tmp_path / "o", batch_size=2,
+            num_workers=0, command="evaluate",
+        )  # fmt: skip
+    masking = [str(w.message) for w in record if issubclass(w.category, GradientMaskingWarning)]
+    assert len(masking) == 1 and "'randomized' failed on 3 of 3" in masking[0]
+    assert report["checks"]["randomized"]["failed"] == 3
+    assert report["checks"]["randomized"]["first_failure"]["ok"] is False
