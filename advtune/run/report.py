@@ -272,6 +272,10 @@ def build_report(
     if skipped is None:
         skipped = list(getattr(dataset, "skipped", []))
     skipped_rows = [{"path": p, "reason": r} for p, r in skipped]
+    all_checks = merge_checks((previous or {}).get("checks"), checks)
+    monotone = _monotone(metrics)
+    if monotone is not None:
+        all_checks["monotone_eps"] = monotone
     report = {
         "format": REPORT_FORMAT,
         "command": command,
@@ -297,11 +301,8 @@ def build_report(
         },
         "peak_memory_bytes": max(peaks) if peaks else None,
         "outputs": dict(outputs or {}),
-        "checks": merge_checks((previous or {}).get("checks"), checks),
+        "checks": all_checks,
     }
-    monotone = _monotone(metrics)
-    if monotone is not None:
-        report["checks"]["monotone_eps"] = monotone
     if distributed is not None:
         report["distributed"] = dict(distributed)
     return report
