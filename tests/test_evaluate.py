@@ -830,3 +830,29 @@ def test_masking_warnings_are_aggregated_and_raised_once(tmp_path):
     assert len(masking) == 1 and "'randomized' failed on 3 of 3" in masking[0]
     assert report["checks"]["randomized"]["failed"] == 3
     assert report["checks"]["randomized"]["first_failure"]["ok"] is False
+
+
+def test_resumed_ensemble_run_reports_what_an_uninterrupted_one_does(tmp_path):
+    from advtune.run import RunCallbacks
+
+    class StopAfterFirstBatch(RunCallbacks):
+        def on_batch(self, batches):
+            raise KeyboardInterrupt
+
+    ds = TensorImages(6)
+    model = tiny_model()
+    config = AttackConfig(
+        attack="autoattack", norm="linf", eps=(2 / 255, 8 / 255), params=dict(_AA_BUDGET)
+    )
+    spec = {"batch_size": 2, "num_workers": 0, "command": "evaluate"}
+    full = run(model, ds, config, out_dir=tmp_path / "full", **spec)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, ds, config, out_dir=tmp_path / "part", callbacks=[StopAfterFirstBatch()], **spec)
+    resumed = run(model, ds, config, out_dir=tmp_path / "part", resume=True, **spec)
+    assert resumed["metrics"] == full["metrics"]
+    assert [e["robust_after"] for e in resumed["metrics"]["per_eps"]] == [
+        e["robust_after"] for e in full["metrics"]["per_eps"]
+    ]
+    # Checks add up over the two sessions: every batch × eps counted once.
+    assert resumed["checks"] == full["checks"]
+    assert full["checks"]["randomized"]["batches"] == 3 * 2
