@@ -49,7 +49,9 @@ __all__ = [
 
 #: Manifest columns, in file order. The first seven are the documented core; the rest
 #: make rows self-describing (dataset index, eps, target, confidences, pre-quantisation
-#: success, where the PNG went).
+#: success, where the PNG went, and for an ensemble attack the component that broke the
+#: sample: its name, ``"clean"`` if the clean image already counted as a success, ``""``
+#: if none did or the attack is no ensemble).
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "path",
     "label",
@@ -65,7 +67,13 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "adv_conf",
     "attack_success",
     "adv_path",
+    "broken_by",
 )
+
+#: Columns added after the first release: a manifest written before them (which a resume
+#: reads) lacks them, and its rows get ``""`` there. A resumed run's first write rewrites
+#: the whole file (:meth:`ManifestWriter.extend`), so it then has every column.
+_LATER_COLUMNS = frozenset({"broken_by"})
 
 # Column types for parsing. Optional columns hold "" for None.
 _INT_COLUMNS = frozenset({"label", "clean_pred", "adv_pred", "index"})
@@ -308,17 +316,20 @@ def parse_manifest(
     records = _records(reader, source=source, recover=recover)
     header = next(records, None)
     fields = header[1] if header is not None else []
-    missing = [c for c in MANIFEST_COLUMNS if c not in fields]
+    missing = [c for c in MANIFEST_COLUMNS if c not in fields and c not in _LATER_COLUMNS]
     if missing:
         raise ValueError(f"{source} is not an advtune manifest: missing columns {missing}")
-    position = {c: fields.index(c) for c in MANIFEST_COLUMNS}
+    position = {c: fields.index(c) for c in MANIFEST_COLUMNS if c in fields}
     rows: list[dict[str, Any]] = []
     first_line: dict[tuple[int, float], int] = {}
     for line_no, raw in records:
         try:
             if len(raw) != len(fields):
                 raise ValueError(f"expected {len(fields)} fields, got {len(raw)}")
-            row = {c: _parse_value(c, raw[position[c]]) for c in MANIFEST_COLUMNS}
+            row = {
+                c: _parse_value(c, raw[position[c]]) if c in position else ""
+                for c in MANIFEST_COLUMNS
+            }
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}, line {line_no}: {e}") from e
         key = row_key(row)

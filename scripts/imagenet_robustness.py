@@ -48,6 +48,9 @@ class GridAttack:
             ``2.5 · eps / steps``).
         preset: an ``attacks/*.toml`` preset to start from.
         uses_eps: ``False`` for minimal-perturbation attacks (CW-L2).
+        fixed_eps: the eps option that sets this attack's budgets instead of
+            ``--linf-eps``/``--l2-eps`` (AutoAttack: ``--autoattack-eps``, one budget, as
+            it is far costlier than a curve of PGD runs).
     """
 
     name: str
@@ -56,6 +59,7 @@ class GridAttack:
     params: dict[str, Any] = field(default_factory=dict)
     preset: str | None = None
     uses_eps: bool = True
+    fixed_eps: str | None = None
 
 
 GRID_ATTACKS = {
@@ -67,9 +71,18 @@ GRID_ATTACKS = {
         GridAttack("pgd50", "pgd", "linf", {"steps": 50}),
         GridAttack("pgd20-l2", "pgd", "l2", {"norm": "l2", "steps": 20}),
         GridAttack("cw-l2", "cw_l2", "l2", preset="cw-l2", uses_eps=False),
+        # The standard AutoAttack ensemble (APGD-CE, APGD-T, FAB-T, Square), what
+        # RobustBench reports; at --autoattack-eps (default 4/255, RobustBench's budget).
+        GridAttack(
+            "autoattack",
+            "autoattack",
+            "linf",
+            preset="autoattack-imagenet-linf",
+            fixed_eps="autoattack_eps",
+        ),
     )
 }
-DEFAULT_ATTACKS = ("fgsm", "pgd10", "pgd50", "pgd20-l2", "cw-l2")
+DEFAULT_ATTACKS = ("fgsm", "pgd10", "pgd50", "pgd20-l2", "cw-l2", "autoattack")
 
 
 # --------------------------------------------------------------------------- arguments
@@ -146,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linf-eps", type=_eps_list, default=list(LINF_EPS), help="L∞ budgets")
     p.add_argument("--l2-eps", type=_eps_list, default=list(L2_EPS), help="L2 budgets")
     p.add_argument(
+        "--autoattack-eps",
+        type=_eps_list,
+        default=[4 / 255],
+        help="L∞ budgets of the autoattack column (default 4/255, RobustBench's)",
+    )
+    p.add_argument(
         "--set",
         type=_setting,
         action="append",
@@ -176,7 +195,9 @@ def attack_config(grid: GridAttack, args: argparse.Namespace) -> Any:
     overrides = dict(grid.params)
     overrides.update({k: v for a, k, v in args.set if a == grid.name})
     eps = None
-    if grid.uses_eps:
+    if grid.fixed_eps is not None:
+        eps = getattr(args, grid.fixed_eps)
+    elif grid.uses_eps:
         eps = args.linf_eps if grid.norm == "linf" else args.l2_eps
     return resolve_attack(
         grid.attack, preset=grid.preset, eps=eps, overrides=overrides, seed=args.seed

@@ -532,3 +532,26 @@ def test_oom_backoff_end_to_end(imagenet, checkpoint, tmp_path, monkeypatch, cap
     mixed = read_manifest(tmp_path / "mixed" / "manifest.csv")
     assert mixed[:4] == read_manifest(tmp_path / "ref4" / "manifest.csv")[:4]
     assert mixed[4:] == read_manifest(tmp_path / "ref2" / "manifest.csv")[4:]
+
+
+@pytest.mark.parametrize(
+    "how", [["--attack", "autoattack", "--eps", "4/255"], ["--preset", "autoattack-imagenet-linf"]]
+)
+def test_autoattack_from_the_cli_logs_each_component(how, imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    budget = ["-p", "steps=2", "-p", "n_targets=2", "-p", "queries=10"]
+    rc = main(["evaluate", *base_args(imagenet, checkpoint, out), *how, *budget, "--limit", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    report = json.loads((out / "report.json").read_text())
+    after = report["metrics"]["robust_after"]
+    assert list(after) == ["clean", "apgd-ce", "apgd-t", "fab-t", "square"]
+    assert list(after.values()) == sorted(after.values(), reverse=True)
+    assert report["config"]["attack"]["eps"] == [4 / 255]
+    for name in ("APGD-CE", "APGD-T", "FAB-T", "SQUARE"):
+        assert f"robust accuracy after {name}: " in captured.out
+    assert {"randomized", "black_box"} <= set(report["checks"])
+    rows = read_manifest(out / "manifest.csv")
+    assert {r["broken_by"] for r in rows} <= {"", "clean", *after}
+    # The last stage's survivors are the rows no component broke.
+    assert after["square"] == sum(r["broken_by"] == "" for r in rows) / len(rows)

@@ -252,6 +252,7 @@ def _row(index, label, clean, adv, *, eps=0.1, success=None, target=None, linf=0
         "success": (adv != label) if success is None else success, "linf": linf, "l2": l2,
         "index": index, "eps": eps, "target": target, "clean_conf": 0.5, "adv_conf": 0.25,
         "attack_success": (adv != label) if success is None else success, "adv_path": "",
+        "broken_by": "",
     }  # fmt: skip
 
 
@@ -723,3 +724,135 @@ def test_signals_wait_for_the_current_write():
     finally:
         signals.restore(previous)
     assert signal.getsignal(signal.SIGTERM) is previous[signal.SIGTERM]
+
+
+# --------------------------------------------------------------------------- ensembles
+
+_AA_BUDGET = {"steps": 2, "n_targets": 2, "queries": 10}
+
+
+def test_ensemble_rows_record_broken_by_and_robust_after_matches_the_attack(tmp_path):
+    from advtune import attacks
+
+    ds = TensorImages(6)
+    model = tiny_model()
+    config = AttackConfig(
+        attack="autoattack", norm="linf", eps=(1 / 255, 8 / 255), params=dict(_AA_BUDGET)
+    )
+    report = run(
+        model, ds, config, out_dir=tmp_path / "o", batch_size=4, num_workers=0, command="evaluate"
+    )
+    rows = read_manifest(tmp_path / "o" / "manifest.csv")
+    labels = torch.tensor(ds.labels)
+    seeds = sample_seeds(config.seed, range(6))
+    for entry, eps in zip(report["metrics"]["per_eps"], config.eps, strict=True):
+        direct = attacks.get("autoattack")(
+            model, ds.images, labels, seeds=seeds, eps=eps, norm="linf", **_AA_BUDGET
+        )
+        assert entry["robust_after"] == direct.robust_after()
+        expected = [
+            direct.components[i] if i >= 0 else ("clean" if i == -2 else "")
+            for i in direct.broken_by.tolist()
+        ]
+        assert [r["broken_by"] for r in rows if r["eps"] == eps] == expected
+    checks = report["checks"]
+    assert {"randomized", "gradients", "monotone_eps"} <= set(checks)
+    assert checks["randomized"]["batches"] == 2 * len(config.eps)  # 2 batches per eps
+    summary = format_summary(report)
+    assert "robust accuracy after APGD-CE (eps 1/255)" in summary
+
+
+def test_other_attacks_leave_broken_by_empty_and_old_manifests_read():
+    ds = TensorImages(3)
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(2 / 255,))
+    out = attack_batch(
+        tiny_model(), ds.images, torch.tensor(ds.labels), [0, 1, 2], ds.paths, config
+    )
+    assert [r["broken_by"] for r in out.rows] == ["", "", ""]
+    assert "robust_after" not in compute_metrics(out.rows, config)
+    # A manifest written before the broken_by column: its rows read back with "".
+    text = format_manifest(out.rows).splitlines()
+    old = "\n".join(line.rsplit(",", 1)[0] for line in text) + "\n"
+    assert not old.splitlines()[0].endswith("broken_by")
+    back = parse_manifest(old)
+    assert [r["broken_by"] for r in back] == ["", "", ""]
+    assert compute_metrics(back, config) == compute_metrics(out.rows, config)
+
+
+def test_robust_after_and_check_warnings_by_hand():
+    from advtune.attacks._masking import check_monotone
+    from advtune.run.metrics import robust_after
+    from advtune.run.report import aggregate_checks, check_warnings
+
+    rows = [dict(_row(i, 0, 0, 1), broken_by=b) for i, b in enumerate(["clean", "a", "b", ""])]
+    assert robust_after(rows, ["a", "b", "c"]) == {"clean": 0.75, "a": 0.5, "b": 0.25, "c": 0.25}
+    bad = {"check": "gradients", "ok": False, "zero": 3}
+    agg = aggregate_checks(
+        [
+            {"eps": 0.1, "gradients": {"check": "gradients", "ok": True}},
+            {"eps": 0.2, "gradients": bad},
+        ]
+    )
+    assert agg["gradients"] == {"batches": 2, "failed": 1, "first_failure": {"eps": 0.2, **bad}}
+    with pytest.warns(UserWarning):
+        monotone = check_monotone([(1 / 255, 0.2), (2 / 255, 0.5)], what="eps")
+    lines = check_warnings({**agg, "monotone_eps": monotone, "skipped": ["square"]})
+    assert len(lines) == 3
+    assert any("'gradients' failed on 1 of 2" in line for line in lines)
+    assert any("grows with eps" in line and "1/255 -> 2/255" in line for line in lines)
+    assert check_warnings({"gradients": {"batches": 2, "failed": 0, "first_failure": None}}) == []
+
+
+class _Noisy(nn.Module):
+    """A randomised model: logits change between identical calls."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name, self.num_classes = inner.name, inner.num_classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return out + 0.1 * torch.randn_like(out)
+
+
+def test_masking_warnings_are_aggregated_and_raised_once(tmp_path):
+    from advtune.attacks._masking import GradientMaskingWarning
+
+    ds = TensorImages(6)
+    config = AttackConfig(attack="autoattack", norm="linf", eps=(4 / 255,), params=dict(_AA_BUDGET))
+    with pytest.warns(GradientMaskingWarning) as record:
+        report = run(
+            _Noisy(tiny_model()), ds, config, out_dir=tmp_path / "o", batch_size=2,
+            num_workers=0, command="evaluate",
+        )  # fmt: skip
+    masking = [str(w.message) for w in record if issubclass(w.category, GradientMaskingWarning)]
+    assert len(masking) == 1 and "'randomized' failed on 3 of 3" in masking[0]
+    assert report["checks"]["randomized"]["failed"] == 3
+    assert report["checks"]["randomized"]["first_failure"]["ok"] is False
+
+
+def test_resumed_ensemble_run_reports_what_an_uninterrupted_one_does(tmp_path):
+    from advtune.run import RunCallbacks
+
+    class StopAfterFirstBatch(RunCallbacks):
+        def on_batch(self, batches):
+            raise KeyboardInterrupt
+
+    ds = TensorImages(6)
+    model = tiny_model()
+    config = AttackConfig(
+        attack="autoattack", norm="linf", eps=(2 / 255, 8 / 255), params=dict(_AA_BUDGET)
+    )
+    spec = {"batch_size": 2, "num_workers": 0, "command": "evaluate"}
+    full = run(model, ds, config, out_dir=tmp_path / "full", **spec)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, ds, config, out_dir=tmp_path / "part", callbacks=[StopAfterFirstBatch()], **spec)
+    resumed = run(model, ds, config, out_dir=tmp_path / "part", resume=True, **spec)
+    assert resumed["metrics"] == full["metrics"]
+    assert [e["robust_after"] for e in resumed["metrics"]["per_eps"]] == [
+        e["robust_after"] for e in full["metrics"]["per_eps"]
+    ]
+    # Checks add up over the two sessions: every batch × eps counted once.
+    assert resumed["checks"] == full["checks"]
+    assert full["checks"]["randomized"]["batches"] == 3 * 2

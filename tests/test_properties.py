@@ -106,6 +106,7 @@ ROWS = st.lists(
             "adv_conf": FINITE,
             "attack_success": st.booleans(),
             "adv_path": st.one_of(st.just(""), NAME_TEXT),
+            "broken_by": st.sampled_from(["", "clean", "apgd-ce"]),
         }
     ),
     max_size=8,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +21,14 @@ from advtune.errors import UserError
 from advtune.run.quantize import quantize_adv
 from advtune.run.spec import AttackConfig, sample_seeds
 
-__all__ = ["TARGET_MODES", "BatchOutput", "attack_batch", "attack_kwargs", "row_is_finite"]
+__all__ = [
+    "TARGET_MODES",
+    "BatchOutput",
+    "attack_batch",
+    "attack_kwargs",
+    "broken_by_names",
+    "row_is_finite",
+]
 
 #: ``AttackConfig.targeted`` values besides ``None``.
 TARGET_MODES = ("random", "least-likely")
@@ -36,11 +43,14 @@ class BatchOutput:
         images: per eps (same order as ``AttackConfig.eps_values()``), the saved
             ``(N, C, H, W)`` uint8 images.
         model_calls: forward passes of the batch, attacks plus clean and re-check passes.
+        checks: per eps, the attack's gradient-masking checks (``result.checks`` of an
+            ensemble; ``{}`` for other attacks), with their ``eps``.
     """
 
     rows: list[dict[str, Any]]
     images: list[torch.Tensor]
     model_calls: int
+    checks: list[dict[str, Any]] = field(default_factory=list)
 
 
 def row_is_finite(row: Mapping[str, Any]) -> bool:
@@ -49,6 +59,21 @@ def row_is_finite(row: Mapping[str, Any]) -> bool:
         isinstance(row.get(k), (int, float)) and math.isfinite(row[k])
         for k in ("clean_conf", "adv_conf")
     )
+
+
+def broken_by_names(result: Any) -> list[str]:
+    """The ``broken_by`` manifest cell of each sample of an attack result.
+
+    An ensemble result (one with ``components`` and ``broken_by``) names the component
+    that broke each sample, ``"clean"`` for a clean image that already counted as a
+    success (not attacked) and ``""`` for a sample no component broke; any other result
+    gives ``""`` for every sample.
+    """
+    broken = getattr(result, "broken_by", None)
+    components = getattr(result, "components", None)
+    if broken is None or components is None:
+        return [""] * int(result.success.shape[0])
+    return [components[i] if i >= 0 else ("clean" if i == -2 else "") for i in broken.tolist()]
 
 
 def attack_kwargs(config: AttackConfig, eps: float | None, *, probe: bool = False) -> dict:
@@ -196,6 +221,7 @@ def attack_batch(
 
     saved: list[torch.Tensor] = []
     per_eps: list[tuple[float | None, dict[str, list[Any]]]] = []
+    checks: list[dict[str, Any]] = []
     for eps in config.eps_values():
         kwargs = attack_kwargs(config, eps, probe=probe)
         try:
@@ -219,6 +245,7 @@ def attack_batch(
             success = success & clean_finite
         delta = (q.double() - torch.round(images.double() * 255)).flatten(1) / 255
         saved.append(q)
+        checks.append({"eps": eps, **dict(getattr(result, "checks", None) or {})})
         per_eps.append(
             (
                 eps,
@@ -229,6 +256,7 @@ def attack_batch(
                     "linf": delta.abs().amax(dim=1).tolist() if n else [],
                     "l2": delta.norm(dim=1).tolist(),
                     "adv_conf": adv_conf.tolist(),
+                    "broken_by": broken_by_names(result),
                 },
             )
         )
@@ -255,6 +283,7 @@ def attack_batch(
                     "adv_conf": float(cols["adv_conf"][i]),
                     "attack_success": bool(cols["attack_success"][i]),
                     "adv_path": adv_paths[paths[i]] if adv_paths else "",
+                    "broken_by": cols["broken_by"][i],
                 }
             )
-    return BatchOutput(rows=rows, images=saved, model_calls=calls)
+    return BatchOutput(rows=rows, images=saved, model_calls=calls, checks=checks)

@@ -202,6 +202,7 @@ def _trim_output(out: BatchOutput, n: int) -> BatchOutput:
         rows=out.rows[: n * len(out.images)],
         images=[q[:n] for q in out.images],
         model_calls=out.model_calls,
+        checks=out.checks,
     )
 
 
@@ -214,4 +215,5 @@ def _join_outputs(parts: Sequence[BatchOutput]) -> BatchOutput:
         # Each chunk ran the attack on its share of the batch: the batch took as many
         # passes as its longest chunk (attacks that stop early may differ per chunk).
         model_calls=max(part.model_calls for part in parts),
+        checks=[c for part in parts for c in part.checks],
     )

@@ -16,7 +16,14 @@ from typing import Any
 from advtune.run.batch import row_is_finite
 from advtune.run.spec import AttackConfig
 
-__all__ = ["compute_metrics", "is_correct", "is_robust", "success_counts"]
+__all__ = [
+    "compute_metrics",
+    "ensemble_components",
+    "is_correct",
+    "is_robust",
+    "robust_after",
+    "success_counts",
+]
 
 # Metrics over an empty set are None (null in JSON), not NaN: NaN != NaN would make equal
 # reports compare unequal.
@@ -52,6 +59,47 @@ def success_counts(rows: Sequence[Mapping[str, Any]], *, targeted: bool) -> tupl
     return sum(bool(r["success"]) for r in eligible), len(eligible)
 
 
+def ensemble_components(
+    rows: Sequence[Mapping[str, Any]], config: AttackConfig
+) -> list[str] | None:
+    """The components of an ensemble run, in run order; ``None`` for other attacks.
+
+    For ``autoattack`` the order comes from its configuration (so components that broke
+    nothing are listed too); names found in the rows' ``broken_by`` that it does not list
+    follow in the order of their first row.
+    """
+    names: list[str] = []
+    if config.attack == "autoattack":
+        from advtune.attacks.autoattack import _plan
+
+        try:
+            _, plan = _plan(config.params.get("version"), config.params.get("attacks"))
+            names = [label for label, *_ in plan]
+        except ValueError:
+            names = []
+    for row in sorted(rows, key=lambda r: r["index"]):
+        name = row.get("broken_by") or ""
+        if name and name != "clean" and name not in names:
+            names.append(name)
+    return names if names or config.attack == "autoattack" else None
+
+
+def robust_after(rows: Sequence[Mapping[str, Any]], components: Sequence[str]) -> dict[str, Any]:
+    """Robust accuracy after the clean pass and after each ensemble component.
+
+    The attack's own verdict (before 8-bit quantisation), from the ``broken_by`` column:
+    the fraction of ``rows`` not yet broken after each stage, as the official AutoAttack
+    log prints it. ``{"clean": a0, components[0]: a1, ...}``; ``None`` values for no rows.
+    """
+    broken = [r.get("broken_by") or "" for r in rows]
+    out: dict[str, Any] = {"clean": _rate([b != "clean" for b in broken])}
+    done = {"clean"}
+    for name in components:
+        done.add(name)
+        out[name] = _rate([b not in done for b in broken])
+    return out
+
+
 def _group_metrics(rows: Sequence[Mapping[str, Any]], targeted: bool) -> dict[str, Any]:
     hits, eligible = success_counts(rows, targeted=targeted)
     return {
@@ -82,9 +130,10 @@ def compute_metrics(
         (untargeted: over the images the model classified correctly; targeted: target
         hit rate over all), ``success_rate_all``, ``num_correct``, ``num_nonfinite``,
         ``quantization_flips``, ``linf_mean``, ``linf_median``, ``l2_mean``,
-        ``l2_median``, ``mean_adv_confidence`` and ``per_class`` (by label: ``name``,
-        ``num_images``, ``clean_accuracy``, ``robust_accuracy``, ``success_rate``). With
-        a single eps its entries are also copied to the top level.
+        ``l2_median``, ``mean_adv_confidence``, ``per_class`` (by label: ``name``,
+        ``num_images``, ``clean_accuracy``, ``robust_accuracy``, ``success_rate``) and,
+        for an ensemble attack, ``robust_after`` (:func:`robust_after`). With a single
+        eps its entries are also copied to the top level.
     """
     targeted = config.targeted is not None
     by_eps: dict[float | None, list[Mapping[str, Any]]] = {e: [] for e in config.eps_values()}
@@ -94,6 +143,7 @@ def compute_metrics(
             raise ValueError(f"manifest row for {row['path']} has eps {eps}, not in {list(by_eps)}")
         by_eps[eps].append(row)
     first = by_eps[config.eps_values()[0]]
+    components = ensemble_components(rows, config)
     per_eps = []
     for eps, group in by_eps.items():
         group = sorted(group, key=lambda r: r["index"])
@@ -112,6 +162,8 @@ def compute_metrics(
                 "mean_adv_confidence": _mean([r["adv_conf"] for r in finite]),
             }
         )
+        if components is not None:
+            entry["robust_after"] = robust_after(group, components)
         classes: dict[int, list[Mapping[str, Any]]] = {}
         for r in group:
             classes.setdefault(r["label"], []).append(r)

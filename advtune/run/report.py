@@ -26,12 +26,15 @@ from advtune.run.spec import AttackConfig, dataset_info
 
 __all__ = [
     "REPORT_FORMAT",
+    "aggregate_checks",
     "build_report",
+    "check_warnings",
     "convbn_info",
     "device_info",
     "eps_axis",
     "format_eps",
     "format_summary",
+    "merge_checks",
     "model_info",
     "plot_curve",
     "plural",
@@ -116,6 +119,105 @@ def convbn_info(model: nn.Module) -> dict[str, Any] | None:
         return None
 
 
+_CHECK_SKIP = ("eps", "skipped")
+
+
+def merge_checks(*parts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Add up aggregated gradient-masking checks (sessions, torchrun ranks).
+
+    Each part maps a check name to ``{"batches", "failed", "first_failure"}`` (from
+    :func:`aggregate_checks`), plus ``"skipped"``: the ensemble components skipped.
+    """
+    out: dict[str, Any] = {}
+    for part in parts:
+        for name, value in (part or {}).items():
+            if name == "monotone_eps":
+                continue  # recomputed from the rows
+            if name == "skipped":
+                out["skipped"] = sorted({*out.get("skipped", []), *value})
+                continue
+            acc = out.setdefault(name, {"batches": 0, "failed": 0, "first_failure": None})
+            acc["batches"] += int(value["batches"])
+            acc["failed"] += int(value["failed"])
+            if acc["first_failure"] is None:
+                acc["first_failure"] = value.get("first_failure")
+    return out
+
+
+def aggregate_checks(batch_checks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Aggregate the per-batch checks of :class:`~advtune.run.batch.BatchOutput`.
+
+    Args:
+        batch_checks: one dict per (batch, eps): ``{"eps": eps, name: record, ...}``
+            with the records of :mod:`advtune.attacks._masking` (each has ``"ok"``) and
+            ``"skipped"`` (component names).
+
+    Returns:
+        ``{name: {"batches", "failed", "first_failure"}, "skipped": [...]}``:
+        ``first_failure`` is the first failing record, with its ``eps``.
+    """
+    parts = []
+    for checks in batch_checks:
+        part: dict[str, Any] = {}
+        for name, record in checks.items():
+            if name == "skipped":
+                part["skipped"] = list(record)
+            elif name not in _CHECK_SKIP and isinstance(record, Mapping) and "ok" in record:
+                bad = not record["ok"]
+                part[name] = {
+                    "batches": 1,
+                    "failed": int(bad),
+                    "first_failure": {"eps": checks.get("eps"), **record} if bad else None,
+                }
+        parts.append(part)
+    return merge_checks(*parts)
+
+
+def check_warnings(checks: Mapping[str, Any] | None) -> list[str]:
+    """One line per failed check of ``report.json``'s ``checks`` (the CLI warns each)."""
+    lines = []
+    for name, value in (checks or {}).items():
+        if name == "skipped" and value:
+            lines.append(
+                f"autoattack skipped unregistered components {', '.join(value)}: robust "
+                "accuracy may be overestimated"
+            )
+        elif name == "monotone_eps" and not value.get("ok", True):
+            pairs = "; ".join(
+                f"{format_eps(v['from'])} -> {format_eps(v['to'])}: "
+                f"{_pct(v['accuracy_from'])} -> {_pct(v['accuracy_to'])}"
+                for v in value["violations"]
+            )
+            lines.append(
+                f"robust accuracy grows with eps ({pairs}): a sign of gradient masking or "
+                "a too weak attack"
+            )
+        elif isinstance(value, Mapping) and value.get("failed"):
+            first = value.get("first_failure") or {}
+            lines.append(
+                f"gradient-masking check {name!r} failed on {value['failed']} of "
+                f"{value['batches']} attacked batches (first at eps "
+                f"{format_eps(first.get('eps'))}); see checks in report.json"
+            )
+    return lines
+
+
+def _monotone(metrics: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``check_monotone`` of robust accuracy vs eps (two eps or more), without warning."""
+    from advtune.attacks._masking import check_monotone
+
+    curve = [
+        (e["eps"], e["robust_accuracy"])
+        for e in (metrics or {}).get("per_eps", [])
+        if e["eps"] is not None and e["robust_accuracy"] is not None
+    ]
+    if len(curve) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the CLI warns once, from check_warnings
+        return check_monotone(curve, what="eps")
+
+
 def build_report(
     *,
     command: str,
@@ -133,11 +235,14 @@ def build_report(
     convbn: Mapping[str, Any] | None = None,
     skipped: Sequence[tuple[str, str]] | None = None,
     distributed: Mapping[str, Any] | None = None,
+    checks: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``report.json`` document (see ``docs/cli.md`` for every key).
 
     ``metrics`` come from ``rows`` only; ``timings`` add this session to the sessions
-    recorded in ``previous`` (the report of an interrupted run being resumed).
+    recorded in ``previous`` (the report of an interrupted run being resumed), and so do
+    ``checks`` (this session's, from :func:`aggregate_checks`); ``checks.monotone_eps``
+    is ``check_monotone`` of robust accuracy vs eps, from the rows.
     """
     inner = unwrap_model(model)
     card = getattr(model, "card", None)
@@ -167,6 +272,10 @@ def build_report(
     if skipped is None:
         skipped = list(getattr(dataset, "skipped", []))
     skipped_rows = [{"path": p, "reason": r} for p, r in skipped]
+    all_checks = merge_checks((previous or {}).get("checks"), checks)
+    monotone = _monotone(metrics)
+    if monotone is not None:
+        all_checks["monotone_eps"] = monotone
     report = {
         "format": REPORT_FORMAT,
         "command": command,
@@ -192,6 +301,7 @@ def build_report(
         },
         "peak_memory_bytes": max(peaks) if peaks else None,
         "outputs": dict(outputs or {}),
+        "checks": all_checks,
     }
     if distributed is not None:
         report["distributed"] = dict(distributed)
@@ -257,6 +367,16 @@ def format_summary(report: Mapping[str, Any]) -> str:
             f"{_pct(entry['robust_accuracy']):>10}  {_pct(entry['success_rate']):>8}  "
             f"{_num(entry['linf_mean']):>9}  {_num(entry['l2_mean']):>8}"
         )
+    for entry in metrics.get("per_eps", []):
+        after = entry.get("robust_after")
+        if after:
+            where = f" (eps {format_eps(entry['eps'])})" if len(metrics["per_eps"]) > 1 else ""
+            lines.append(f"initial accuracy{where}: {_pct(after['clean'])}")
+            lines.extend(
+                f"robust accuracy after {name.upper()}{where}: {_pct(value)}"
+                for name, value in after.items()
+                if name != "clean"
+            )
     lines.extend(_published_lines(model.get("published"), attack["norm"], metrics))
     timings = report.get("timings", {})
     peak = report.get("peak_memory_bytes")

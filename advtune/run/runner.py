@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from advtune.attacks._masking import GradientMaskingWarning
 from advtune.errors import UserError
 from advtune.run import signals
 from advtune.run.batch import BatchOutput
@@ -48,9 +49,12 @@ from advtune.run.outputs import (
     partial_manifests,
 )
 from advtune.run.report import (
+    aggregate_checks,
     build_report,
+    check_warnings,
     convbn_info,
     device_info,
+    merge_checks,
     plot_curve,
     plural,
 )
@@ -260,7 +264,7 @@ def _run_locked(
     }
     convbn = convbn_info(model)
 
-    def report(rows, status, stats, skipped, ranks=None):
+    def report(rows, status, stats, skipped, ranks=None, checks=None):
         return build_report(
             command=spec.command, status=status, config=key, attack=config, rows=rows,
             model=model, dataset=dataset, device=device, settings=settings, stats=stats,
@@ -269,6 +273,7 @@ def _run_locked(
                 {"world_size": comm.world_size, "backend": comm.backend, "ranks": ranks}
                 if comm.is_distributed else None
             ),
+            checks=checks,
         )  # fmt: skip
 
     if comm.is_main and out.previous_report is None:
@@ -284,11 +289,14 @@ def _run_locked(
     for cb in callbacks:
         cb.on_start(total=len(remaining), desc=config.attack, is_main=comm.is_main)
 
+    batch_checks: list[dict[str, Any]] = []
+
     def save(batch: BatchOutput) -> None:
         with signals.deferred():  # a signal waits until the batch is on disk
             if spec.save_images:
                 out.save_images(batch)
             writer.extend(batch.rows)
+            batch_checks.extend(batch.checks)
 
     stats = RunStats()
     error: BaseException | None = None
@@ -300,13 +308,17 @@ def _run_locked(
                 dataset, batch_size=batch_size, num_workers=spec.num_workers,
                 device=str(device), sampler=mine,  # type: ignore[arg-type]
             )  # fmt: skip
-            attack_loader(
-                model, loader, config, sink=save, adv_paths=adv_paths, device=device,
-                stats=stats, pad_to=batch_size,
-                on_batch=lambda o, b: rounds.batch_done(
-                    o, len(o.rows) // eps_count, b, targeted=targeted
-                ),
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                # Per batch they would repeat: aggregated into report.json's checks and
+                # warned once each at the end (check_warnings).
+                warnings.simplefilter("ignore", GradientMaskingWarning)
+                attack_loader(
+                    model, loader, config, sink=save, adv_paths=adv_paths, device=device,
+                    stats=stats, pad_to=batch_size,
+                    on_batch=lambda o, b: rounds.batch_done(
+                        o, len(o.rows) // eps_count, b, targeted=targeted
+                    ),
+                )  # fmt: skip
     except CommunicationError as e:
         error = comm_error = e
     except BaseException as e:
@@ -332,6 +344,7 @@ def _run_locked(
         "rows": writer.rows if comm.is_distributed else [],
         "summary": _rank_summary(comm, stats, error),
         "skipped": list(getattr(dataset, "skipped", [])),
+        "checks": aggregate_checks(batch_checks),
     }
     gathered = None
     if comm_error is None:
@@ -415,7 +428,11 @@ def _finish_main(
         status = "interrupted"
     else:
         status = "failed"
-    final = report(rows, status, stats, skipped, ranks)
+    final = report(
+        rows, status, stats, skipped, ranks, checks=merge_checks(*(p["checks"] for p in payloads))
+    )
+    for line in check_warnings(final["checks"]):
+        warnings.warn(line, GradientMaskingWarning, stacklevel=2)
     final["settings"]["oom_backoffs"] = stats.oom_backoffs
     final["settings"]["final_batch_size"] = stats.final_batch_size or final["settings"].get(
         "final_batch_size"
