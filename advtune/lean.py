@@ -52,6 +52,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from advtune.masks import (
+    dense_order,
+    flat_in,
+    keep_where,
+    pack_bits,
+    pack_predicate,
+    unflat,
+    unpack_bits,
+)
+
 __all__ = [
     "LEAN_TYPES",
     "FrozenParameterError",
@@ -95,148 +105,6 @@ __all__ = [
 
 class FrozenParameterError(RuntimeError):
     """A weight gradient was asked of a frozen layer (they give input gradients only)."""
-
-
-# --------------------------------------------------------------------------- bit packing
-
-#: Elements per chunk of the mask kernels: bounds their temporaries (a bool and an integer
-#: mask of this many elements) independently of the batch size. A multiple of 8.
-MASK_CHUNK = 1 << 20
-
-
-def _pack8(flags: torch.Tensor) -> torch.Tensor:
-    """Pack a flat bool tensor whose length is a multiple of 8 (little-endian bit order).
-
-    Eight bools are one int64 whose bytes are 0 or 1; three shift-or steps gather bit 0
-    of each byte into the low byte (no carries, no overflow), about 20x faster than a
-    multiply-and-sum over groups of 8.
-    """
-    if flags.storage_offset() % 8:
-        flags = flags.clone()
-    v = flags.view(torch.uint8).view(torch.int64)
-    v = v | (v >> 7)
-    v |= v >> 14
-    v |= v >> 28
-    return v.to(torch.uint8)
-
-
-def _unpack8(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_pack8`: ``8 * packed.numel()`` bools."""
-    v = packed.to(torch.int64)
-    # Copies of the byte at offsets 0, 7, 14, ..., 49 bits put bit j at bit 8j; bit 8j
-    # receives no other bit of any copy, so masking the low bit of each byte is exact.
-    v |= v << 28
-    v |= v << 14
-    v |= v << 7
-    v &= 0x0101010101010101
-    return v.view(torch.uint8).view(torch.bool)
-
-
-def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    """Pack a boolean tensor into bytes, 8 elements per byte (little-endian bit order).
-
-    Args:
-        mask: Boolean tensor of any shape; flattened in row-major (``reshape(-1)``) order.
-
-    Returns:
-        ``uint8`` tensor of shape ``(ceil(mask.numel() / 8),)``. Element ``i`` of the
-        flattened mask is bit ``i % 8`` of byte ``i // 8``; padding bits are 0.
-    """
-    if mask.dtype != torch.bool:
-        raise ValueError(f"pack_bits expects a bool tensor, got {mask.dtype}")
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return _pack8(flat)
-
-
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`.
-
-    Args:
-        packed: ``uint8`` tensor of shape ``(ceil(numel / 8),)``.
-        numel: Number of elements to recover.
-
-    Returns:
-        Boolean tensor of shape ``(numel,)``.
-    """
-    if packed.dtype != torch.uint8:
-        raise ValueError(f"unpack_bits expects a uint8 tensor, got {packed.dtype}")
-    if numel < 0 or packed.numel() * 8 < numel or packed.numel() != (numel + 7) // 8:
-        raise ValueError(f"numel={numel} does not match {packed.numel()} packed bytes")
-    return _unpack8(packed.reshape(-1))[:numel]
-
-
-def _dense_order(t: torch.Tensor) -> tuple[int, ...] | None:
-    """A dim permutation under which ``t`` is contiguous (``None``: already contiguous).
-
-    Masks are packed in memory order, so channels_last activations pack without a copy.
-    """
-    if t.is_contiguous():
-        return None
-    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
-        return (0, 2, 3, 1)
-    if t.dim() == 5 and t.is_contiguous(memory_format=torch.channels_last_3d):
-        return (0, 2, 3, 4, 1)
-    return None  # anything else packs in row-major order (reshape copies)
-
-
-def _flat_in(t: torch.Tensor, order: tuple[int, ...] | None) -> torch.Tensor:
-    """``t`` flattened in the memory order ``order`` (a view when ``t`` is dense in it)."""
-    return (t if order is None else t.permute(order)).reshape(-1)
-
-
-def _unflat(flat: torch.Tensor, shape: torch.Size, order: tuple[int, ...] | None) -> torch.Tensor:
-    """Inverse of :func:`_flat_in` for a tensor of ``shape``."""
-    if order is None:
-        return flat.view(shape)
-    inverse = [order.index(i) for i in range(len(order))]
-    return flat.view([shape[i] for i in order]).permute(inverse)
-
-
-def _chunks(numel: int) -> list[tuple[int, int]]:
-    return [(i, min(i + MASK_CHUNK, numel)) for i in range(0, numel, MASK_CHUNK)]
-
-
-def _pack_predicate(flat: torch.Tensor, predicate: Any) -> torch.Tensor:
-    """``pack_bits(predicate(flat))``, chunk by chunk (no full-size bool temporary)."""
-    packed = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=flat.device)
-    for start, end in _chunks(flat.numel()):
-        flags = predicate(flat[start:end])
-        pad = (-flags.numel()) % 8
-        if pad:
-            flags = torch.cat([flags, flags.new_zeros(pad)])
-        packed[start // 8 : (end + 7) // 8] = _pack8(flags)
-    return packed
-
-
-_INT_VIEW = {
-    torch.float64: torch.int64,
-    torch.float32: torch.int32,
-    torch.float16: torch.int16,
-    torch.bfloat16: torch.int16,
-}
-
-
-def _keep_where(flat_grad: torch.Tensor, packed: torch.Tensor, out: torch.Tensor) -> None:
-    """``out = torch.where(mask, flat_grad, 0)`` for the packed ``mask``, exactly.
-
-    Done on the bits: ``grad & (0 or -1)`` as integers is the gradient where the mask is
-    set and ``+0.0`` elsewhere, inf and nan included (what the native kernels give),
-    and several times faster than ``torch.where`` with a bool mask on CPU. ``out`` may be
-    ``flat_grad`` itself (in place).
-    """
-    itype = _INT_VIEW.get(flat_grad.dtype)
-    if itype is None:  # other dtypes: the plain formulation
-        for start, end in _chunks(flat_grad.numel()):
-            mask = _unpack8(packed[start // 8 : (end + 7) // 8])[: end - start]
-            torch.where(mask, flat_grad[start:end], 0, out=out[start:end])  # type: ignore[call-overload]
-        return
-    g, o = flat_grad.view(itype), out.view(itype)
-    for start, end in _chunks(flat_grad.numel()):
-        bits = _unpack8(packed[start // 8 : (end + 7) // 8])[: end - start]
-        torch.bitwise_and(g[start:end], bits.to(itype).neg_(), out=o[start:end])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -723,8 +591,8 @@ class _MaskedFn(torch.autograd.Function):
         else:
             predicate = lambda t: (t > -3.0) & (t < 3.0)  # noqa: E731
         # Packed in the input's memory order (channels_last packs without a copy).
-        order = _dense_order(x)
-        packed = _pack_predicate(_flat_in(x, order), predicate)
+        order = dense_order(x)
+        packed = pack_predicate(flat_in(x, order), predicate)
         if kind == "relu":
             out = torch.relu_(x) if inplace else torch.relu(x)
         elif kind == "leaky":
@@ -749,16 +617,16 @@ class _MaskedFn(torch.autograd.Function):
         (packed,) = ctx.saved_tensors
         kind, a, _, _ = ctx.spec
         if kind == "leaky":
-            mask = _unflat(unpack_bits(packed, grad.numel()), ctx.shape, ctx.order)
+            mask = unflat(unpack_bits(packed, grad.numel()), ctx.shape, ctx.order)
             # torch.where, not grad * mask: identical to the native kernel, inf/nan included.
             return torch.where(mask, grad, grad * a), None
         # The native hardsigmoid backward scales first (by float32 1/6), then masks.
         g = grad * _ONE_SIXTH if kind == "hardsigmoid" else grad
-        flat = _flat_in(g, ctx.order)  # a view when grad has the forward's layout
+        flat = flat_in(g, ctx.order)  # a view when grad has the forward's layout
         # In place only on a tensor made here (never on the incoming gradient).
         out = flat if kind == "hardsigmoid" else torch.empty_like(flat)
-        _keep_where(flat, packed, out)
-        return _unflat(out, ctx.shape, ctx.order), None
+        keep_where(flat, packed, out)
+        return unflat(out, ctx.shape, ctx.order), None
 
 
 def _masked(input: torch.Tensor, spec: tuple[str, float, float, bool]) -> torch.Tensor:
@@ -985,7 +853,7 @@ class _AvgPool2dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.spec
-        fmt = torch.channels_last if _dense_order(grad) == (0, 2, 3, 1) else None
+        fmt = torch.channels_last if dense_order(grad) == (0, 2, 3, 1) else None
         grad_input = grad.new_empty(ctx.input_shape)
         if fmt is not None:
             grad_input = grad_input.contiguous(memory_format=fmt)

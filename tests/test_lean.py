@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from advtune import lean
+from advtune import masks
 from advtune.lean import LEAN_TYPES, FrozenParameterError, pack_bits, unpack_bits
 
 
@@ -93,26 +93,26 @@ def test_pack_unpack_reject_bad_input():
 
 def test_mask_round_trip_channels_last():
     x = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
-    order = lean._dense_order(x)
+    order = masks.dense_order(x)
     assert order == (0, 2, 3, 1)
-    flat = lean._flat_in(x, order)
+    flat = masks.flat_in(x, order)
     assert flat.data_ptr() == x.data_ptr()  # packed in memory order: no copy
-    packed = lean._pack_predicate(flat, lambda t: t > 0)
-    mask = lean._unflat(unpack_bits(packed, x.numel()), x.shape, order)
+    packed = masks.pack_predicate(flat, lambda t: t > 0)
+    mask = masks.unflat(unpack_bits(packed, x.numel()), x.shape, order)
     assert torch.equal(mask, x > 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_masked_gradient_on_the_bits_is_torch_where_with_inf_and_nan(monkeypatch, dtype):
-    monkeypatch.setattr(lean, "MASK_CHUNK", 16)  # several chunks, one of them partial
+    monkeypatch.setattr(masks, "MASK_CHUNK", 16)  # several chunks, one of them partial
     grad = torch.randn(61, dtype=torch.float64).to(dtype)
     grad[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     grad[30:34] = grad[:4]
     mask = torch.rand(61) > 0.5
     mask[:4], mask[30:34] = False, True
-    packed = lean._pack_predicate(mask, lambda t: t)
+    packed = masks.pack_predicate(mask, lambda t: t)
     out = torch.empty_like(grad)
-    lean._keep_where(grad, packed, out)
+    masks.keep_where(grad, packed, out)
     expected = torch.where(mask, grad, 0)
     # Bitwise equal: +0.0 where masked (even for inf/nan), the gradient's bits elsewhere.
     assert torch.equal(out.view(torch.uint8), expected.view(torch.uint8))
