@@ -574,6 +574,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # before a run started (imports, parsing)
         print("advtune: interrupted", file=sys.stderr)
         return signals.exit_code(e)
+    except BrokenPipeError:  # `advtune list models | head`: the reader left; not an error
+        # Point stdout at devnull so the interpreter's final flush cannot raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     finally:
         signals.restore(previous)
 

@@ -8,6 +8,7 @@ advanced ``--image-size`` flag to keep the tests fast.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -555,3 +556,27 @@ def test_autoattack_from_the_cli_logs_each_component(how, imagenet, checkpoint, 
     assert {r["broken_by"] for r in rows} <= {"", "clean", *after}
     # The last stage's survivors are the rows no component broke.
     assert after["square"] == sum(r["broken_by"] == "" for r in rows) / len(rows)
+
+
+def test_broken_pipe_is_a_quiet_exit(monkeypatch, tmp_path):
+    """`advtune list models | head`: the reader leaving is not an error (no traceback)."""
+
+    class ClosedPipe:
+        def __init__(self, fd: int):
+            self.fd = fd
+
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self) -> int:
+            return self.fd
+
+    fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT)
+    try:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(fd))
+        assert main(["list", "attacks"]) == 0
+    finally:
+        os.close(fd)
