@@ -132,6 +132,12 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
         default=None,
         help="ConvBN mode: eval, tune, deploy or frozen (default: advtune.models.DEFAULT_CONVBN)",
     )
+    model.add_argument(
+        "--recompute",
+        action="store_true",
+        help="frozen mode: ViT/Swin/ConvNeXt/MBConv blocks keep only their input and run "
+        "again in backward (less memory, about 0.8x the speed; same results)",
+    )
     attack = p.add_argument_group("attack (flags override --preset)")
     attack.add_argument("--attack", help="attack name (advtune list attacks)")
     attack.add_argument("--preset", help="preset name (advtune list presets) or a .toml file")
@@ -359,7 +365,7 @@ def _dataset_and_model(
     )
     model = load_model(
         args.model, weights=args.weights, convbn=convbn, device=device,
-        progress=not args.quiet, seed=args.seed,
+        progress=not args.quiet, seed=args.seed, recompute=args.recompute,
     )  # fmt: skip
     return dataset, model, transform
 
@@ -396,6 +402,8 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         from advtune.errors import suggest
 
         raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
+    if args.recompute and convbn != "frozen":
+        raise UserError(f"--recompute needs --convbn frozen, got {convbn!r}")
     OutputDir(out_dir)  # fails early if the folder is not writable
     if args.subset is not None:
         from advtune.data import resolve_subset_path
@@ -432,6 +440,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         settings={
             "device": device,
             "compile": args.compile,
+            "recompute": args.recompute,
             "batch_size_requested": args.batch_size,
         },
     )

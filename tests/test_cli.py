@@ -228,7 +228,7 @@ def test_dataset_gets_the_cards_preprocessing_before_the_model_is_built(
     )
     args = argparse.Namespace(
         model="resnet18", weights="random", seed=7, image_size=None, data=str(imagenet),
-        limit=None, subset=None, shuffle_seed=None, labels=None, quiet=True,
+        limit=None, subset=None, shuffle_seed=None, labels=None, quiet=True, recompute=False,
     )  # fmt: skip
     with pytest.raises(RuntimeError, match="stop here"):
         cli._dataset_and_model(args, convbn=DEFAULT_CONVBN, device="cpu", out_dir=tmp_path / "o")
@@ -291,6 +291,7 @@ def _one_line_error(capsys, rc, *names):
         (["--attack", "pgd", "-p", "eps=0.1"], ["--eps"]),
         (["--attack", "pgd", "--norm", "l3"], ["'l3'", "linf", "l2"]),  # threat_names()
         (["--attack", "fgsm", "--norm", "l2"], ["'fgsm' is linf only"]),
+        (["--attack", "fgsm", "--convbn", "tune", "--recompute"], ["--recompute", "frozen"]),
     ],
 )
 def test_bad_inputs_before_model_load(extra, names, imagenet, tmp_path, capsys, monkeypatch):
@@ -580,3 +581,25 @@ def test_broken_pipe_is_a_quiet_exit(monkeypatch, tmp_path):
         assert main(["list", "attacks"]) == 0
     finally:
         os.close(fd)
+
+
+def test_recompute_runs_and_is_reported(tmp_path, capsys):
+    """--recompute: a Swin model's blocks recompute in backward; the run and its report say so."""
+    out = tmp_path / "o"
+    argv = ["generate", "--model", "swin_t", "--weights", "random", "--image-size", "64",
+            "--attack", "fgsm", "--limit", "2", "--workers", "0", "--recompute",
+            "--out", str(out), "-q"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["recompute"] is True
+    assert report["status"] == "complete"
+
+
+def test_load_model_recompute_wraps_blocks():
+    from advtune.frozen import freeze_report
+
+    report = freeze_report(load_model("swin_t", weights="random", recompute=True).net)
+    plain = freeze_report(load_model("swin_t", weights="random").net)
+    assert report is not None and plain is not None
+    assert len(report.recomputed) == 12  # swin_t's 2 + 2 + 6 + 2 transformer blocks
+    assert plain.recomputed == []

@@ -273,6 +273,7 @@ def load_model(
     seed: int = 0,
     threat_model: str | None = None,
     dataset: str | None = None,
+    recompute: bool = False,
 ) -> ImageClassifier:
     """Build a frozen classifier that takes [0, 1] images.
 
@@ -293,6 +294,9 @@ def load_model(
         seed: Seed of random weights: the same seed gives the same model in every
             process, rank and resume. The global RNG is not touched.
         threat_model, dataset: RobustBench entry (default ``"Linf"``, ``"imagenet"``).
+        recompute: With ``convbn="frozen"``: residual blocks of transformer, ConvNeXt and
+            MBConv models save only their input and run again in backward
+            (:func:`advtune.frozen.freeze`); less memory, about 0.8× the speed.
 
     Returns:
         An :class:`ImageClassifier` in eval mode with every parameter frozen
@@ -304,6 +308,8 @@ def load_model(
     """
     if convbn not in MODES:
         raise UserError(suggest(str(convbn), MODES, what="ConvBN mode"))
+    if recompute and convbn != "frozen":
+        raise UserError(f"recompute needs convbn 'frozen', got {convbn!r}")
     if convbn == "frozen" and importlib.util.find_spec("advtune.frozen") is None:
         # Checked before building: the frozen mode ships in its own module.
         raise UserError("convbn mode 'frozen' is not available in this install; use 'tune'")
@@ -328,7 +334,7 @@ def load_model(
         if categories is None and num_classes == 1000:
             categories = torchvision_source.imagenet_categories()
         card = card.replace(num_classes=num_classes, categories=categories)
-    net = tune(net, convbn, inplace=True)  # type: ignore[arg-type]  # checked above
+    net = tune(net, convbn, inplace=True, recompute=recompute)  # type: ignore[arg-type]
     for p in net.parameters():  # deploy/frozen create new parameters
         p.requires_grad_(False)
     model = ImageClassifier(
