@@ -1,0 +1,112 @@
+"""What every lean layer shares: the weight-gradient refusal, layouts, autocast operands."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class FrozenParameterError(RuntimeError):
+    """A weight gradient was asked of a frozen layer (they give input gradients only)."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a new tensor shaped like ``t`` should take to match it."""
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    if (
+        t.dim() == 5
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last_3d)
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _wants_graph(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _check_frozen(module: nn.Module, *names: str) -> None:
+    """Raise if a parameter of ``module`` requires grad while autograd records."""
+    if not torch.is_grad_enabled():
+        return
+    for name in names:
+        p = getattr(module, name, None)
+        if isinstance(p, torch.Tensor) and p.requires_grad:
+            where = module.__dict__.get("_advtune_name") or type(module).__name__
+            raise FrozenParameterError(
+                f"parameter {where}.{name} requires grad, but frozen layers compute input "
+                "gradients only; call model.requires_grad_(False), or convert with "
+                "advtune.tune(model, 'tune') to get weight gradients"
+            )
+
+
+def _refuse_weight_grads(ctx: Any) -> None:
+    """In a lean Function's backward (inputs ``x, weight, bias, ...``): weight gradients
+    were never recorded, so asking for one is an error, not a silent ``None``."""
+    if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+        raise FrozenParameterError(
+            f"{getattr(ctx, 'where', 'a frozen layer')}: a weight gradient was requested, "
+            "but frozen layers compute input gradients only"
+        )
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast compute dtype for ``x``'s device, or ``None`` if autocast is off."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        enabled = (
+            torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+        )
+    if not enabled:
+        return None
+    if hasattr(torch, "get_autocast_dtype"):
+        return torch.get_autocast_dtype(device_type)
+    return (
+        torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
+    )
+
+
+def _amp_operands(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
+    """Cast like autocast would for conv/linear; the cast of ``x`` stays in the graph.
+
+    Returns ``(x, weight, bias, autocast_was_on)``. The Function then runs with
+    autocast off, so its backward sees the same dtypes as its forward, and the
+    differentiable ``x.to(dtype)`` casts the input gradient back to ``x``'s dtype.
+    """
+    dtype = _autocast_dtype(x)
+    if dtype is None or x.dtype == torch.float64 or not x.is_floating_point():
+        return x, weight, bias, dtype is not None
+    x = x.to(dtype)
+    weight = weight.to(dtype)
+    bias = None if bias is None else bias.to(dtype)
+    return x, weight, bias, True
+
+
+class _AutocastOff:
+    """``torch.autocast(device, enabled=False)`` only when autocast is on (cheap otherwise)."""
+
+    def __init__(self, device_type: str, active: bool) -> None:
+        self._ctx = torch.autocast(device_type=device_type, enabled=False) if active else None
+
+    def __enter__(self) -> None:
+        if self._ctx is not None:
+            self._ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
