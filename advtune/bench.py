@@ -652,6 +652,8 @@ def _parse_pair(text: str) -> tuple[int, int]:
         a, b = (int(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected two sizes like 2,4, got {text!r}") from None
+    if not 1 <= a < b:  # a marginal cost needs two different, increasing batch sizes
+        raise argparse.ArgumentTypeError(f"expected two increasing sizes like 2,4, got {text!r}")
     return a, b
 
 

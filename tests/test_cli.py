@@ -603,3 +603,10 @@ def test_load_model_recompute_wraps_blocks():
     assert report is not None and plain is not None
     assert len(report.recomputed) == 12  # swin_t's 2 + 2 + 6 + 2 transformer blocks
     assert plain.recomputed == []
+
+
+@pytest.mark.parametrize("flag", ["--saved-batches", "--peak-batches"])
+@pytest.mark.parametrize("value", ["4,2", "2,2", "0,4"])
+def test_bench_batch_pairs_must_increase(flag, value, capsys):
+    pytest.importorskip("advtune.bench")
+    _one_line_error(capsys, main(["bench", flag, value]), flag, "increasing")
