@@ -23,3 +23,8 @@ _SHOW = 5  # how many offending names an error message lists
 def _count(n: int, singular: str, plural: str | None = None) -> str:
     """``"1 image"``, ``"2 images"``."""
     return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
+def _listing(names: list[str]) -> str:
+    """The first :data:`_SHOW` names, comma-separated, with ``", ..."`` if there are more."""
+    return ", ".join(names[:_SHOW]) + (", ..." if len(names) > _SHOW else "")

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 
 from advtune.data.constants import (
-    _SHOW,
     _VAL_NUMBER,
     _WNID,
     DEVKIT_FOLDER,
@@ -20,6 +19,7 @@ from advtune.data.constants import (
     IMAGE_EXTENSIONS,
     LOC_CSV,
     _count,
+    _listing,
 )
 from advtune.data.shipped import _wnid_index
 from advtune.errors import UserError
@@ -125,9 +125,7 @@ def _require_all(files: list[str], table: dict[str, int], source: Path, key) -> 
     if missing:
         raise UserError(
             f"{_count(len(missing), 'image')} {'has' if len(missing) == 1 else 'have'} no "
-            f"label in {str(source)!r}: "
-            + ", ".join(missing[:_SHOW])
-            + (", ..." if len(missing) > _SHOW else "")
+            f"label in {str(source)!r}: " + _listing(missing)
         )
 
 

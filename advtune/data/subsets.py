@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from advtune._resources import datasets_dir
-from advtune.data.constants import _SHOW, _count
+from advtune.data.constants import _count, _listing
 from advtune.errors import UserError
 
 
@@ -67,8 +67,6 @@ def _apply_subset(files: list[str], entries: list[str], *, by_name: bool) -> lis
     if missing:
         raise UserError(
             f"{len(missing)} of {_count(len(entries), 'subset entry', 'subset entries')} "
-            f"{'is' if len(missing) == 1 else 'are'} not in the data folder: "
-            + ", ".join(missing[:_SHOW])
-            + (", ..." if len(missing) > _SHOW else "")
+            f"{'is' if len(missing) == 1 else 'are'} not in the data folder: " + _listing(missing)
         )
     return list(dict.fromkeys(index[k] for k in keys))
