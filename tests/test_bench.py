@@ -60,11 +60,16 @@ def test_peak_bytes_counts_tensors_alive_at_once():
     assert peak_bytes(lambda: kept.sum()) == 4  # tensors made before the call do not count
 
 
-def test_step_peak_of_a_tiny_model_is_deterministic_and_above_the_floor():
+def test_step_peak_of_a_tiny_model_is_deterministic_and_below_eval():
     frozen = advtune.tune(_tiny_model(), "frozen")
     peaks = [peak_bytes_per_image(frozen, size=16, batches=(2, 4)) for _ in range(2)]
-    floor = peak_bytes_per_image(frozen, size=16, batches=(2, 4), grad=False)
-    assert peaks[0] == peaks[1] > floor > 0
+    floors = [peak_bytes_per_image(frozen, size=16, batches=(2, 4), grad=False) for _ in "ab"]
+    eval_peak = peak_bytes_per_image(advtune.tune(_tiny_model(), "eval"), size=16, batches=(2, 4))
+    assert peaks[0] == peaks[1] > 0
+    assert floors[0] == floors[1] > 0
+    # The native no-grad forward is not a strict floor: frozen's lean layers may hold less
+    # at once (here the stem's folded input gradient and the uint8 pool offsets).
+    assert peaks[0] < eval_peak
     with pytest.raises(ValueError, match="increasing"):
         peak_bytes_per_image(frozen, size=16, batches=(4, 2))
 
@@ -114,7 +119,7 @@ def test_run_bench_cpu_reports_what_it_can():
         assert row.saved_mib_per_image > 0 and row.images_steps_per_s > 0
         assert len(row.images_steps_per_s_runs) == 3
         assert row.images_steps_per_s == sorted(row.images_steps_per_s_runs)[1]  # median
-        assert row.step_peak_mib_per_image > row.floor_mib_per_image > 0  # every device
+        assert row.step_peak_mib_per_image > 0 and row.floor_mib_per_image > 0  # every device
         assert row.peak_mib_per_image is None and row.max_batch is None  # CUDA only
     ratios = result.ratios()
     assert ratios["eval"]["saved_mib_per_image"] == 1.0

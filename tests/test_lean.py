@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from advtune import masks
+from advtune import lean, masks
 from advtune.lean import LEAN_TYPES, FrozenParameterError, pack_bits, unpack_bits
 
 
@@ -62,13 +62,14 @@ def _compare(module: nn.Module, x: torch.Tensor, *, tol: float = 1e-12):
 
 
 @pytest.mark.parametrize("n", [0, 1, 3, 7, 8, 9, 15, 17, 63, 64, 65, 1001])
-def test_pack_unpack_round_trip(n):
+def test_pack_unpack_round_trip(mask_kernels, n):
     gen = torch.Generator().manual_seed(n)
     mask = torch.rand(n, generator=gen) > 0.5
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8
     assert packed.shape == ((n + 7) // 8,)
     assert torch.equal(unpack_bits(packed, n), mask)
+    assert torch.equal(masks.pack_between(mask.double(), 0.5), packed)
 
 
 def test_pack_bit_order_and_shapes():
@@ -91,26 +92,36 @@ def test_pack_unpack_reject_bad_input():
         unpack_bits(torch.zeros(2, dtype=torch.uint8), 17)
 
 
-def test_mask_round_trip_channels_last():
+def test_mask_round_trip_channels_last(mask_kernels):
     x = torch.randn(2, 3, 5, 7).contiguous(memory_format=torch.channels_last)
     order = masks.dense_order(x)
     assert order == (0, 2, 3, 1)
     flat = masks.flat_in(x, order)
     assert flat.data_ptr() == x.data_ptr()  # packed in memory order: no copy
-    packed = masks.pack_predicate(flat, lambda t: t > 0)
+    packed = masks.pack_between(flat, 0.0)
     mask = masks.unflat(unpack_bits(packed, x.numel()), x.shape, order)
     assert torch.equal(mask, x > 0)
 
 
+@pytest.fixture(params=["numpy", "torch"])
+def mask_kernels(request, monkeypatch):
+    """Both CPU implementations of the mask kernels (numpy up to 2 threads, torch above)."""
+    if request.param == "torch":
+        monkeypatch.setattr(masks, "NUMPY_MAX_THREADS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_masked_gradient_on_the_bits_is_torch_where_with_inf_and_nan(monkeypatch, dtype):
+def test_masked_gradient_on_the_bits_is_torch_where_with_inf_and_nan(
+    monkeypatch, mask_kernels, dtype
+):
     monkeypatch.setattr(masks, "MASK_CHUNK", 16)  # several chunks, one of them partial
     grad = torch.randn(61, dtype=torch.float64).to(dtype)
     grad[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     grad[30:34] = grad[:4]
     mask = torch.rand(61) > 0.5
     mask[:4], mask[30:34] = False, True
-    packed = masks.pack_predicate(mask, lambda t: t)
+    packed = pack_bits(mask)
     out = torch.empty_like(grad)
     masks.keep_where(grad, packed, out)
     expected = torch.where(mask, grad, 0)
@@ -230,6 +241,7 @@ def test_inplace_relu_on_leaf_raises_like_native():
         (nn.MaxPool2d(3, 2, ceil_mode=True), (2, 3, 10, 9)),
         (nn.MaxPool2d((3, 2), (2, 1), (1, 0), dilation=(1, 2)), (2, 3, 9, 9)),
         (nn.MaxPool2d(3, 1, 1), (3, 6, 6)),  # unbatched
+        (nn.MaxPool2d(3, 2, 1), (1, 2, 7, 130)),  # a window spans > 255 flat positions
     ],
     ids=repr,
 )
@@ -355,3 +367,25 @@ def test_every_lean_layer_is_compared_with_its_original():
     # A lean class added to LEAN_TYPES without a float64 comparison here fails this test.
     untested = set(LEAN_TYPES) - _modules_in_parametrizations()
     assert not untested, f"lean layers without a float64 comparison: {untested}"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("layer", "channels"),
+    [(lean.LeanReLU(), 3), (lean.LeanHardsigmoid(), 3), (lean.LeanLeakyReLU(0.1), 3),
+     (lean.LeanConv2d(8, 6, 1, bias=False), 8), (lean.LeanConv2d(3, 6, 3, padding=1), 3)],
+    ids=repr,
+)  # fmt: skip
+def test_input_gradients_own_their_storage(layer, channels, channels_last):
+    """A view would stop autograd from summing gradients in place at branch points."""
+    layer = copy.deepcopy(layer).double().requires_grad_(False)
+    x = torch.randn(2, channels, 5, 5, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    inp = x.clone().requires_grad_(True) * 1.0  # a non-leaf: its gradient is the layer's
+    out = layer(inp)
+    (g,) = torch.autograd.grad(out, inp, torch.randn_like(out))
+    assert g._base is None
+    assert g.is_contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format
+    )

@@ -12,7 +12,7 @@ from advtune.masks import (
     dense_order,
     flat_in,
     keep_where,
-    pack_predicate,
+    pack_between,
     unflat,
     unpack_bits,
 )
@@ -36,15 +36,16 @@ class _MaskedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, spec):  # type: ignore[override]
         kind, a, b, inplace = spec
+        # The derivative is non-zero strictly inside these bounds.
         if kind in ("relu", "leaky"):
-            predicate = lambda t: t > 0  # noqa: E731
+            low, high = 0.0, None
         elif kind == "hardtanh":
-            predicate = lambda t: (t > a) & (t < b)  # noqa: E731
+            low, high = a, b
         else:
-            predicate = lambda t: (t > -3.0) & (t < 3.0)  # noqa: E731
+            low, high = -3.0, 3.0
         # Packed in the input's memory order (channels_last packs without a copy).
         order = dense_order(x)
-        packed = pack_predicate(flat_in(x, order), predicate)
+        packed = pack_between(flat_in(x, order), low, high)
         if kind == "relu":
             out = torch.relu_(x) if inplace else torch.relu(x)
         elif kind == "leaky":
@@ -74,11 +75,28 @@ class _MaskedFn(torch.autograd.Function):
             return torch.where(mask, grad, grad * a), None
         # The native hardsigmoid backward scales first (by float32 1/6), then masks.
         g = grad * _ONE_SIXTH if kind == "hardsigmoid" else grad
-        flat = flat_in(g, ctx.order)  # a view when grad has the forward's layout
-        # In place only on a tensor made here (never on the incoming gradient).
-        out = flat if kind == "hardsigmoid" else torch.empty_like(flat)
-        keep_where(flat, packed, out)
-        return unflat(out, ctx.shape, ctx.order), None
+        # The result is a tensor of its own, not a view: autograd sums a gradient in place
+        # only into a non-view (else every residual branch point allocates a new sum).
+        if (
+            kind == "hardsigmoid"
+            and dense_order(g) == ctx.order
+            and g.is_contiguous(memory_format=_FORMATS.get(ctx.order, torch.contiguous_format))
+        ):
+            result = g  # made here, so masked in place (never the incoming gradient)
+        else:
+            result = torch.empty(
+                ctx.shape,
+                dtype=g.dtype,
+                device=g.device,
+                memory_format=_FORMATS.get(ctx.order, torch.contiguous_format),
+            )
+        # flat_in(g) is a view when grad has the forward's layout (else a copy).
+        keep_where(flat_in(g, ctx.order), packed, flat_in(result, ctx.order))
+        return result, None
+
+
+#: Memory format of a tensor dense in a :func:`~advtune.masks.dense_order` order.
+_FORMATS = {(0, 2, 3, 1): torch.channels_last, (0, 2, 3, 4, 1): torch.channels_last_3d}
 
 
 def _masked(input: torch.Tensor, spec: tuple[str, float, float, bool]) -> torch.Tensor:

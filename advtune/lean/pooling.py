@@ -36,19 +36,26 @@ class _MaxPool2dFn(torch.autograd.Function):
         # Window origin of each output position (may be negative with padding).
         h0 = (torch.arange(ho, device=x.device) * sh - ph).view(ho, 1)
         w0 = (torch.arange(wo, device=x.device) * sw - pw).view(1, wo)
-        # In place and in int32 (a plane index fits): the int64 indices and one int32
-        # temporary are the only output-sized buffers alive at once.
-        plane = x.shape[-2] * width
-        row = indices.to(torch.int32) if plane < 2**31 else indices
+        # Flat index minus the window origin's flat index fits a uint8 when the window
+        # spans < 256 flat positions (ResNet's 3x3 pool on 112 columns: 226): one
+        # subtraction. Otherwise decompose into (row, column) inside the window.
+        ctx.flat = (kh - 1) * dh * width + (kw - 1) * dw < 256
+        if ctx.flat:
+            offset = indices.sub_(h0 * width + w0)
+        else:
+            # In place and in int32 (a plane index fits): the int64 indices and one int32
+            # temporary are the only output-sized buffers alive at once.
+            plane = x.shape[-2] * width
+            row = indices.to(torch.int32) if plane < 2**31 else indices
+            col = row.remainder(width).sub_(w0)
+            row.div_(width, rounding_mode="floor").sub_(h0)
+            if dh != 1:
+                row.div_(dh, rounding_mode="floor")
+            if dw != 1:
+                col.div_(dw, rounding_mode="floor")
+            offset = row.mul_(kw).add_(col)
+            del col
         del indices
-        col = row.remainder(width).sub_(w0)
-        row.div_(width, rounding_mode="floor").sub_(h0)
-        if dh != 1:
-            row.div_(dh, rounding_mode="floor")
-        if dw != 1:
-            col.div_(dw, rounding_mode="floor")
-        offset = row.mul_(kw).add_(col)
-        del col
         ctx.save_for_backward(offset.to(torch.uint8))
         ctx.spec = spec
         ctx.input_shape = x.shape
@@ -64,9 +71,13 @@ class _MaxPool2dFn(torch.autograd.Function):
         h0 = (torch.arange(ho, device=grad.device) * sh - ph).view(ho, 1)
         w0 = (torch.arange(wo, device=grad.device) * sw - pw).view(1, wo)
         off = offset.long()
-        wi = torch.div(off, kw, rounding_mode="floor")
-        indices = (h0 + wi * dh) * width + (w0 + (off - wi * kw) * dw)
-        del off, wi
+        if ctx.flat:
+            indices = off.add_(h0 * width + w0)
+        else:
+            wi = torch.div(off, kw, rounding_mode="floor")
+            indices = (h0 + wi * dh) * width + (w0 + (off - wi * kw) * dw)
+            del wi
+        del off
         # A plain scatter-add of the output gradient into the flattened input plane: the
         # same sums as the native kernel, with no aliasing tricks, on every device.
         lead = tuple(grad.shape[:-2])
