@@ -414,7 +414,11 @@ class BenchResult:
             f"{'floor':>7s} {'x floor':>8s} {'loop peak':>10s} {'img*steps/s':>12s} "
             f"{'x eval':>7s} {'max batch':>10s}"
         )
-        timing = f"median of {self.repeats} interleaved runs" if self.repeats > 1 else "1 run"
+        timing = (
+            f"median of {self.repeats} interleaved runs (order reversed every other run)"
+            if self.repeats > 1
+            else "1 run"
+        )
         lines = [
             f"advtune bench: {self.model}, {self.attack}, {self.size}px, device {self.device} "
             f"({self.device_name}), batch {self.batch_size}, {self.steps} steps, "
@@ -588,8 +592,9 @@ def run_bench(
             )
     # Speed: every mode in turn within each repetition, so that load from other
     # processes falls on all modes alike; the median per mode is reported.
+    # The order reverses every other repetition, so no mode always follows the same one.
     for rep in range(repeats if steps else 0):
-        for row in rows:
+        for row in rows if rep % 2 == 0 else rows[::-1]:
             if row.error is not None:
                 continue
             with _OOMGuard(row, dev):

@@ -149,7 +149,7 @@ def _numpy_view(t: torch.Tensor) -> Any:
         or torch.get_num_threads() > NUMPY_MAX_THREADS
     ):
         return None
-    return t.detach().numpy()
+    return (t.detach() if t.requires_grad else t).numpy()
 
 
 def pack_between(flat: torch.Tensor, low: float, high: float | None = None) -> torch.Tensor:
@@ -171,13 +171,13 @@ def pack_between(flat: torch.Tensor, low: float, high: float | None = None) -> t
     source = _numpy_view(flat)
     if source is not None:
         target = packed.numpy()
-        flags_t = torch.empty(min(numel, MASK_CHUNK), dtype=torch.bool)
-        spare_t = torch.empty(min(numel, MASK_CHUNK) if high is not None else 0, dtype=torch.bool)
-        flags_all, spare_all = flags_t.numpy(), spare_t.numpy()
+        size = min(numel, MASK_CHUNK)
+        flags_all = torch.empty(size, dtype=torch.bool).numpy()
+        spare_all = None if high is None else torch.empty(size, dtype=torch.bool).numpy()
         for start, end in chunks(numel):
             part, hits = source[start:end], flags_all[: end - start]
             np.greater(part, low, out=hits)
-            if high is not None:
+            if spare_all is not None:
                 spare = spare_all[: end - start]
                 np.less(part, high, out=spare)
                 np.logical_and(hits, spare, out=hits)
@@ -217,12 +217,10 @@ def keep_where(flat_grad: torch.Tensor, packed: torch.Tensor, out: torch.Tensor)
             mask = _unpack8(packed[start // 8 : (end + 7) // 8])[: end - start]
             torch.where(mask, flat_grad[start:end], 0, out=out[start:end])  # type: ignore[call-overload]
         return
-    g, o = flat_grad.view(itype), out.view(itype)
     g_np, o_np = _numpy_view(flat_grad), _numpy_view(out)
     if g_np is not None and o_np is not None:
-        g_np = g_np.view(_NUMPY_INT[itype])
-        o_np = o_np.view(_NUMPY_INT[itype])
-        packed_np = packed.numpy()
+        np_itype = _NUMPY_INT[itype]
+        g_np, o_np, packed_np = g_np.view(np_itype), o_np.view(np_itype), packed.numpy()
         for start, end in chunks(flat_grad.numel()):
             chunk = packed_np[start // 8 : (end + 7) // 8]
             # 0/1 bytes, negated in place to 0/-1: int8 -1 widens to all ones in the and.
@@ -232,6 +230,7 @@ def keep_where(flat_grad: torch.Tensor, packed: torch.Tensor, out: torch.Tensor)
             np.negative(flags, out=flags)
             np.bitwise_and(g_np[start:end], flags, out=o_np[start:end])
         return
+    g, o = flat_grad.view(itype), out.view(itype)
     for start, end in chunks(flat_grad.numel()):
         bits = _unpack8(packed[start // 8 : (end + 7) // 8])[: end - start]
         torch.bitwise_and(g[start:end], bits.to(itype).neg_(), out=o[start:end])
