@@ -177,7 +177,7 @@ def pack_between(flat: torch.Tensor, low: float, high: float | None = None) -> t
         for start, end in chunks(numel):
             part, hits = source[start:end], flags_all[: end - start]
             np.greater(part, low, out=hits)
-            if spare_all is not None:
+            if spare_all is not None and high is not None:
                 spare = spare_all[: end - start]
                 np.less(part, high, out=spare)
                 np.logical_and(hits, spare, out=hits)

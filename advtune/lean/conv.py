@@ -18,6 +18,43 @@ from advtune.lean._common import (
     _wants_graph,
 )
 
+#: Run stride-1 1x1 float32 CPU convs of the frozen forward through oneDNN (see below).
+ONEDNN_1X1 = True
+
+
+def _use_onednn_1x1(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    transposed: bool,
+    groups: int,
+) -> bool:
+    """Whether to run a stride-1 1x1 float32 CPU conv through oneDNN (mkldnn) directly.
+
+    Off when :data:`ONEDNN_1X1` is false or oneDNN is unavailable or disabled
+    (``torch.backends.mkldnn``).
+
+    PyTorch sends such convs to its own GEMM kernel (``_slow_conv2d_forward``) below 16
+    images on one thread and to oneDNN otherwise; the result is the same to float32
+    rounding, and oneDNN measured faster on ResNet-50's 1x1 convs at batch 4 (see
+    ``docs/performance.md`` and ``scripts/bench_frozen_kernels.py``).
+    """
+    return (
+        ONEDNN_1X1
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and not transposed
+        and groups == 1
+        and weight.shape[2] == 1
+        and weight.shape[3] == 1
+        and stride[0] == stride[1] == 1
+        and not any(padding)
+        and torch.backends.mkldnn.is_available()
+        and torch._C._get_mkldnn_enabled()
+    )
+
 
 class _ConvFn(torch.autograd.Function):
     """Convolution (plain or transposed) that saves only its weight.
@@ -34,9 +71,12 @@ class _ConvFn(torch.autograd.Function):
         if pre_pad is not None:
             # Inside the Function: a reflect/replicate F.pad would save its input.
             x = F.pad(x, pre_pad[0], mode=pre_pad[1])
-        out = torch.ops.aten.convolution(
-            x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
-        )
+        if _use_onednn_1x1(x, weight, stride, padding, transposed, groups):
+            out = torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, 1)
+        else:
+            out = torch.ops.aten.convolution(
+                x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
+            )
         ctx.save_for_backward(weight)
         ctx.spec = spec
         ctx.where = where

@@ -1,0 +1,212 @@
+"""Which kernels the frozen mode uses on CPU, and what each choice is worth.
+
+Two measurements behind the choices in :mod:`advtune.masks` and :mod:`advtune.lean.conv`
+(``docs/performance.md`` has the figures):
+
+* :func:`mask_kernel_times`: the mask kernels (pack ``x > 0``, mask a gradient) in both
+  implementations (numpy, torch) next to the native ReLU kernels, on one activation.
+* :func:`frozen_kernel_ablation`: one gradient step (forward, cross-entropy, input
+  gradient) of a model in deploy mode and in frozen mode with each kernel choice turned
+  off in turn, timed in the same process with the order reversed every other
+  repetition; medians, and the median of per-repetition differences against frozen.
+
+Scripts: ``scripts/bench_masks.py`` and ``scripts/bench_frozen_kernels.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from advtune import masks
+from advtune.lean import conv as lean_conv
+
+__all__ = ["SWITCHES", "frozen_kernel_ablation", "mask_kernel_times"]
+
+#: Each CPU kernel choice of the frozen mode, as (module, attribute, value that turns it off).
+SWITCHES: dict[str, tuple[Any, str, Any]] = {
+    "numpy masks": (masks, "NUMPY_MAX_THREADS", 0),
+    "oneDNN 1x1": (lean_conv, "ONEDNN_1X1", False),
+    "fold stem": (lean_conv, "FOLD_CHANNELS", 0),
+}
+
+
+@contextmanager
+def _switched_off(names: Sequence[str]) -> Any:
+    saved = {name: getattr(SWITCHES[name][0], SWITCHES[name][1]) for name in names}
+    try:
+        for name in names:
+            module, attr, off = SWITCHES[name]
+            setattr(module, attr, off)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(SWITCHES[name][0], SWITCHES[name][1], value)
+
+
+def _median_ms(values: list[float]) -> float:
+    return 1000 * statistics.median(values)
+
+
+def mask_kernel_times(
+    shape: tuple[int, ...] = (4, 256, 56, 56), *, repeats: int = 15
+) -> dict[str, dict[str, float]]:
+    """Median milliseconds of the mask kernels on a float32 activation of ``shape``.
+
+    Returns:
+        ``{kernel: {"numpy": ms, "torch": ms}}`` for ``"pack x > 0"`` and
+        ``"mask a gradient"``, and ``{kernel: {"native": ms}}`` for the native ReLU
+        forward and ``threshold_backward``. Kernels run in turn within each repetition
+        after one warm-up repetition.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).reshape(-1)
+    grad = torch.randn(shape, generator=gen).reshape(-1)
+    packed = masks.pack_between(x, 0.0)
+    out = torch.empty_like(grad)
+    kernels: dict[str, Callable[[], object]] = {
+        "native relu": lambda: torch.relu(x),
+        "native threshold_backward": lambda: torch.ops.aten.threshold_backward(grad, x, 0),
+        "pack x > 0": lambda: masks.pack_between(x, 0.0),
+        "mask a gradient": lambda: masks.keep_where(grad, packed, out),
+    }
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in kernels}
+    for rep in range(repeats + 1):
+        for impl, off in (("numpy", ()), ("torch", ("numpy masks",))):
+            with _switched_off(off):
+                for name, fn in kernels.items():
+                    if name.startswith("native"):
+                        if impl == "torch":
+                            continue  # independent of the switch: timed once
+                        impl_name = "native"
+                    else:
+                        impl_name = impl
+                    start = time.perf_counter()
+                    fn()
+                    if rep:
+                        times[name].setdefault(impl_name, []).append(time.perf_counter() - start)
+    return {name: {impl: _median_ms(v) for impl, v in d.items()} for name, d in times.items()}
+
+
+def frozen_kernel_ablation(
+    model: torch.nn.Module,
+    *,
+    size: int = 224,
+    batch: int = 4,
+    repeats: int = 16,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Time one gradient step of ``model`` in deploy mode and frozen mode variants.
+
+    Variants: ``deploy``; ``frozen`` (every kernel choice on); ``frozen - NAME`` for
+    each of :data:`SWITCHES`; ``frozen - all`` (every choice off). Each repetition runs
+    every variant once, in reverse order every other repetition.
+
+    Args:
+        model: An eval-mode model (converted here, on copies).
+        size, batch: Input images ``(batch, 3, size, size)``, uniform in [0, 1].
+        repeats: Timed repetitions (after one untimed warm-up repetition).
+        seed: Seed of the images and labels.
+
+    Returns:
+        One dict per variant: ``variant``, ``median_s`` (per step), ``runs_s`` and
+        ``paired_vs_frozen_ms`` (median of per-repetition differences against frozen).
+    """
+    from advtune.convbn import tune
+
+    models = {
+        "deploy": tune(copy.deepcopy(model), "deploy").requires_grad_(False),
+        "frozen": tune(copy.deepcopy(model), "frozen").requires_grad_(False),
+    }
+    variants: dict[str, tuple[str, tuple[str, ...]]] = {
+        "deploy": ("deploy", ()),
+        "frozen": ("frozen", ()),
+        **{f"frozen - {name}": ("frozen", (name,)) for name in SWITCHES},
+        "frozen - all": ("frozen", tuple(SWITCHES)),
+    }
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(batch, 3, size, size, generator=gen)
+    with torch.no_grad():
+        y = models["deploy"](x).argmax(1)
+
+    def step(net: torch.nn.Module) -> torch.Tensor:
+        xa = x.clone().requires_grad_(True)
+        return torch.autograd.grad(F.cross_entropy(net(xa), y), xa)[0]
+
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    for rep in range(repeats + 1):
+        for name in order if rep % 2 == 0 else order[::-1]:
+            mode, off = variants[name]
+            with _switched_off(off):
+                start = time.perf_counter()
+                step(models[mode])
+                elapsed = time.perf_counter() - start
+            if rep:
+                runs[name].append(elapsed)
+    base = runs["frozen"]
+    return [
+        {
+            "variant": name,
+            "median_s": statistics.median(values),
+            "runs_s": values,
+            "paired_vs_frozen_ms": _median_ms([v - b for v, b in zip(values, base)]),
+        }
+        for name, values in runs.items()
+    ]
+
+
+def _threads(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+
+
+def masks_main(argv: Sequence[str] | None = None) -> None:
+    """CLI of ``scripts/bench_masks.py``."""
+    p = argparse.ArgumentParser(description="Time the CPU mask kernels (numpy, torch, native).")
+    p.add_argument("--shape", default="4,256,56,56", help="activation shape (4,256,56,56)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (15)")
+    args = p.parse_args(argv)
+    _threads(args)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    result = mask_kernel_times(shape, repeats=args.repeats)
+    print(f"{shape} float32, {args.threads} thread(s), medians of {args.repeats}, ms")
+    for name, cells in result.items():
+        print(f"  {name:26s} " + "   ".join(f"{k} {v:6.2f}" for k, v in cells.items()))
+
+
+def ablation_main(argv: Sequence[str] | None = None) -> None:
+    """CLI of ``scripts/bench_frozen_kernels.py``."""
+    from advtune.models import random_net
+
+    p = argparse.ArgumentParser(description="Frozen-mode CPU kernel choices, on and off.")
+    p.add_argument("--model", default="resnet50", help="torchvision architecture (resnet50)")
+    p.add_argument("--size", type=int, default=224, help="image size (224)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per step (4)")
+    p.add_argument("--repeats", type=int, default=16, help="timed repetitions (16)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    args = p.parse_args(argv)
+    _threads(args)
+    model = random_net(args.model, size=args.size)
+    rows = frozen_kernel_ablation(
+        model, size=args.size, batch=args.batch_size, repeats=args.repeats
+    )
+    deploy = next(r["median_s"] for r in rows if r["variant"] == "deploy")
+    print(
+        f"{args.model}, {args.size}px, batch {args.batch_size}, {args.threads} thread(s), "
+        f"one gradient step, medians of {args.repeats} (order reversed every other run)"
+    )
+    print(f"  {'variant':26s} {'s/step':>8s} {'deploy/this':>12s} {'vs frozen, paired':>18s}")
+    for r in rows:
+        print(
+            f"  {r['variant']:26s} {r['median_s']:8.3f} {deploy / r['median_s']:12.3f} "
+            f"{r['paired_vs_frozen_ms']:+15.1f} ms"
+        )
