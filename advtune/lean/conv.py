@@ -314,6 +314,28 @@ class _LeanConvMixin:
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
         if not torch.is_grad_enabled():  # inference: the native layer is the same op
+            weight = self.weight  # type: ignore[attr-defined]
+            padding = self.padding  # type: ignore[attr-defined]
+            zeros = [0] * (weight.dim() - 2)
+            # (A 1x1 kernel's "same"/"valid" padding is zero; the same kernel choice as
+            # the graph-recording forward, so both give the same logits.)
+            if _use_onednn_1x1(
+                input,
+                weight,
+                list(self.stride),  # type: ignore[attr-defined]
+                zeros if isinstance(padding, str) else list(padding),
+                transposed,
+                self.groups,  # type: ignore[attr-defined]
+            ):
+                return torch.ops.aten.mkldnn_convolution(
+                    input,
+                    weight,
+                    self.bias,  # type: ignore[attr-defined]
+                    zeros,
+                    [1, 1],
+                    [1, 1],
+                    1,
+                )
             if output_size is None:
                 return super().forward(input)  # type: ignore[misc]
             return super().forward(input, output_size)  # type: ignore[misc]
