@@ -11,6 +11,7 @@ from torch import nn
 
 from advtune import lean, masks
 from advtune.lean import LEAN_TYPES, FrozenParameterError, pack_bits, unpack_bits
+from advtune.lean import conv as lean_conv
 
 
 def _lean_copy(module: nn.Module) -> nn.Module:
@@ -148,6 +149,7 @@ _CONVS = [
     (nn.Conv2d(4, 6, 1, groups=2), (2, 4, 5, 6)),  # grouped 1x1: a transposed conv
     (nn.Conv2d(4, 6, 7, stride=2, padding=3), (2, 4, 12, 11)),  # stem-like: crop a view
     (nn.Conv2d(4, 6, 3, stride=3), (2, 4, 11, 10)),  # needs output padding, no room: fallback
+    (nn.Conv2d(3, 5, 5, stride=2, dilation=2, padding=3), (2, 3, 13, 12)),  # fold: dilated
     (nn.Conv3d(3, 4, 3, padding=1, stride=(1, 2, 2)), (2, 3, 5, 6, 6)),
     (nn.ConvTranspose1d(4, 6, 3, stride=2, output_padding=1), (2, 4, 7)),
     (nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (2, 4, 5, 6)),
@@ -157,13 +159,43 @@ _CONVS = [
 
 
 @pytest.mark.filterwarnings("ignore:Using padding=.same.")
+@pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
 @pytest.mark.parametrize(("conv", "shape"), _CONVS, ids=lambda v: repr(v)[:60])
-def test_conv_matches_native_and_saves_only_weight(conv, shape):
+def test_conv_matches_native_and_saves_only_weight(monkeypatch, conv, shape, fold):
+    # Few input channels take the col2im (fold) input gradient on CPU; without it the
+    # same convs exercise every other path (matmul, zero grid, crop, fallback).
+    monkeypatch.setattr(lean_conv, "FOLD_CHANNELS", 4 if fold else 0)
     torch.manual_seed(0)
     x = torch.randn(shape)
     saved = _compare(conv, x)
     lean_weight = [t for t in saved if t.shape == conv.weight.shape]
     assert len(saved) == 1 and lean_weight, [t.shape for t in saved]
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_onednn_1x1_float32_forward_matches_native(monkeypatch, grad_mode, channels_last):
+    """Stride-1 1x1 float32 CPU convs run through oneDNN: native to float32 rounding."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 1).requires_grad_(False)
+    x = torch.randn(2, 16, 6, 5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = conv.double()(x.double()).float()
+    lean_copy = _lean_copy(conv.float())
+    calls = []
+    real = torch.ops.aten.mkldnn_convolution
+    monkeypatch.setattr(
+        torch.ops.aten, "mkldnn_convolution", lambda *a: calls.append(1) or real(*a)
+    )
+    with torch.set_grad_enabled(grad_mode):
+        out = lean_copy(x.requires_grad_(grad_mode))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == ([1] if torch.backends.mkldnn.is_available() else [])
+    monkeypatch.setattr(lean_conv, "ONEDNN_1X1", False)
+    with torch.set_grad_enabled(grad_mode):
+        lean_copy(x)
+    assert len(calls) <= 1  # switched off: the native kernel choice
 
 
 def test_conv_transpose_output_size():
