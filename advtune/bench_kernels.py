@@ -6,8 +6,8 @@ Two measurements behind the choices in :mod:`advtune.masks` and :mod:`advtune.le
 * :func:`mask_kernel_times`: the mask kernels (pack ``x > 0``, mask a gradient) in both
   implementations (numpy, torch) next to the native ReLU kernels, on one activation.
 * :func:`frozen_kernel_ablation`: one gradient step (forward, cross-entropy, input
-  gradient) of a model in deploy mode and in frozen mode with each kernel choice turned
-  off in turn, timed in the same process with the order reversed every other
+  gradient) of a model in deploy mode and in frozen mode with each kernel choice flipped
+  in turn, timed in the same process with the order reversed every other
   repetition; medians, and the median of per-repetition differences against frozen.
 
 Scripts: ``scripts/bench_masks.py`` and ``scripts/bench_frozen_kernels.py``.
@@ -31,25 +31,31 @@ from advtune.lean import conv as lean_conv
 
 __all__ = ["SWITCHES", "frozen_kernel_ablation", "mask_kernel_times"]
 
-#: Each CPU kernel choice of the frozen mode, as (module, attribute, value that turns it off).
+#: Each CPU kernel choice of the frozen mode: (module, attribute, its other setting).
+#: The ablation flips one at a time away from the defaults.
 SWITCHES: dict[str, tuple[Any, str, Any]] = {
     "numpy masks": (masks, "NUMPY_MAX_THREADS", 0),
-    "oneDNN 1x1": (lean_conv, "ONEDNN_1X1", False),
+    "oneDNN 1x1": (lean_conv, "ONEDNN_1X1", not lean_conv.ONEDNN_1X1),
     "fold stem": (lean_conv, "FOLD_CHANNELS", 0),
 }
 
 
 @contextmanager
-def _switched_off(names: Sequence[str]) -> Any:
+def _flipped(names: Sequence[str]) -> Any:
     saved = {name: getattr(SWITCHES[name][0], SWITCHES[name][1]) for name in names}
     try:
         for name in names:
-            module, attr, off = SWITCHES[name]
-            setattr(module, attr, off)
+            module, attr, other = SWITCHES[name]
+            setattr(module, attr, other)
         yield
     finally:
         for name, value in saved.items():
             setattr(SWITCHES[name][0], SWITCHES[name][1], value)
+
+
+def _label(name: str) -> str:
+    _, attr, other = SWITCHES[name]
+    return f"frozen, {attr}={other!r}"
 
 
 def _median_ms(values: list[float]) -> float:
@@ -81,7 +87,7 @@ def mask_kernel_times(
     times: dict[str, dict[str, list[float]]] = {name: {} for name in kernels}
     for rep in range(repeats + 1):
         for impl, off in (("numpy", ()), ("torch", ("numpy masks",))):
-            with _switched_off(off):
+            with _flipped(off):
                 for name, fn in kernels.items():
                     if name.startswith("native"):
                         if impl == "torch":
@@ -106,9 +112,9 @@ def frozen_kernel_ablation(
 ) -> list[dict[str, Any]]:
     """Time one gradient step of ``model`` in deploy mode and frozen mode variants.
 
-    Variants: ``deploy``; ``frozen`` (every kernel choice on); ``frozen - NAME`` for
-    each of :data:`SWITCHES`; ``frozen - all`` (every choice off). Each repetition runs
-    every variant once, in reverse order every other repetition.
+    Variants: ``deploy``; ``frozen`` (the defaults); ``frozen, ATTR=VALUE`` for each of
+    :data:`SWITCHES` flipped alone. Each repetition runs every variant once, in reverse
+    order every other repetition.
 
     Args:
         model: An eval-mode model (converted here, on copies).
@@ -129,8 +135,7 @@ def frozen_kernel_ablation(
     variants: dict[str, tuple[str, tuple[str, ...]]] = {
         "deploy": ("deploy", ()),
         "frozen": ("frozen", ()),
-        **{f"frozen - {name}": ("frozen", (name,)) for name in SWITCHES},
-        "frozen - all": ("frozen", tuple(SWITCHES)),
+        **{_label(name): ("frozen", (name,)) for name in SWITCHES},
     }
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, size, size, generator=gen)
@@ -146,7 +151,7 @@ def frozen_kernel_ablation(
     for rep in range(repeats + 1):
         for name in order if rep % 2 == 0 else order[::-1]:
             mode, off = variants[name]
-            with _switched_off(off):
+            with _flipped(off):
                 start = time.perf_counter()
                 step(models[mode])
                 elapsed = time.perf_counter() - start
@@ -187,7 +192,7 @@ def ablation_main(argv: Sequence[str] | None = None) -> None:
     """CLI of ``scripts/bench_frozen_kernels.py``."""
     from advtune.models import random_net
 
-    p = argparse.ArgumentParser(description="Frozen-mode CPU kernel choices, on and off.")
+    p = argparse.ArgumentParser(description="Frozen-mode CPU kernel choices, each flipped.")
     p.add_argument("--model", default="resnet50", help="torchvision architecture (resnet50)")
     p.add_argument("--size", type=int, default=224, help="image size (224)")
     p.add_argument("--batch-size", type=int, default=4, help="images per step (4)")
@@ -204,9 +209,9 @@ def ablation_main(argv: Sequence[str] | None = None) -> None:
         f"{args.model}, {args.size}px, batch {args.batch_size}, {args.threads} thread(s), "
         f"one gradient step, medians of {args.repeats} (order reversed every other run)"
     )
-    print(f"  {'variant':26s} {'s/step':>8s} {'deploy/this':>12s} {'vs frozen, paired':>18s}")
+    print(f"  {'variant':34s} {'s/step':>8s} {'deploy/this':>12s} {'vs frozen, paired':>18s}")
     for r in rows:
         print(
-            f"  {r['variant']:26s} {r['median_s']:8.3f} {deploy / r['median_s']:12.3f} "
+            f"  {r['variant']:34s} {r['median_s']:8.3f} {deploy / r['median_s']:12.3f} "
             f"{r['paired_vs_frozen_ms']:+15.1f} ms"
         )

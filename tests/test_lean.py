@@ -175,7 +175,9 @@ def test_conv_matches_native_and_saves_only_weight(monkeypatch, conv, shape, fol
 @pytest.mark.parametrize("grad_mode", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_onednn_1x1_float32_forward_matches_native(monkeypatch, grad_mode, channels_last):
-    """Stride-1 1x1 float32 CPU convs run through oneDNN: native to float32 rounding."""
+    """With ONEDNN_1X1 (off by default), stride-1 1x1 float32 CPU convs run through
+    oneDNN: native to float32 rounding."""
+    monkeypatch.setattr(lean_conv, "ONEDNN_1X1", True)
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 1).requires_grad_(False)
     x = torch.randn(2, 16, 6, 5)

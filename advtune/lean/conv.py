@@ -19,7 +19,9 @@ from advtune.lean._common import (
 )
 
 #: Run stride-1 1x1 float32 CPU convs of the frozen forward through oneDNN (see below).
-ONEDNN_1X1 = True
+#: Off: measured faster in a gradient-step ablation, but it raised a frozen ResNet-50's
+#: step peak from 9.97 to 11.34 MiB/img (``docs/performance.md``).
+ONEDNN_1X1 = False
 
 
 def _use_onednn_1x1(
@@ -32,13 +34,10 @@ def _use_onednn_1x1(
 ) -> bool:
     """Whether to run a stride-1 1x1 float32 CPU conv through oneDNN (mkldnn) directly.
 
-    Off when :data:`ONEDNN_1X1` is false or oneDNN is unavailable or disabled
-    (``torch.backends.mkldnn``).
-
-    PyTorch sends such convs to its own GEMM kernel (``_slow_conv2d_forward``) below 16
-    images on one thread and to oneDNN otherwise; the result is the same to float32
-    rounding, and oneDNN measured faster on ResNet-50's 1x1 convs at batch 4 (see
-    ``docs/performance.md`` and ``scripts/bench_frozen_kernels.py``).
+    Only when :data:`ONEDNN_1X1` is set and oneDNN is available and enabled
+    (``torch.backends.mkldnn``). PyTorch sends such convs to its own GEMM kernel
+    (``_slow_conv2d_forward``) below 16 images on one thread and to oneDNN otherwise;
+    the result is the same to float32 rounding.
     """
     return (
         ONEDNN_1X1
