@@ -299,9 +299,8 @@ def _attack_config(args: argparse.Namespace) -> Any:
         raise UserError(suggest(args.norm, attacks.threat_names(), what="--norm threat model"))
     if args.norm is not None and name is not None:
         spec = attacks.spec(name)  # UserError suggesting close names if unknown
-        norm_keys = [p.name for p in spec.params if p.role == "norm"]
-        if norm_keys:
-            overrides[norm_keys[0]] = args.norm
+        if spec.norm_key is not None:
+            overrides[spec.norm_key] = args.norm
         elif args.norm != spec.norm:
             raise UserError(f"attack {name!r} is {spec.norm} only, got --norm {args.norm}")
     return resolve_attack(

@@ -697,3 +697,24 @@ def test_missing_torchattacks_names_the_extra(monkeypatch):
         attacks.torchattacks("PGD")
     assert isinstance(info.value, attacks.MissingDependencyError)
     assert isinstance(info.value, ValueError)  # a UserError: the CLI prints it as one line
+
+
+@pytest.mark.parametrize("name", attacks.names())
+def test_norm_key_is_the_hyperparameter_that_picks_the_threat_model(name):
+    spec = attacks.spec(name)
+    key = spec.norm_key
+    if key is None:  # fixed to one threat model
+        assert spec.norm_of({}) == spec.norm
+        return
+    for norm in ("linf", "l2"):
+        assert spec.norm_of({key: norm}) == norm
+
+
+def test_run_refuses_params_whose_norm_disagrees_with_the_config():
+    from advtune.run.batch import attack_kwargs
+    from advtune.run.spec import AttackConfig
+
+    config = AttackConfig(attack="pgd", norm="l2", eps=(0.5,), params={"norm": "linf"})
+    with pytest.raises(ValueError, match="params norm 'linf' disagrees with config norm 'l2'"):
+        attack_kwargs(config, 0.5)
+    assert attack_kwargs(AttackConfig(attack="pgd", norm="l2", eps=(0.5,)), 0.5)["norm"] == "l2"

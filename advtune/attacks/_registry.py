@@ -361,6 +361,13 @@ class AttackSpec:
 
     # ----------------------------------------------------------------- threat model
 
+    @property
+    def norm_key(self) -> str | None:
+        """Name of the hyperparameter choosing the threat model (``"norm"``), or ``None``
+        for an attack fixed to :attr:`norm`."""
+        keys = self._role("norm")
+        return keys[0] if keys else None
+
     def norm_of(self, hyperparameters: Mapping[str, Any]) -> str:
         """The threat model's name for a call with ``hyperparameters``."""
         for key in self._role("norm"):

@@ -93,15 +93,14 @@ def attack_kwargs(config: AttackConfig, eps: float | None, *, probe: bool = Fals
 
     spec = attacks.spec(config.attack)
     kwargs = dict(config.params)
-    norm_keys = [p.name for p in spec.params if p.role == "norm"]
-    if norm_keys:
+    key = spec.norm_key
+    if key is not None:
         # The threat model of the saved images and the attack's own must be the same one.
-        if spec.norm_of(kwargs) != config.norm and norm_keys[0] in kwargs:
+        if spec.norm_of(kwargs) != config.norm and key in kwargs:
             raise ValueError(
-                f"params {norm_keys[0]} {kwargs[norm_keys[0]]!r} disagrees with config "
-                f"norm {config.norm!r}"
+                f"params {key} {kwargs[key]!r} disagrees with config norm {config.norm!r}"
             )
-        kwargs[norm_keys[0]] = config.norm
+        kwargs[key] = config.norm
     elif spec.norm != config.norm:
         raise ValueError(f"attack {config.attack!r} is {spec.norm}, not {config.norm}")
     if eps is not None:
