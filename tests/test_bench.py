@@ -187,3 +187,29 @@ def test_bench_user_errors(capsys):
             run_bench("resnet18", device="cuda", size=32)
     assert main(["--model", "resnt50", "--device", "cpu"]) == 2
     assert "did you mean" in capsys.readouterr().err
+
+
+def test_kernel_ablation_times_every_switch_and_restores_them():
+    from advtune import bench_kernels, masks
+    from advtune.lean import conv as lean_conv
+
+    before = (masks.NUMPY_MAX_THREADS, lean_conv.FOLD_CHANNELS, lean_conv.ONEDNN_1X1)
+    rows = bench_kernels.frozen_kernel_ablation(_tiny_model(), size=16, batch=2, repeats=3)
+    assert before == (masks.NUMPY_MAX_THREADS, lean_conv.FOLD_CHANNELS, lean_conv.ONEDNN_1X1)
+    names = [r["variant"] for r in rows]
+    assert names[:2] == ["deploy", "frozen"] and len(names) == 2 + len(bench_kernels.SWITCHES)
+    assert "frozen, NUMPY_MAX_THREADS=0" in names and "frozen, FOLD_CHANNELS=0" in names
+    for r in rows:
+        assert len(r["runs_s"]) == 3 and r["median_s"] == sorted(r["runs_s"])[1] > 0
+    assert next(r for r in rows if r["variant"] == "frozen")["paired_vs_frozen_ms"] == 0
+
+
+def test_mask_kernel_times_cover_both_implementations(capsys):
+    from advtune import bench_kernels
+
+    times = bench_kernels.mask_kernel_times((2, 3, 8, 8), repeats=2)
+    assert set(times["pack x > 0"]) == set(times["mask a gradient"]) == {"numpy", "torch"}
+    assert set(times["native relu"]) == {"native"}
+    assert all(v > 0 for d in times.values() for v in d.values())
+    bench_kernels.masks_main(["--shape", "2,3,8,8", "--repeats", "1"])
+    assert "pack x > 0" in capsys.readouterr().out
