@@ -26,6 +26,9 @@ from advtune.errors import UserError
 
 __all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
 
+#: Where ``advtune list models`` looks (``advtune.models.model_rows`` sources).
+MODEL_SOURCES = ("torchvision", "timm", "robustbench")
+
 #: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
 #: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all),
 #: ``N:term`` sends itself SIGTERM; ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R``
@@ -232,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("list", help="list models, attacks or presets")
     ls.add_argument("what", choices=("models", "attacks", "presets"))
+    ls.add_argument(
+        "--source",
+        action="append",
+        choices=MODEL_SOURCES,
+        help="models only: list this source (repeatable; default: all; timm alone is "
+        "~1,900 rows and takes seconds)",
+    )
     ls.set_defaults(handler=_list)
 
     try:
@@ -501,10 +511,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
+    if args.source and args.what != "models":
+        raise UserError(f"--source applies to 'list models', not 'list {args.what}'")
     if args.what == "models":
         from advtune.models import model_rows
 
-        for row in model_rows():
+        for row in model_rows(tuple(args.source or MODEL_SOURCES)):
             print(row.format())
     elif args.what == "attacks":
         from advtune import attacks

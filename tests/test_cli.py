@@ -158,6 +158,18 @@ def test_preset_and_unlabeled_folder(checkpoint, tmp_path, capsys):
     assert sorted(p.name for p in (out / "adv").iterdir()) == ["0.png", "1.png", "2.png"]
 
 
+def test_list_models_by_source(capsys):
+    assert main(["list", "models", "--source", "torchvision"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows and all("torchvision" in r for r in rows)
+    assert main(["list", "models", "--source", "robustbench", "--source", "torchvision"]) == 0
+    both = capsys.readouterr().out.splitlines()
+    assert len(both) > len(rows) and any("robustbench" in r for r in both)
+    assert main(["list", "attacks", "--source", "timm"]) == 2
+    assert "--source applies to 'list models'" in capsys.readouterr().err
+    assert main(["list", "models", "--source", "nope"]) == 2
+
+
 def test_list_version_and_help(capsys):
     assert main(["list", "attacks"]) == 0
     assert "pgd" in capsys.readouterr().out
