@@ -67,6 +67,7 @@ __all__ = [
     "ModeResult",
     "build_model",
     "count_saved_bytes",
+    "gradient_step",
     "peak_bytes",
     "peak_bytes_per_image",
     "pgd_throughput",
@@ -139,6 +140,12 @@ def count_saved_bytes(fn: Callable[[], Any]) -> int:
 
 def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(model(x).float(), y)
+
+
+def gradient_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What every attack step does: the input gradient of ``CE(model(x), y)``, like ``x``."""
+    xa = x.detach().requires_grad_(True)
+    return torch.autograd.grad(_loss(model, xa, y), xa)[0]
 
 
 def saved_bytes_per_image(
@@ -253,8 +260,7 @@ def peak_bytes_per_image(
             if not grad:
                 with torch.no_grad():
                     return model(x)
-            xa = x.detach().requires_grad_(True)
-            return torch.autograd.grad(_loss(model, xa, y), xa)[0]
+            return gradient_step(model, x, y)
 
         if not warm:
             step()  # lazily made buffers (caches, kernel workspaces) do not count

@@ -20,11 +20,10 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from advtune import masks
 from advtune.lean import conv as lean_conv
@@ -41,16 +40,21 @@ SWITCHES: dict[str, tuple[Any, str, Any]] = {
 
 
 @contextmanager
-def _flipped(names: Sequence[str]) -> Any:
-    saved = {name: getattr(SWITCHES[name][0], SWITCHES[name][1]) for name in names}
+def _set(module: Any, attr: str, value: Any) -> Any:
+    saved = getattr(module, attr)
+    setattr(module, attr, value)
     try:
-        for name in names:
-            module, attr, other = SWITCHES[name]
-            setattr(module, attr, other)
         yield
     finally:
-        for name, value in saved.items():
-            setattr(SWITCHES[name][0], SWITCHES[name][1], value)
+        setattr(module, attr, saved)
+
+
+@contextmanager
+def _flipped(names: Sequence[str]) -> Any:
+    with ExitStack() as stack:
+        for name in names:
+            stack.enter_context(_set(*SWITCHES[name]))
+        yield
 
 
 def _label(name: str) -> str:
@@ -78,27 +82,29 @@ def mask_kernel_times(
     grad = torch.randn(shape, generator=gen).reshape(-1)
     packed = masks.pack_between(x, 0.0)
     out = torch.empty_like(grad)
-    kernels: dict[str, Callable[[], object]] = {
+    native: dict[str, Callable[[], object]] = {
         "native relu": lambda: torch.relu(x),
         "native threshold_backward": lambda: torch.ops.aten.threshold_backward(grad, x, 0),
+    }
+    ours: dict[str, Callable[[], object]] = {
         "pack x > 0": lambda: masks.pack_between(x, 0.0),
         "mask a gradient": lambda: masks.keep_where(grad, packed, out),
     }
-    times: dict[str, dict[str, list[float]]] = {name: {} for name in kernels}
-    for rep in range(repeats + 1):
-        for impl, off in (("numpy", ()), ("torch", ("numpy masks",))):
-            with _flipped(off):
+    # (implementation, context, kernels): numpy and torch forced whatever the threads.
+    runs: list[tuple[str, Callable[[], Any], dict[str, Callable[[], object]]]] = [
+        ("native", nullcontext, native),
+        ("numpy", lambda: _set(masks, "NUMPY_MAX_THREADS", 1 << 30), ours),
+        ("torch", lambda: _set(masks, "NUMPY_MAX_THREADS", 0), ours),
+    ]
+    times: dict[str, dict[str, list[float]]] = {name: {} for name in (*native, *ours)}
+    for rep in range(repeats + 1):  # repetition 0 warms up
+        for impl, context, kernels in runs:
+            with context():
                 for name, fn in kernels.items():
-                    if name.startswith("native"):
-                        if impl == "torch":
-                            continue  # independent of the switch: timed once
-                        impl_name = "native"
-                    else:
-                        impl_name = impl
                     start = time.perf_counter()
                     fn()
                     if rep:
-                        times[name].setdefault(impl_name, []).append(time.perf_counter() - start)
+                        times[name].setdefault(impl, []).append(time.perf_counter() - start)
     return {name: {impl: _median_ms(v) for impl, v in d.items()} for name, d in times.items()}
 
 
@@ -126,6 +132,7 @@ def frozen_kernel_ablation(
         One dict per variant: ``variant``, ``median_s`` (per step), ``runs_s`` and
         ``paired_vs_frozen_ms`` (median of per-repetition differences against frozen).
     """
+    from advtune.bench import gradient_step
     from advtune.convbn import tune
 
     models = {
@@ -142,10 +149,6 @@ def frozen_kernel_ablation(
     with torch.no_grad():
         y = models["deploy"](x).argmax(1)
 
-    def step(net: torch.nn.Module) -> torch.Tensor:
-        xa = x.clone().requires_grad_(True)
-        return torch.autograd.grad(F.cross_entropy(net(xa), y), xa)[0]
-
     runs: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     for rep in range(repeats + 1):
@@ -153,7 +156,7 @@ def frozen_kernel_ablation(
             mode, off = variants[name]
             with _flipped(off):
                 start = time.perf_counter()
-                step(models[mode])
+                gradient_step(models[mode], x, y)
                 elapsed = time.perf_counter() - start
             if rep:
                 runs[name].append(elapsed)
