@@ -200,6 +200,18 @@ def test_onednn_1x1_float32_forward_matches_native(monkeypatch, grad_mode, chann
     assert len(calls) <= 1  # switched off: the native kernel choice
 
 
+def test_onednn_1x1_leaves_other_convs_native(monkeypatch):
+    """An unbatched 1x1x1 Conv3d input is 4-D like a batched 2-D one: still native."""
+    monkeypatch.setattr(lean_conv, "ONEDNN_1X1", True)
+    conv = nn.Conv3d(4, 3, 1).requires_grad_(False)
+    x = torch.randn(4, 2, 5, 5)
+    lean_copy = _lean_copy(conv)
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode):
+            out = lean_copy(x.clone().requires_grad_(grad_mode))
+        torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-6)
+
+
 def test_conv_transpose_output_size():
     torch.manual_seed(0)
     conv = nn.ConvTranspose2d(3, 4, 3, stride=2).double().requires_grad_(False)

@@ -24,26 +24,27 @@ from advtune.lean._common import (
 ONEDNN_1X1 = False
 
 
-def _use_onednn_1x1(
+def _onednn_1x1(
     x: torch.Tensor,
     weight: torch.Tensor,
+    bias: torch.Tensor | None,
     stride: list[int],
     padding: list[int],
     transposed: bool,
     groups: int,
-) -> bool:
-    """Whether to run a stride-1 1x1 float32 CPU conv through oneDNN (mkldnn) directly.
+) -> torch.Tensor | None:
+    """A stride-1 1x1 float32 CPU conv through oneDNN (mkldnn) directly, else ``None``.
 
     Only when :data:`ONEDNN_1X1` is set and oneDNN is available and enabled
     (``torch.backends.mkldnn``). PyTorch sends such convs to its own GEMM kernel
     (``_slow_conv2d_forward``) below 16 images on one thread and to oneDNN otherwise;
     the result is the same to float32 rounding.
     """
-    return (
+    if not (
         ONEDNN_1X1
         and x.device.type == "cpu"
         and x.dtype == torch.float32
-        and x.dim() == 4
+        and x.dim() == weight.dim() == 4  # batched 2-D (an unbatched Conv3d input is 4-D too)
         and not transposed
         and groups == 1
         and weight.shape[2] == 1
@@ -52,7 +53,9 @@ def _use_onednn_1x1(
         and not any(padding)
         and torch.backends.mkldnn.is_available()
         and torch._C._get_mkldnn_enabled()
-    )
+    ):
+        return None
+    return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, [1, 1], 1)
 
 
 class _ConvFn(torch.autograd.Function):
@@ -70,9 +73,8 @@ class _ConvFn(torch.autograd.Function):
         if pre_pad is not None:
             # Inside the Function: a reflect/replicate F.pad would save its input.
             x = F.pad(x, pre_pad[0], mode=pre_pad[1])
-        if _use_onednn_1x1(x, weight, stride, padding, transposed, groups):
-            out = torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, 1)
-        else:
+        out = _onednn_1x1(x, weight, bias, stride, padding, transposed, groups)
+        if out is None:
             out = torch.ops.aten.convolution(
                 x, weight, bias, stride, padding, dilation, transposed, output_padding, groups
             )
@@ -313,28 +315,20 @@ class _LeanConvMixin:
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
         if not torch.is_grad_enabled():  # inference: the native layer is the same op
-            weight = self.weight  # type: ignore[attr-defined]
-            padding = self.padding  # type: ignore[attr-defined]
-            zeros = [0] * (weight.dim() - 2)
-            # (A 1x1 kernel's "same"/"valid" padding is zero; the same kernel choice as
-            # the graph-recording forward, so both give the same logits.)
-            if _use_onednn_1x1(
-                input,
-                weight,
-                list(self.stride),  # type: ignore[attr-defined]
-                zeros if isinstance(padding, str) else list(padding),
-                transposed,
-                self.groups,  # type: ignore[attr-defined]
-            ):
-                return torch.ops.aten.mkldnn_convolution(
+            if ONEDNN_1X1 and not transposed:  # the graph-recording forward's kernel choice
+                padding = self.padding  # type: ignore[attr-defined]
+                out = _onednn_1x1(
                     input,
-                    weight,
+                    self.weight,  # type: ignore[attr-defined]
                     self.bias,  # type: ignore[attr-defined]
-                    zeros,
-                    [1, 1],
-                    [1, 1],
-                    1,
+                    list(self.stride),  # type: ignore[attr-defined]
+                    # A 1x1 kernel's "same"/"valid" padding is zero.
+                    [0, 0] if isinstance(padding, str) else list(padding),
+                    transposed,
+                    self.groups,  # type: ignore[attr-defined]
                 )
+                if out is not None:
+                    return out
             if output_size is None:
                 return super().forward(input)  # type: ignore[misc]
             return super().forward(input, output_size)  # type: ignore[misc]
