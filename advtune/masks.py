@@ -91,7 +91,7 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
         raise ValueError(f"unpack_bits expects a uint8 tensor, got {packed.dtype}")
     if numel < 0 or packed.numel() * 8 < numel or packed.numel() != (numel + 7) // 8:
         raise ValueError(f"numel={numel} does not match {packed.numel()} packed bytes")
-    if packed.device.type == "cpu" and torch.get_num_threads() <= NUMPY_MAX_THREADS:
+    if _numpy_kernels(packed.device):
         flags = np.unpackbits(packed.reshape(-1).numpy(), count=numel, bitorder="little")
         return torch.from_numpy(flags).view(torch.bool)
     return _unpack8(packed.reshape(-1))[:numel]
@@ -140,14 +140,15 @@ NUMPY_MAX_THREADS = 2
 _NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16)
 
 
+def _numpy_kernels(device: torch.device) -> bool:
+    """Whether the mask kernels run in numpy here (CPU, at most NUMPY_MAX_THREADS)."""
+    return device.type == "cpu" and torch.get_num_threads() <= NUMPY_MAX_THREADS
+
+
 def _numpy_view(t: torch.Tensor) -> Any:
     """``t`` as a numpy array sharing its memory, or ``None`` where the torch kernels run
     (not on CPU, no numpy dtype (bfloat16), or more than :data:`NUMPY_MAX_THREADS`)."""
-    if (
-        t.device.type != "cpu"
-        or t.dtype not in _NUMPY_DTYPES
-        or torch.get_num_threads() > NUMPY_MAX_THREADS
-    ):
+    if t.dtype not in _NUMPY_DTYPES or not _numpy_kernels(t.device):
         return None
     return (t.detach() if t.requires_grad else t).numpy()
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from advtune.lean._common import _wants_graph
+from advtune.lean._common import _layout, _wants_graph
 from advtune.masks import (
     dense_order,
     flat_in,
@@ -62,6 +62,7 @@ class _MaskedFn(torch.autograd.Function):
         ctx.spec = spec
         ctx.shape = x.shape
         ctx.order = order
+        ctx.layout = _layout(x)  # the memory format dense in ``order``
         return out
 
     @staticmethod
@@ -80,7 +81,7 @@ class _MaskedFn(torch.autograd.Function):
         if (
             kind == "hardsigmoid"
             and dense_order(g) == ctx.order
-            and g.is_contiguous(memory_format=_FORMATS.get(ctx.order, torch.contiguous_format))
+            and g.is_contiguous(memory_format=ctx.layout)
         ):
             result = g  # made here, so masked in place (never the incoming gradient)
         else:
@@ -88,15 +89,11 @@ class _MaskedFn(torch.autograd.Function):
                 ctx.shape,
                 dtype=g.dtype,
                 device=g.device,
-                memory_format=_FORMATS.get(ctx.order, torch.contiguous_format),
+                memory_format=ctx.layout,
             )
         # flat_in(g) is a view when grad has the forward's layout (else a copy).
         keep_where(flat_in(g, ctx.order), packed, flat_in(result, ctx.order))
         return result, None
-
-
-#: Memory format of a tensor dense in a :func:`~advtune.masks.dense_order` order.
-_FORMATS = {(0, 2, 3, 1): torch.channels_last, (0, 2, 3, 4, 1): torch.channels_last_3d}
 
 
 def _masked(input: torch.Tensor, spec: tuple[str, float, float, bool]) -> torch.Tensor:

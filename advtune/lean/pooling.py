@@ -9,14 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from advtune.lean._common import _wants_graph
-from advtune.masks import (
-    dense_order,
-)
+from advtune.lean._common import _layout, _wants_graph
 
 
 def _pair(v: Any) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(e) for e in v]
+
+
+def _window_origins(spec: Any, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row ``(Ho, 1)`` and column ``(1, Wo)`` of each pooling window's top-left input
+    position for an output (or offsets) tensor ``out``; negative inside the padding."""
+    _, (sh, sw), (ph, pw), _, _ = spec
+    ho, wo = out.shape[-2:]
+    h0 = (torch.arange(ho, device=out.device) * sh - ph).view(ho, 1)
+    w0 = (torch.arange(wo, device=out.device) * sw - pw).view(1, wo)
+    return h0, w0
 
 
 class _MaxPool2dFn(torch.autograd.Function):
@@ -32,10 +39,7 @@ class _MaxPool2dFn(torch.autograd.Function):
             x, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode
         )
         width = x.shape[-1]
-        ho, wo = out.shape[-2:]
-        # Window origin of each output position (may be negative with padding).
-        h0 = (torch.arange(ho, device=x.device) * sh - ph).view(ho, 1)
-        w0 = (torch.arange(wo, device=x.device) * sw - pw).view(1, wo)
+        h0, w0 = _window_origins(spec, out)
         # Flat index minus the window origin's flat index fits a uint8 when the window
         # spans < 256 flat positions (ResNet's 3x3 pool on 112 columns: 226): one
         # subtraction. Otherwise decompose into (row, column) inside the window.
@@ -65,11 +69,10 @@ class _MaxPool2dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         (offset,) = ctx.saved_tensors
-        (_, kw), (sh, sw), (ph, pw), (dh, dw), _ = ctx.spec
+        (_, kw), _, _, (dh, dw), _ = ctx.spec
         width = ctx.input_shape[-1]
         ho, wo = offset.shape[-2:]
-        h0 = (torch.arange(ho, device=grad.device) * sh - ph).view(ho, 1)
-        w0 = (torch.arange(wo, device=grad.device) * sw - pw).view(1, wo)
+        h0, w0 = _window_origins(ctx.spec, offset)
         off = offset.long()
         if ctx.flat:
             indices = off.add_(h0 * width + w0)
@@ -151,10 +154,9 @@ class _AvgPool2dFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         kernel, stride, padding, ceil_mode, count_include_pad, divisor = ctx.spec
-        fmt = torch.channels_last if dense_order(grad) == (0, 2, 3, 1) else None
-        grad_input = grad.new_empty(ctx.input_shape)
-        if fmt is not None:
-            grad_input = grad_input.contiguous(memory_format=fmt)
+        grad_input = torch.empty(
+            ctx.input_shape, dtype=grad.dtype, device=grad.device, memory_format=_layout(grad)
+        )
         # As for max pooling: the kernel uses its "input" for shape and layout only.
         torch.ops.aten.avg_pool2d_backward.grad_input(
             grad,
