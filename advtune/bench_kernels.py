@@ -62,6 +62,11 @@ def _label(name: str) -> str:
     return f"frozen, {attr}={other!r}"
 
 
+def _check_repeats(repeats: int) -> None:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+
+
 def _median_ms(values: list[float]) -> float:
     return 1000 * statistics.median(values)
 
@@ -77,6 +82,7 @@ def mask_kernel_times(
         forward and ``threshold_backward``. Kernels run in turn within each repetition
         after one warm-up repetition.
     """
+    _check_repeats(repeats)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).reshape(-1)
     grad = torch.randn(shape, generator=gen).reshape(-1)
@@ -135,6 +141,7 @@ def frozen_kernel_ablation(
     from advtune.bench import gradient_step
     from advtune.convbn import tune
 
+    _check_repeats(repeats)
     models = {
         "deploy": tune(copy.deepcopy(model), "deploy").requires_grad_(False),
         "frozen": tune(copy.deepcopy(model), "frozen").requires_grad_(False),
@@ -172,19 +179,30 @@ def frozen_kernel_ablation(
     ]
 
 
-def _threads(args: argparse.Namespace) -> None:
-    torch.set_num_threads(args.threads)
+def _shape(text: str) -> tuple[int, ...]:
+    from advtune.cli import _positive_int
+
+    return tuple(_positive_int(v) for v in text.split(","))
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    """The CLI's parser (one-line errors, exit 2) with ``--threads`` and ``--repeats``."""
+    from advtune.cli import _Parser, _positive_int
+
+    p = _Parser(description=description)
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (1)")
+    p.add_argument("--repeats", type=_positive_int, default=16, help="timed repetitions")
+    return p
 
 
 def masks_main(argv: Sequence[str] | None = None) -> None:
     """CLI of ``scripts/bench_masks.py``."""
-    p = argparse.ArgumentParser(description="Time the CPU mask kernels (numpy, torch, native).")
-    p.add_argument("--shape", default="4,256,56,56", help="activation shape (4,256,56,56)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
-    p.add_argument("--repeats", type=int, default=15, help="timed runs per kernel (15)")
+    p = _parser("Time the CPU mask kernels (numpy, torch, native).")
+    p.add_argument("--shape", type=_shape, default="4,256,56,56", help="(4,256,56,56)")
+    p.set_defaults(repeats=15)
     args = p.parse_args(argv)
-    _threads(args)
-    shape = tuple(int(v) for v in args.shape.split(","))
+    torch.set_num_threads(args.threads)
+    shape = args.shape
     result = mask_kernel_times(shape, repeats=args.repeats)
     print(f"{shape} float32, {args.threads} thread(s), medians of {args.repeats}, ms")
     for name, cells in result.items():
@@ -193,17 +211,20 @@ def masks_main(argv: Sequence[str] | None = None) -> None:
 
 def ablation_main(argv: Sequence[str] | None = None) -> None:
     """CLI of ``scripts/bench_frozen_kernels.py``."""
+    from advtune.cli import _positive_int
+    from advtune.errors import UserError
     from advtune.models import random_net
 
-    p = argparse.ArgumentParser(description="Frozen-mode CPU kernel choices, each flipped.")
+    p = _parser("Frozen-mode CPU kernel choices, each flipped.")
     p.add_argument("--model", default="resnet50", help="torchvision architecture (resnet50)")
-    p.add_argument("--size", type=int, default=224, help="image size (224)")
-    p.add_argument("--batch-size", type=int, default=4, help="images per step (4)")
-    p.add_argument("--repeats", type=int, default=16, help="timed repetitions (16)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (1)")
+    p.add_argument("--size", type=_positive_int, default=224, help="image size (224)")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="images per step (4)")
     args = p.parse_args(argv)
-    _threads(args)
-    model = random_net(args.model, size=args.size)
+    torch.set_num_threads(args.threads)
+    try:
+        model = random_net(args.model, size=args.size)
+    except UserError as e:
+        p.error(str(e))
     rows = frozen_kernel_ablation(
         model, size=args.size, batch=args.batch_size, repeats=args.repeats
     )

@@ -213,3 +213,11 @@ def test_mask_kernel_times_cover_both_implementations(capsys):
     assert all(v > 0 for d in times.values() for v in d.values())
     bench_kernels.masks_main(["--shape", "2,3,8,8", "--repeats", "1"])
     assert "pack x > 0" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="repeats must be >= 1, got 0"):
+        bench_kernels.mask_kernel_times((2, 3), repeats=0)
+    with pytest.raises(SystemExit) as exit_info:
+        bench_kernels.masks_main(["--shape", "2,x"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "advtune: error: argument --shape: invalid integer 'x': expected a whole number like 4"
+    )
