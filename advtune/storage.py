@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
@@ -51,7 +52,8 @@ __all__ = [
 #: make rows self-describing (dataset index, eps, target, confidences, pre-quantisation
 #: success, where the PNG went, and for an ensemble attack the component that broke the
 #: sample: its name, ``"clean"`` if the clean image already counted as a success, ``""``
-#: if none did or the attack is no ensemble).
+#: if none did or the attack is no ensemble), and the sha256 (hex) of the saved PNG file's
+#: bytes (``""`` when no PNG was saved), which ``evaluate --adv-from`` checks.
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "path",
     "label",
@@ -68,12 +70,13 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "attack_success",
     "adv_path",
     "broken_by",
+    "adv_sha256",
 )
 
 #: Columns added after the first release: a manifest written before them (which a resume
 #: reads) lacks them, and its rows get ``""`` there. A resumed run's first write rewrites
 #: the whole file (:meth:`ManifestWriter.extend`), so it then has every column.
-_LATER_COLUMNS = frozenset({"broken_by"})
+_LATER_COLUMNS = frozenset({"broken_by", "adv_sha256"})
 
 # Column types for parsing. Optional columns hold "" for None.
 _INT_COLUMNS = frozenset({"label", "clean_pred", "adv_pred", "index"})
@@ -192,12 +195,15 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(f)
 
 
-def save_png(path: str | os.PathLike[str], image: torch.Tensor) -> None:
+def save_png(path: str | os.PathLike[str], image: torch.Tensor) -> str:
     """Atomically save a uint8 image as a lossless PNG, creating parent folders.
 
     Args:
         path: destination ``.png`` file.
         image: ``(3, H, W)`` or ``(1, H, W)`` uint8 tensor (any device).
+
+    Returns:
+        The sha256 (hex) of the bytes written (the manifest's ``adv_sha256``).
     """
     from PIL import Image
 
@@ -213,7 +219,9 @@ def save_png(path: str | os.PathLike[str], image: torch.Tensor) -> None:
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 # --------------------------------------------------------------------------- manifest

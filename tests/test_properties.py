@@ -107,6 +107,7 @@ ROWS = st.lists(
             "attack_success": st.booleans(),
             "adv_path": st.one_of(st.just(""), NAME_TEXT),
             "broken_by": st.sampled_from(["", "clean", "apgd-ce"]),
+            "adv_sha256": st.sampled_from(["", "0" * 64, "ab" * 32]),
         }
     ),
     max_size=8,

@@ -283,6 +283,7 @@ def attack_batch(
                     "attack_success": bool(cols["attack_success"][i]),
                     "adv_path": adv_paths[paths[i]] if adv_paths else "",
                     "broken_by": cols["broken_by"][i],
+                    "adv_sha256": "",  # OutputDir.save_images fills it in
                 }
             )
     return BatchOutput(rows=rows, images=saved, model_calls=calls, checks=checks)

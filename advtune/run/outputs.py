@@ -376,7 +376,8 @@ class OutputDir:
     # ------------------------------------------------------------------ writes
 
     def save_images(self, out: BatchOutput) -> None:
-        """Save a batch's PNGs (before its rows: a row implies its PNG)."""
+        """Save a batch's PNGs (before its rows: a row implies its PNG) and record each
+        file's sha256 in its row's ``adv_sha256``."""
         eps_count = len(out.images)
         for position, row in enumerate(out.rows):
             image_i, eps_i = divmod(position, eps_count)
@@ -384,7 +385,8 @@ class OutputDir:
                 path = inside(self.adv_dir, row["adv_path"])
                 if path is None:
                     raise ValueError(f"adv_path {row['adv_path']!r} leaves {self.adv_dir}")
-                save_png(path, out.images[eps_i][image_i])
+                # The hash goes into the row, which is written after the PNG.
+                row["adv_sha256"] = save_png(path, out.images[eps_i][image_i])
 
     def write_report(self, report: Mapping[str, Any]) -> None:
         write_json(self.report_path, report)
