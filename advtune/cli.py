@@ -105,6 +105,15 @@ def _eps_list(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ensemble_weights(text: str) -> list[float]:
+    from advtune.presets import parse_number_list
+
+    try:
+        return parse_number_list(text, what="ensemble weight")
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _key_value(text: str) -> tuple[str, str]:
     # The value stays text: the attack's spec types and validates it (resolve_attack).
     key, sep, value = text.partition("=")
@@ -123,7 +132,22 @@ _PARAM_FLAGS = {"--steps": "iterations", "--step-size": "step size, e.g. 1/255"}
 def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None:
     model = p.add_argument_group("model")
     model.add_argument(
-        "--model", required=True, help="torchvision model name or pkg.module:factory"
+        "--model",
+        required=True,
+        action="append",
+        help="torchvision model name or pkg.module:factory; repeat it to attack an ensemble "
+        "(evaluate --adv-from: the target models)",
+    )
+    model.add_argument(
+        "--ensemble-weights",
+        type=_ensemble_weights,
+        metavar="W1,W2,...",
+        help="ensemble: one weight per --model (normalised; default equal)",
+    )
+    model.add_argument(
+        "--ensemble-combine",
+        choices=("logits", "probs"),
+        help="ensemble: average logits (default) or probabilities (docs/transfer_eval.md)",
     )
     model.add_argument(
         "--weights",
@@ -231,6 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
         "values give a robust-accuracy curve and OUT/robust_accuracy.png.",
     )
     _add_run_arguments(ev, several_eps=True)
+    ev.add_argument(
+        "--adv-from",
+        metavar="RUN",
+        help="measure the saved PNGs of the generate run in RUN on each --model (no "
+        "attack; docs/transfer_eval.md)",
+    )
     ev.set_defaults(handler=_evaluate, default_out="advtune-eval")
 
     ls = sub.add_parser("list", help="list models, attacks or presets")
@@ -361,7 +391,8 @@ def _dataset_and_model(
     from advtune.models import load_model, model_card
     from advtune.run.inputs import image_size_preprocess
 
-    card = model_card(args.model, weights=args.weights, seed=args.seed)
+    # An ensemble's images are prepared once, with its first member's preprocessing.
+    card = model_card(args.model[0], weights=args.weights, seed=args.seed)
     transform = image_size_preprocess(card.preprocess, args.image_size)
     dataset = build_dataset(
         args.data,
@@ -372,8 +403,18 @@ def _dataset_and_model(
         labels=args.labels,
         exclude=[out_dir],  # a run never reads its own outputs back as input
     )
+    model: Any
+    if len(args.model) > 1:
+        from advtune.models.ensemble import load_ensemble
+
+        model = load_ensemble(
+            args.model, weights=args.weights, member_weights=args.ensemble_weights,
+            combine=args.ensemble_combine or "logits", convbn=convbn, device=device,
+            progress=not args.quiet, seed=args.seed, recompute=args.recompute,
+        )  # fmt: skip
+        return dataset, model, transform
     model = load_model(
-        args.model, weights=args.weights, convbn=convbn, device=device,
+        args.model[0], weights=args.weights, convbn=convbn, device=device,
         progress=not args.quiet, seed=args.seed, recompute=args.recompute,
     )  # fmt: skip
     return dataset, model, transform
@@ -383,9 +424,10 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     from advtune import models
     from advtune.run import RunSpec, TqdmProgress, format_summary, init_comm, run
     from advtune.run.outputs import OutputDir
-    from advtune.run.spec import model_context
 
     # Cheap checks first: a typo should not cost a model load.
+    if len(args.model) == 1 and (args.ensemble_weights or args.ensemble_combine):
+        raise UserError("--ensemble-weights and --ensemble-combine need two or more --model")
     config = _attack_config(args)
     _check_eps_fits_8bit(config)
     spec = RunSpec(  # validates itself; completed once the model is known
@@ -423,7 +465,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     )
     if comm.is_main and not args.quiet:
         _note_out_in_data(args.data, out_dir)
-    card = model.card
+    card = getattr(model, "card", None)  # an ensemble has none: its members do
     if args.amp or args.channels_last or args.compile:
         from advtune.runtime import prepare
 
@@ -439,8 +481,9 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     spec = dataclasses.replace(
         spec,
         batch_size=batch_size,
-        context=model_context(
-            card=card,
+        context=_model_context(
+            card,
+            model,
             convbn=convbn,
             preprocess=transform,
             amp=args.amp,
@@ -458,6 +501,20 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     if report is not None and not args.quiet:  # rank 0 prints the merged summary
         print(format_summary(report))
     return 0
+
+
+def _model_context(card: Any, model: Any, **kwargs: Any) -> dict[str, Any]:
+    """The resume key's model part; an ensemble's names every member."""
+    from advtune.run.spec import model_context
+
+    if card is None:
+        from advtune.models.ensemble import ModelEnsemble, ensemble_context
+        from advtune.run.report import unwrap_model
+
+        ensemble = unwrap_model(model)
+        if isinstance(ensemble, ModelEnsemble):
+            return ensemble_context(ensemble, **kwargs)
+    return model_context(card=card, **kwargs)
 
 
 def _auto_batch_size(
@@ -482,7 +539,7 @@ def _auto_batch_size(
             raise UserError(f"no decodable image in {str(dataset.root)!r}")
         input_shape = tuple(sample["image"].shape)
     key = {
-        "model": args.model,
+        "model": "+".join(args.model),
         "convbn": convbn,
         "amp": args.amp,
         "channels_last": args.channels_last,
@@ -507,7 +564,45 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if args.adv_from is not None:
+        return _evaluate_saved(args)
     return _run(args, command="evaluate")
+
+
+#: Flags that choose an attack, which ``evaluate --adv-from`` does not run.
+_ATTACK_DESTS = ("attack", "preset", "eps", "steps", "step_size", "norm", "targeted", "param")
+
+
+def _evaluate_saved(args: argparse.Namespace) -> int:
+    """``evaluate --adv-from RUN --model M...``: measure RUN's saved PNGs on each M."""
+    from advtune import models
+    from advtune.run.comm import parse_device
+    from advtune.run.transfer_eval import (
+        evaluate_saved,
+        format_transfer,
+        load_saved_set,
+        load_targets,
+        write_transfer,
+    )
+
+    given = [d for d in _ATTACK_DESTS if getattr(args, d) not in (None, [])]
+    given += [d for d in ("ensemble_weights", "ensemble_combine") if getattr(args, d)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise UserError(f"--adv-from measures saved images and runs no attack: drop {flag}")
+    convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
+    saved = load_saved_set(args.adv_from, data=args.data)  # cheap checks before loads
+    targets = load_targets(
+        args.model, weights=args.weights, convbn=convbn, device=parse_device(args.device),
+        seed=args.seed, progress=not args.quiet,
+    )  # fmt: skip
+    batch_size = args.batch_size if isinstance(args.batch_size, int) else 32
+    result = evaluate_saved(saved, targets, batch_size=batch_size)
+    if args.out is not None:
+        write_transfer(result, args.out)
+    if not args.quiet:
+        print(format_transfer(result))
+    return 0
 
 
 def _list(args: argparse.Namespace) -> int:

@@ -38,7 +38,7 @@ from torch import nn
 
 from advtune.errors import UserError
 
-__all__ = ["COMBINE_MODES", "ModelEnsemble", "load_ensemble"]
+__all__ = ["COMBINE_MODES", "ModelEnsemble", "ensemble_context", "load_ensemble"]
 
 #: Accepted values of ``combine``.
 COMBINE_MODES: tuple[str, ...] = ("logits", "probs")
@@ -106,11 +106,12 @@ class ModelEnsemble(nn.Module):
             raise ValueError("an ensemble needs at least one model, got none")
         for i, m in enumerate(models):
             if not isinstance(m, nn.Module):
-                raise ValueError(f"ensemble member {i} must be an nn.Module, got {type(m).__name__}")
+                raise ValueError(
+                    f"ensemble member {i} must be an nn.Module, got {type(m).__name__}"
+                )
         if combine not in COMBINE_MODES:
             extra = (
-                " (a loss average is no function of one output vector: see "
-                "advtune.models.ensemble)"
+                " (a loss average is no function of one output vector: see advtune.models.ensemble)"
                 if combine == "loss"
                 else ""
             )
@@ -153,7 +154,7 @@ class ModelEnsemble(nn.Module):
         Raises:
             ValueError: a member's output is not ``(N, num_classes)``.
         """
-        outs = []
+        outs: list[torch.Tensor] = []
         for name, m in zip(self.member_names, self.members, strict=True):
             z = m(x)
             if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != x.shape[0]:
@@ -264,12 +265,44 @@ def load_ensemble(
         raise UserError(str(e)) from None
     models = [
         load_model(
-            name, weights=w, convbn=convbn, device=device, progress=progress, seed=seed + i,
+            name,
+            weights=w,
+            convbn=convbn,
+            device=device,
+            progress=progress,
+            seed=seed + i,
             recompute=recompute,
-        )  # fmt: skip
+        )
         for i, (name, w) in enumerate(zip(names, per_member, strict=True))
     ]
     try:
         return ModelEnsemble(models, weights=member_weights, combine=combine)
     except ValueError as e:
         raise UserError(str(e)) from None
+
+
+def ensemble_context(
+    ensemble: ModelEnsemble,
+    *,
+    convbn: str,
+    preprocess: Any,
+    amp: str | None = None,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """The model part of a run's resume key for an ensemble (``RunSpec.context``).
+
+    As :func:`advtune.run.spec.model_context`, with ``"model"`` replaced by
+    :meth:`ModelEnsemble.describe` (every member's name, weights, checkpoint sha256,
+    seed and ensemble weight; the combine rule), so two different ensembles never mix
+    in one output folder.
+    """
+    from advtune.run.spec import model_context
+
+    first = getattr(ensemble.members[0], "card", None)
+    if first is None:
+        raise ValueError("ensemble_context needs members built by load_model (with a .card)")
+    context = model_context(
+        card=first, convbn=convbn, preprocess=preprocess, amp=amp, channels_last=channels_last
+    )
+    context["model"] = {**ensemble.describe(), "convbn": convbn}
+    return context
