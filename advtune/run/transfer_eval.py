@@ -491,9 +491,8 @@ def write_matrix(
     fig.colorbar(image, ax=ax, label="success (%)")
     if title:
         ax.set_title(title)
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(paths["plot"], buffer.getvalue())
     return paths
