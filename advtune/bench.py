@@ -64,9 +64,11 @@ __all__ = [
     "ATTACKS",
     "BENCH_MODES",
     "BenchResult",
+    "EnsembleBenchResult",
     "ModeResult",
     "build_model",
     "count_saved_bytes",
+    "ensemble_bench",
     "gradient_step",
     "peak_bytes",
     "peak_bytes_per_image",
@@ -655,6 +657,125 @@ def run_bench(
     )
 
 
+# --------------------------------------------------------------------------- ensembles
+
+
+@dataclasses.dataclass
+class EnsembleBenchResult:
+    """Memory of an ensemble surrogate against one member, per ConvBN mode.
+
+    ``rows[mode]`` holds ``one`` and ``ensemble`` saved MiB per image (and, with peaks,
+    ``one_peak``/``ensemble_peak``: step peak MiB per image); ``None`` where not measured.
+    """
+
+    models: list[str]
+    size: int
+    device_name: str
+    saved_batches: tuple[int, int]
+    peak_batches: tuple[int, int] | None
+    date: str
+    rows: dict[str, dict[str, float | None]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        def cell(v: float | None, fmt: str = "{:.2f}") -> str:
+            return "-" if v is None else fmt.format(v)
+
+        def ratio(a: float | None, b: float | None) -> float | None:
+            return a / b if a is not None and b else None
+
+        head = (
+            f"ensemble of {len(self.models)} ({', '.join(self.models)}) vs one "
+            f"({self.models[0]}), {self.size}px, {self.device_name}, saved batches "
+            f"{self.saved_batches}"
+            + (f", peak batches {self.peak_batches}" if self.peak_batches else "")
+        )
+        cols = f"{'mode':<18} {'one saved':>10} {'ens saved':>10} {'ens/one':>8}"
+        if self.peak_batches:
+            cols += f" {'one peak':>10} {'ens peak':>10} {'ens/one':>8}"
+        lines = [head, cols + "   (MiB per image)"]
+        for mode, r in self.rows.items():
+            line = (
+                f"{mode:<18} {cell(r['one']):>10} {cell(r['ensemble']):>10} "
+                f"{cell(ratio(r['ensemble'], r['one'])):>8}"
+            )
+            if self.peak_batches:
+                line += (
+                    f" {cell(r.get('one_peak')):>10} {cell(r.get('ensemble_peak')):>10} "
+                    f"{cell(ratio(r.get('ensemble_peak'), r.get('one_peak'))):>8}"
+                )
+            lines.append(line)
+        eval_row, frozen_row = self.rows.get("eval"), self.rows.get("frozen")
+        if eval_row and frozen_row and eval_row["ensemble"] and frozen_row["ensemble"]:
+            saved = eval_row["ensemble"] - frozen_row["ensemble"]
+            lines.append(
+                f"frozen ensemble saves {saved:.2f} MiB/img for backward vs the eval "
+                f"ensemble ({frozen_row['ensemble'] / eval_row['ensemble']:.3f}x); "
+                f"frozen ensemble / one eval model: "
+                f"{cell(ratio(frozen_row['ensemble'], eval_row['one']), '{:.3f}')}x"
+            )
+        return "\n".join(lines)
+
+
+def ensemble_bench(
+    models: Sequence[str],
+    *,
+    modes: Sequence[str] = ("eval", "frozen"),
+    size: int = 224,
+    device: str = "auto",
+    saved_batches: tuple[int, int] = (2, 4),
+    peak_batches: tuple[int, int] | None = None,
+    seed: int = 0,
+) -> EnsembleBenchResult:
+    """Saved bytes per image (and optionally step peaks) of a logit ensemble of
+    ``models`` (:class:`advtune.models.ensemble.ModelEnsemble`, member ``i`` seeded
+    ``seed + i``) against its first member alone, in each ConvBN mode.
+
+    Raises:
+        UserError: fewer than two models, an unknown model or mode, a bad device.
+    """
+    from advtune.models.ensemble import ModelEnsemble
+
+    models = list(models)
+    if len(models) < 2:
+        raise UserError(f"--ensemble needs two or more models, got {models!r}")
+    bad = [m for m in modes if m not in BENCH_MODES]
+    if bad or not modes:
+        raise UserError(f"--modes must be a comma list of {', '.join(BENCH_MODES)}; got {modes!r}")
+    dev = _resolve_device(device)
+    bases = [build_model(name, size=size, seed=seed + i).eval() for i, name in enumerate(models)]
+    rows: dict[str, dict[str, float | None]] = {}
+    for mode_name in modes:  # memory: one mode at a time
+        mode, _, extra = mode_name.partition("+")
+        members = [
+            tune(b, mode, recompute=bool(extra)).to(dev).requires_grad_(False)  # type: ignore[arg-type]
+            for b in bases
+        ]
+        row: dict[str, float | None] = {}
+        for key, model in (("one", members[0]), ("ensemble", ModelEnsemble(members))):
+            row[key] = (
+                saved_bytes_per_image(model, size=size, batches=saved_batches, device=dev) / MIB
+            )
+            if peak_batches is not None:
+                peak = peak_bytes_per_image(model, size=size, batches=peak_batches, device=dev)
+                row[key + "_peak"] = peak / MIB
+        rows[mode_name] = row
+        del members
+    device_name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"CPU, {torch.get_num_threads()} threads"
+    )
+    return EnsembleBenchResult(
+        models=models, size=size, device_name=device_name,
+        saved_batches=(saved_batches[0], saved_batches[1]),
+        peak_batches=None if peak_batches is None else (peak_batches[0], peak_batches[1]),
+        date=_dt.date.today().isoformat(), rows=rows,
+    )  # fmt: skip
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -728,12 +849,29 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
         help="largest batch probed for max batch (CUDA; 0: skip the probe)",
     )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write results")
+    p.add_argument(
+        "--ensemble",
+        metavar="M1,M2,...",
+        help="instead: saved bytes per image (and step peaks unless --no-peak) of an "
+        "ensemble of these models vs the first alone, per --modes (e.g. eval,frozen)",
+    )
     p.set_defaults(handler=_cli_main)
     return p
 
 
 def _cli_main(args: argparse.Namespace) -> int:
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if getattr(args, "ensemble", None):
+        ens = ensemble_bench(
+            [m.strip() for m in args.ensemble.split(",") if m.strip()], modes=modes,
+            size=args.size, device=args.device, saved_batches=args.saved_batches,
+            peak_batches=None if args.no_peak else args.peak_batches,
+        )  # fmt: skip
+        sys.stdout.write(ens.table() + "\n")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(ens.to_dict(), indent=2) + "\n")
+        return 0
     result = run_bench(
         args.model,
         attack=args.attack,

@@ -192,3 +192,25 @@ def test_load_ensemble_refusals():
         load_ensemble(["test_ensemble:tiny_a"], combine="loss")
     with pytest.raises(UserError, match="disagree on the number of classes"):
         load_ensemble(["test_ensemble:tiny_a", "test_ensemble:tiny_five"])
+
+
+def test_bench_ensemble_memory_figures(tmp_path, capsys):
+    import json
+
+    from advtune.bench import ensemble_bench, main
+
+    out = tmp_path / "ens.json"
+    rc = main(["--ensemble", "resnet18,resnet18,resnet18", "--modes", "eval,frozen",
+               "--size", "32", "--no-peak", "--device", "cpu", "--json", str(out)])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "ensemble of 3 (resnet18, resnet18, resnet18)" in printed
+    assert "frozen ensemble saves" in printed
+    rows = json.loads(out.read_text())["rows"]
+    for mode in ("eval", "frozen"):
+        one, ens = rows[mode]["one"], rows[mode]["ensemble"]
+        # Three members save at most three times one (the shared input is saved once).
+        assert 2 * one < ens <= 3 * one + 1e-9
+    assert rows["frozen"]["ensemble"] < rows["eval"]["ensemble"] / 4
+    with pytest.raises(UserError, match="two or more"):
+        ensemble_bench(["resnet18"], size=32, device="cpu")
