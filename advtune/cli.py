@@ -392,7 +392,8 @@ def _dataset_and_model(
     from advtune.run.inputs import image_size_preprocess
 
     # An ensemble's images are prepared once, with its first member's preprocessing.
-    card = model_card(args.model[0], weights=args.weights, seed=args.seed)
+    names = _model_names(args)
+    card = model_card(names[0], weights=args.weights, seed=args.seed)
     transform = image_size_preprocess(card.preprocess, args.image_size)
     dataset = build_dataset(
         args.data,
@@ -404,17 +405,17 @@ def _dataset_and_model(
         exclude=[out_dir],  # a run never reads its own outputs back as input
     )
     model: Any
-    if len(args.model) > 1:
+    if len(names) > 1:
         from advtune.models.ensemble import load_ensemble
 
         model = load_ensemble(
-            args.model, weights=args.weights, member_weights=args.ensemble_weights,
-            combine=args.ensemble_combine or "logits", convbn=convbn, device=device,
+            names, weights=args.weights, member_weights=getattr(args, "ensemble_weights", None),
+            combine=getattr(args, "ensemble_combine", None) or "logits", convbn=convbn, device=device,
             progress=not args.quiet, seed=args.seed, recompute=args.recompute,
         )  # fmt: skip
         return dataset, model, transform
     model = load_model(
-        args.model[0], weights=args.weights, convbn=convbn, device=device,
+        names[0], weights=args.weights, convbn=convbn, device=device,
         progress=not args.quiet, seed=args.seed, recompute=args.recompute,
     )  # fmt: skip
     return dataset, model, transform
@@ -426,7 +427,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     from advtune.run.outputs import OutputDir
 
     # Cheap checks first: a typo should not cost a model load.
-    if len(args.model) == 1 and (args.ensemble_weights or args.ensemble_combine):
+    if len(_model_names(args)) == 1 and (args.ensemble_weights or args.ensemble_combine):
         raise UserError("--ensemble-weights and --ensemble-combine need two or more --model")
     config = _attack_config(args)
     _check_eps_fits_8bit(config)
@@ -503,6 +504,11 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     return 0
 
 
+def _model_names(args: argparse.Namespace) -> list[str]:
+    """The ``--model`` values (repeatable: an ensemble, or --adv-from's targets)."""
+    return [args.model] if isinstance(args.model, str) else list(args.model)
+
+
 def _model_context(card: Any, model: Any, **kwargs: Any) -> dict[str, Any]:
     """The resume key's model part; an ensemble's names every member."""
     from advtune.run.spec import model_context
@@ -539,7 +545,7 @@ def _auto_batch_size(
             raise UserError(f"no decodable image in {str(dataset.root)!r}")
         input_shape = tuple(sample["image"].shape)
     key = {
-        "model": "+".join(args.model),
+        "model": "+".join(_model_names(args)),
         "convbn": convbn,
         "amp": args.amp,
         "channels_last": args.channels_last,
@@ -593,7 +599,7 @@ def _evaluate_saved(args: argparse.Namespace) -> int:
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
     saved = load_saved_set(args.adv_from, data=args.data)  # cheap checks before loads
     targets = load_targets(
-        args.model, weights=args.weights, convbn=convbn, device=parse_device(args.device),
+        _model_names(args), weights=args.weights, convbn=convbn, device=parse_device(args.device),
         seed=args.seed, progress=not args.quiet,
     )  # fmt: skip
     batch_size = args.batch_size if isinstance(args.batch_size, int) else 32
