@@ -162,7 +162,7 @@ def test_a_changed_or_missing_image_is_an_error_naming_it(run_a, ckpts, tmp_path
     assert rows[3]["adv_path"] in err and "missing" in err
 
 
-def test_bad_input_is_one_line(run_a, ckpts, tmp_path, capsys):
+def test_bad_input_is_one_line(run_a, imagenet, ckpts, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert _adv_from(empty, ckpts[0]) == 2
@@ -176,6 +176,12 @@ def test_bad_input_is_one_line(run_a, ckpts, tmp_path, capsys):
             "--weights", str(ckpts[0])]  # fmt: skip
     assert main(argv) == 2
     assert "given twice" in _err(capsys)
+    ev = tmp_path / "ev"
+    argv = ["evaluate", "--model", "resnet18", "--weights", str(ckpts[0]), "--attack", "fgsm",
+            "--eps", "1/255", "--out", str(ev), *_common(imagenet)]  # fmt: skip
+    assert main(argv) == 0
+    assert _adv_from(ev, ckpts[0]) == 2
+    assert "saved no adversarial images" in _err(capsys)
     # Clean images elsewhere: a folder with other content fails on the recorded norms.
     other = tmp_path / "other"
     write_imagenet_folder(tmp_path / "tree", seed=5)
