@@ -303,7 +303,7 @@ def test_disk_full_is_one_line_and_the_folder_stays_consistent(
         if len(saved) == 2:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         saved.append(path)
-        real(path, image)
+        return real(path, image)
 
     monkeypatch.setattr(outputs, "save_png", full_disk)
     rc = main(cli_args(data, ckpt, out))

@@ -180,10 +180,10 @@ def test_torn_quoted_field_is_dropped(tmp_path):
         (b"", "missing columns"),
         (b"path,label\nx,1\n", "missing columns"),
         (format_manifest(rows([0])).replace(",1,0.0156", ",yes,0.0156").encode(), "line 2"),
-        (format_manifest(rows([0, 1]))[:-1].encode() + b",extra\n", "line 3: expected 15"),
+        (format_manifest(rows([0, 1]))[:-1].encode() + b",extra\n", "line 3: expected 16"),
         (format_manifest(rows([0]) + rows([0])).encode(), "line 3: duplicate row.*line 2"),
         (format_manifest(rows([0])).replace(",0,0.0", ",-1,0.0").encode(), "'index' must be"),
-        (format_manifest(rows([0, 1])).encode() + b"\xff\xfe\n", "line 4: expected 15 fields"),
+        (format_manifest(rows([0, 1])).encode() + b"\xff\xfe\n", "line 4: expected 16 fields"),
         (format_manifest(rows([0])).encode() + b'p,"x"y\n', "line 3"),
     ],
 )
