@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -459,283 +460,6 @@ def _doc(fn: _F) -> _F:
 # --------------------------------------------------------------------------- the attacks
 
 
-@register("di_fgsm", randomized=True, params=(
-    EPS, STEPS, STEP_SIZE, _with(DECAY, 0.0), DIVERSITY_PROB, RESIZE_RATE,
-))  # fmt: skip
-@_doc
-def di_fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 0.0,
-    diversity_prob: float = 0.5,
-    resize_rate: float = 1.1,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """DI²-FGSM: iterative FGSM on randomly resized and padded inputs (L∞).
-
-    Each step, with probability ``diversity_prob`` per image, the gradient is taken
-    through a random resize-and-pad of the iterate (:func:`diverse_inputs`); with
-    ``decay > 0`` it is M-DI²-FGSM (momentum), and with ``diversity_prob=0`` exactly
-    MI-FGSM (I-FGSM for ``decay=0``). Reference: Xie et al., "Improving Transferability
-    of Adversarial Examples with Input Diversity", CVPR 2019 (arXiv:1803.06978); defaults
-    p = 0.5, 330/299 ≈ 1.1, no momentum.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        diversity_prob: Probability ``p`` in [0, 1] of transforming the image in a step.
-        resize_rate: ``> 1``: resize into [W, rate·W), pad to rate·W, resize back to W;
-            ``< 1``: resize into [rate·W, W), pad to W (torchattacks' rule).{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, diversity_prob=diversity_prob, resize_rate=resize_rate),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
-@register("ti_fgsm", params=(EPS, STEPS, STEP_SIZE, _with(DECAY, 0.0), KERNEL_SIZE, NSIG))
-@_doc
-def ti_fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 0.0,
-    kernel_size: int = 15,
-    nsig: float = 3.0,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """TI-FGSM: iterative FGSM on a Gaussian-smoothed gradient (L∞).
-
-    The gradient is convolved (per channel, zero padding) with :func:`gaussian_kernel`
-    before the step, which approximates averaging gradients over translated images.
-    ``decay > 0`` gives TI-MI-FGSM. Deterministic. Reference: Dong et al., "Evading
-    Defenses to Transferable Adversarial Examples by Translation-Invariant Attacks", CVPR
-    2019 (arXiv:1904.02884); defaults kernel 15, nsig 3.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        kernel_size: Odd side of the kernel, 1 to 63 (1: no smoothing).
-        nsig: The kernel spans ±nsig standard deviations.{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, kernel_size=kernel_size, nsig=nsig),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
-@register("si_ni_fgsm", params=(EPS, STEPS, STEP_SIZE, DECAY, SCALE_COPIES))
-@_doc
-def si_ni_fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 1.0,
-    scale_copies: int = 5,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """SI-NI-FGSM: Nesterov momentum on gradients averaged over scaled copies (L∞).
-
-    Each step the gradient is the mean over ``x_nes / 2^i``, ``i < scale_copies``, at the
-    look-ahead ``x_nes = x + step_size·μ·m`` (not projected). Deterministic. Reference:
-    Lin et al., "Nesterov Accelerated Gradient and Scale Invariance for Adversarial
-    Attacks", ICLR 2020 (arXiv:1908.06281); defaults m = 5, μ = 1.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        scale_copies: Copies ``m`` in 1..16.{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, nesterov=True, scale_copies=scale_copies),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
-@register("vmi_fgsm", randomized=True, params=(EPS, STEPS, STEP_SIZE, DECAY, SAMPLES, BETA))
-@_doc
-def vmi_fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 1.0,
-    samples: int = 20,
-    beta: float = 1.5,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """VMI-FGSM: MI-FGSM with variance tuning (L∞).
-
-    Step *t* follows ``g_t + v_{t−1}``, where ``v = mean_k ∇(x + r_k) − ∇(x)`` over
-    ``samples`` neighbours ``r_k`` uniform in the L∞ ball of radius ``beta·eps`` (per
-    sample, from its own stream). ``samples=0`` or ``beta=0`` gives MI-FGSM. Reference:
-    Wang & He, "Enhancing the Transferability of Adversarial Attacks through Variance
-    Tuning", CVPR 2021 (arXiv:2103.15571); defaults N = 20, β = 1.5, μ = 1.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        samples: Neighbours ``N`` per step, 0 to 1000.
-        beta: Neighbourhood radius as a multiple of ``eps``, 0 to 10.{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, samples=samples, beta=beta),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
-@register("vni_fgsm", randomized=True, params=(EPS, STEPS, STEP_SIZE, DECAY, SAMPLES, BETA))
-@_doc
-def vni_fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 1.0,
-    samples: int = 20,
-    beta: float = 1.5,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """VNI-FGSM: Nesterov momentum with variance tuning (L∞).
-
-    As :func:`vmi_fgsm`, with the gradient taken at the look-ahead ``x + step_size·μ·m``;
-    the neighbours are sampled around the iterate ``x`` (not the look-ahead), and ``v``
-    subtracts the look-ahead's gradient, as in the authors' code. Reference: Wang & He,
-    "Enhancing the Transferability of Adversarial Attacks through Variance Tuning", CVPR
-    2021 (arXiv:2103.15571); defaults N = 20, β = 1.5, μ = 1.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        samples: Neighbours ``N`` per step, 0 to 1000.
-        beta: Neighbourhood radius as a multiple of ``eps``, 0 to 10.{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, nesterov=True, samples=samples, beta=beta),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
-@register("admix", randomized=True, per_sample=False, params=(
-    EPS, STEPS, STEP_SIZE, DECAY, SCALE_COPIES, ADMIX_COPIES, ADMIX_STRENGTH,
-))  # fmt: skip
-@_doc
-def admix(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 1.0,
-    scale_copies: int = 5,
-    admix_copies: int = 3,
-    admix_strength: float = 0.2,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """Admix-MI-FGSM: gradients over admixed, scaled copies, with momentum (L∞).
-
-    Each step the gradient is the mean over ``(x + η·x'_j) / 2^i`` for
-    ``admix_copies`` images ``x'_j`` and ``i < scale_copies``. The ``x'_j`` are clean
-    images of the same batch with another label, drawn per sample and step from its own
-    stream (the paper samples "images of other categories"; the authors' code mixes a
-    shuffled copy of the batch's current iterates). The result therefore depends on the
-    batch: keep batches fixed to reproduce a run. Reference: Wang et al., "Admix:
-    Enhancing the Transferability of Adversarial Attacks", ICCV 2021 (arXiv:2102.00436);
-    defaults m1 = 5, m2 = 3, η = 0.2, μ = 1.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        scale_copies: Scale copies ``m1`` in 1..16.
-        admix_copies: Admixed images ``m2`` in 0..16 (0: SI-MI-FGSM).
-        admix_strength: Weight η in [0, 1] of the admixed image.{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, scale_copies=scale_copies, admix_copies=admix_copies,
-                      admix_strength=admix_strength),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
-@register("mi_di_ti_fgsm", randomized=True, params=(
-    EPS, STEPS, STEP_SIZE, DECAY, DIVERSITY_PROB, RESIZE_RATE, KERNEL_SIZE, NSIG,
-))  # fmt: skip
-@_doc
-def mi_di_ti_fgsm(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    *,
-    eps: float,
-    steps: int = 10,
-    step_size: float | None = None,
-    decay: float = 1.0,
-    diversity_prob: float = 0.5,
-    resize_rate: float = 1.1,
-    kernel_size: int = 15,
-    nsig: float = 3.0,
-    target: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    seeds: torch.Tensor | None = None,
-) -> AttackResult:
-    """MI-DI-TI-FGSM: momentum, diverse inputs and a smoothed gradient (L∞).
-
-    The composed default for transfer: the gradient through a random resize-and-pad
-    (:func:`di_fgsm`), smoothed by a Gaussian kernel (:func:`ti_fgsm`), accumulated with
-    momentum (MI-FGSM). Reference: the TI-DIM attack of Dong et al., "Evading Defenses to
-    Transferable Adversarial Examples by Translation-Invariant Attacks", CVPR 2019
-    (arXiv:1904.02884), over Dong et al., "Boosting Adversarial Attacks with Momentum",
-    CVPR 2018 (arXiv:1710.06081) and Xie et al., CVPR 2019; defaults μ = 1, p = 0.5,
-    kernel 15, nsig 3.
-
-    Args:{ARGS}
-        decay: Momentum factor μ ``>= 0``.
-        diversity_prob: DI probability in [0, 1].
-        resize_rate: DI size rule (see :func:`di_fgsm`).
-        kernel_size: Odd TI kernel side, 1 to 63.
-        nsig: TI kernel extent in standard deviations.{COMMON}
-    """
-    return _run(
-        model, x, y, eps=eps, steps=steps, step_size=step_size,
-        recipe=Recipe(decay=decay, diversity_prob=diversity_prob, resize_rate=resize_rate,
-                      kernel_size=kernel_size, nsig=nsig),
-        target=target, generator=generator, seeds=seeds,
-    )  # fmt: skip
-
-
 @register("transfer_fgsm", params=(
     EPS, STEPS, STEP_SIZE, DECAY, NESTEROV, _with(DIVERSITY_PROB, 0.0), RESIZE_RATE,
     _with(KERNEL_SIZE, 1), NSIG, _with(SCALE_COPIES, 1), _with(ADMIX_COPIES, 0),
@@ -796,3 +520,168 @@ def transfer_fgsm(
         model, x, y, eps=eps, steps=steps, step_size=step_size, recipe=recipe,
         target=target, generator=generator, seeds=seeds,
     )  # fmt: skip
+
+
+# The named attacks are bindings of transfer_fgsm: a subset of its settings (with the
+# paper's defaults) exposed, the others fixed. Their signatures are built from the
+# declared Params, so each setting is written once.
+
+_SHARED = ("eps", "steps", "step_size")
+_POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
+_KW = inspect.Parameter.KEYWORD_ONLY
+
+
+def _annotation(p: Param) -> str:
+    return p.type.__name__ + (" | None" if p.nullable else "")
+
+
+def _binding(
+    name: str,
+    *,
+    params: tuple[Param, ...],
+    fixed: dict[str, object] | None = None,
+    randomized: bool = False,
+    per_sample: bool = True,
+    doc: str,
+) -> Callable[..., AttackResult]:
+    """Register ``name``: :func:`transfer_fgsm` with ``params`` exposed (their defaults)
+    and the ``fixed`` recipe settings; ``doc`` is its docstring before the Args section."""
+    defaults = {p.name: p.default for p in params if not p.required}
+    allowed = {p.name for p in params}
+    required = [p.name for p in params if p.required]
+
+    def attack(
+        model: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        target: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        seeds: torch.Tensor | None = None,
+        **hyperparameters: object,
+    ) -> AttackResult:
+        unknown = sorted(set(hyperparameters) - allowed)
+        if unknown:
+            raise TypeError(f"{name}() got an unexpected keyword argument {unknown[0]!r}")
+        missing = [k for k in required if k not in hyperparameters]
+        if missing:
+            raise TypeError(f"{name}() missing required keyword-only argument {missing[0]!r}")
+        kw: dict = {**defaults, **hyperparameters, **(fixed or {})}
+        recipe = Recipe(**{k: v for k, v in kw.items() if k not in _SHARED})
+        return _run(
+            model, x, y, eps=kw["eps"], steps=kw["steps"], step_size=kw["step_size"],
+            recipe=recipe, target=target, generator=generator, seeds=seeds,
+        )  # fmt: skip
+
+    signature = [inspect.Parameter(k, _POS, annotation="torch.Tensor") for k in ("x", "y")]
+    signature.insert(0, inspect.Parameter("model", _POS, annotation="nn.Module"))
+    for p in params:
+        default = inspect.Parameter.empty if p.required else p.default
+        signature.append(inspect.Parameter(p.name, _KW, default=default, annotation=_annotation(p)))
+    for k in ("target", "generator", "seeds"):
+        signature.append(inspect.Parameter(k, _KW, default=None))
+    attack.__signature__ = inspect.Signature(signature, return_annotation="AttackResult")  # type: ignore[attr-defined]
+    attack.__name__ = attack.__qualname__ = name
+    lines = [f"        {p.name}: {p.help}." for p in params if p.name not in _SHARED]
+    attack.__doc__ = doc.rstrip() + "\n\n    Args:{ARGS}\n" + "\n".join(lines) + "{COMMON}\n    "
+    _doc(attack)
+    return register(name, randomized=randomized, per_sample=per_sample, params=params)(attack)
+
+
+di_fgsm = _binding(
+    "di_fgsm",
+    params=(EPS, STEPS, STEP_SIZE, _with(DECAY, 0.0), DIVERSITY_PROB, RESIZE_RATE),
+    randomized=True,
+    doc="""DI²-FGSM: iterative FGSM on randomly resized and padded inputs (L∞).
+
+    Each step, with probability ``diversity_prob`` per image, the gradient is taken
+    through a random resize-and-pad of the iterate (:func:`diverse_inputs`); with
+    ``decay > 0`` it is M-DI²-FGSM (momentum), and with ``diversity_prob=0`` exactly
+    MI-FGSM (I-FGSM for ``decay=0``). ``resize_rate > 1``: resize into [W, rate·W), pad
+    to rate·W, resize back to W; ``< 1``: resize into [rate·W, W), pad to W
+    (torchattacks' rule). Reference: Xie et al., "Improving Transferability of
+    Adversarial Examples with Input Diversity", CVPR 2019 (arXiv:1803.06978); defaults
+    p = 0.5, 330/299 ≈ 1.1, no momentum.""",
+)
+
+ti_fgsm = _binding(
+    "ti_fgsm",
+    params=(EPS, STEPS, STEP_SIZE, _with(DECAY, 0.0), KERNEL_SIZE, NSIG),
+    doc="""TI-FGSM: iterative FGSM on a Gaussian-smoothed gradient (L∞).
+
+    The gradient is convolved (per channel, zero padding) with :func:`gaussian_kernel`
+    before the step, which approximates averaging gradients over translated images.
+    ``decay > 0`` gives TI-MI-FGSM. Deterministic. Reference: Dong et al., "Evading
+    Defenses to Transferable Adversarial Examples by Translation-Invariant Attacks", CVPR
+    2019 (arXiv:1904.02884); defaults kernel 15, nsig 3.""",
+)
+
+si_ni_fgsm = _binding(
+    "si_ni_fgsm",
+    params=(EPS, STEPS, STEP_SIZE, DECAY, SCALE_COPIES),
+    fixed={"nesterov": True},
+    doc="""SI-NI-FGSM: Nesterov momentum on gradients averaged over scaled copies (L∞).
+
+    Each step the gradient is the mean over ``x_nes / 2^i``, ``i < scale_copies``, at the
+    look-ahead ``x_nes = x + step_size·μ·m`` (not projected). Deterministic. Reference:
+    Lin et al., "Nesterov Accelerated Gradient and Scale Invariance for Adversarial
+    Attacks", ICLR 2020 (arXiv:1908.06281); defaults m = 5, μ = 1.""",
+)
+
+vmi_fgsm = _binding(
+    "vmi_fgsm",
+    params=(EPS, STEPS, STEP_SIZE, DECAY, SAMPLES, BETA),
+    randomized=True,
+    doc="""VMI-FGSM: MI-FGSM with variance tuning (L∞).
+
+    Step *t* follows ``g_t + v_{t−1}``, where ``v = mean_k ∇(x + r_k) − ∇(x)`` over
+    ``samples`` neighbours ``r_k`` uniform in the L∞ ball of radius ``beta·eps`` (per
+    sample, from its own stream). ``samples=0`` or ``beta=0`` gives MI-FGSM. Reference:
+    Wang & He, "Enhancing the Transferability of Adversarial Attacks through Variance
+    Tuning", CVPR 2021 (arXiv:2103.15571); defaults N = 20, β = 1.5, μ = 1.""",
+)
+
+vni_fgsm = _binding(
+    "vni_fgsm",
+    params=(EPS, STEPS, STEP_SIZE, DECAY, SAMPLES, BETA),
+    fixed={"nesterov": True},
+    randomized=True,
+    doc="""VNI-FGSM: Nesterov momentum with variance tuning (L∞).
+
+    As :func:`vmi_fgsm`, with the gradient taken at the look-ahead ``x + step_size·μ·m``;
+    the neighbours are sampled around the iterate ``x`` (not the look-ahead), and ``v``
+    subtracts the look-ahead's gradient, as in the authors' code. Reference: Wang & He,
+    CVPR 2021 (arXiv:2103.15571); defaults N = 20, β = 1.5, μ = 1.""",
+)
+
+admix = _binding(
+    "admix",
+    params=(EPS, STEPS, STEP_SIZE, DECAY, SCALE_COPIES, ADMIX_COPIES, ADMIX_STRENGTH),
+    randomized=True,
+    per_sample=False,
+    doc="""Admix-MI-FGSM: gradients over admixed, scaled copies, with momentum (L∞).
+
+    Each step the gradient is the mean over ``(x + η·x'_j) / 2^i`` for
+    ``admix_copies`` images ``x'_j`` and ``i < scale_copies``. The ``x'_j`` are clean
+    images of the same batch with another label, drawn per sample and step from its own
+    stream (the paper samples "images of other categories"; the authors' code mixes a
+    shuffled copy of the batch's current iterates). The result therefore depends on the
+    batch: keep batches fixed to reproduce a run. ``admix_copies=0`` is SI-MI-FGSM.
+    Reference: Wang et al., "Admix: Enhancing the Transferability of Adversarial
+    Attacks", ICCV 2021 (arXiv:2102.00436); defaults m1 = 5, m2 = 3, η = 0.2, μ = 1.""",
+)
+
+mi_di_ti_fgsm = _binding(
+    "mi_di_ti_fgsm",
+    params=(EPS, STEPS, STEP_SIZE, DECAY, DIVERSITY_PROB, RESIZE_RATE, KERNEL_SIZE, NSIG),
+    randomized=True,
+    doc="""MI-DI-TI-FGSM: momentum, diverse inputs and a smoothed gradient (L∞).
+
+    The composed default for transfer: the gradient through a random resize-and-pad
+    (:func:`di_fgsm`), smoothed by a Gaussian kernel (:func:`ti_fgsm`), accumulated with
+    momentum (MI-FGSM). Reference: the TI-DIM attack of Dong et al., "Evading Defenses to
+    Transferable Adversarial Examples by Translation-Invariant Attacks", CVPR 2019
+    (arXiv:1904.02884), over Dong et al., "Boosting Adversarial Attacks with Momentum",
+    CVPR 2018 (arXiv:1710.06081) and Xie et al., CVPR 2019; defaults μ = 1, p = 0.5,
+    kernel 15, nsig 3.""",
+)
