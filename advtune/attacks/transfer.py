@@ -227,9 +227,9 @@ def diverse_inputs(
         ``(out, applied)``: ``out`` ``(N, C, H, W)`` (``x`` itself when no image is
         transformed); ``applied`` ``(N,)`` bool.
     """
-    applied = draws[:, 0] < diversity_prob
+    applied = (draws[:, 0] < diversity_prob).cpu()  # the draws live on the CPU
     if not bool(applied.any()):
-        return x, applied
+        return x, applied.to(x.device)
     height, width = x.shape[-2:]
     (lo_h, pad_h), (lo_w, pad_w) = _side(height, resize_rate), _side(width, resize_rate)
     rows = []
@@ -248,7 +248,7 @@ def diverse_inputs(
         if (pad_h, pad_w) != (height, width):
             z = F.interpolate(z, size=(height, width), mode="bilinear", align_corners=False)
         rows.append(z)
-    return torch.cat(rows), applied
+    return torch.cat(rows), applied.to(x.device)
 
 
 class _Estimator:
