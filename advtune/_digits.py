@@ -56,6 +56,55 @@ class DigitsCNN(nn.Module):
         return self.head(self.features((x - _MEAN) / _STD).flatten(1))
 
 
+class DigitsMLP(nn.Module):
+    """A one-hidden-layer MLP on the flattened image (another architecture, for transfer
+    tests); input ``(N, 3, 32, 32)`` in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - _MEAN) / _STD)
+
+
+class DigitsWideCNN(nn.Module):
+    """A wider CNN with 5×5 kernels and no BatchNorm (another architecture, for transfer
+    tests); input ``(N, 3, 32, 32)`` in [0, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 48, 5, stride=2, padding=2), nn.ReLU(),  # 16x16
+            nn.Conv2d(48, 64, 5, padding=2), nn.ReLU(),
+            nn.MaxPool2d(2),  # 8x8
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )  # fmt: skip
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features((x - _MEAN) / _STD).flatten(1))
+
+
+#: The trainable architectures by name.
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "cnn": DigitsCNN,
+    "mlp": DigitsMLP,
+    "wide": DigitsWideCNN,
+}
+
+
+def _build(architecture: str) -> nn.Module:
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"architecture must be one of {', '.join(ARCHITECTURES)}; got {architecture!r}"
+        )
+    return ARCHITECTURES[architecture]()
+
+
 @functools.lru_cache(maxsize=1)
 def digits_dataset() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(x_train, y_train, x_test, y_test)``: 32×32 RGB digits in [0, 1], 8-bit levels."""
@@ -82,13 +131,14 @@ def digits_test_set() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_digits_cnn(
-    epochs: int = 6, batch_size: int = 64, *, seed: int = 0
+    epochs: int = 6, batch_size: int = 64, *, seed: int = 0, architecture: str = "cnn"
 ) -> dict[str, torch.Tensor]:
-    """Train :class:`DigitsCNN` from ``seed`` and return its ``state_dict`` (~98% test)."""
+    """Train :class:`DigitsCNN` (or another of :data:`ARCHITECTURES`) from ``seed`` and
+    return its ``state_dict`` (the CNN reaches ~98% test accuracy)."""
     x, y, _, _ = digits_dataset()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitsCNN()
+        model = _build(architecture)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         batches = (len(y) + batch_size - 1) // batch_size
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=epochs * batches)
@@ -107,24 +157,28 @@ def train_digits_cnn(
 _MODEL_CACHE: dict[str, dict[str, torch.Tensor]] = {}
 
 
-def digits_model(cache=None) -> DigitsCNN:
+def digits_model(cache=None, *, architecture: str = "cnn", seed: int = 0) -> nn.Module:
     """The trained digits CNN in eval mode with ``requires_grad=False`` (a fresh copy).
 
     Args:
         cache: ``request.config.cache`` (pytest) to keep the weights between sessions,
             or ``None`` to keep them in memory only.
+        architecture: ``"cnn"`` (:class:`DigitsCNN`), ``"mlp"`` (:class:`DigitsMLP`) or
+            ``"wide"`` (:class:`DigitsWideCNN`).
+        seed: Training seed (other seeds: other models of the same architecture).
     """
-    if VERSION not in _MODEL_CACHE:
+    key = VERSION if (architecture, seed) == ("cnn", 0) else f"{VERSION}-{architecture}-s{seed}"
+    if key not in _MODEL_CACHE:
         path: Path | None = None
         if cache is not None:
-            path = Path(cache.mkdir("advtune-digits")) / f"{VERSION}-torch{torch.__version__}.pt"
+            path = Path(cache.mkdir("advtune-digits")) / f"{key}-torch{torch.__version__}.pt"
         if path is not None and path.is_file():
-            _MODEL_CACHE[VERSION] = torch.load(path, weights_only=True)
+            _MODEL_CACHE[key] = torch.load(path, weights_only=True)
         else:
-            _MODEL_CACHE[VERSION] = train_digits_cnn()
+            _MODEL_CACHE[key] = train_digits_cnn(seed=seed, architecture=architecture)
             if path is not None:
-                torch.save(_MODEL_CACHE[VERSION], path)
-    model = DigitsCNN()
-    model.load_state_dict(_MODEL_CACHE[VERSION])
+                torch.save(_MODEL_CACHE[key], path)
+    model = _build(architecture)
+    model.load_state_dict(_MODEL_CACHE[key])
     model.eval().requires_grad_(False)
     return model

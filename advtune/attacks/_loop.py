@@ -6,6 +6,12 @@ then :meth:`ThreatModel.project`. FGSM is one step from ``x``; MI-FGSM adds mome
 starts at a random point. A sample that succeeds at any iterate keeps a successful
 iterate (the logits of every iterate are computed anyway for its gradient).
 
+A *gradient estimator* (``gradient=`` of :func:`gradient_steps`, built per run by the
+``gradient=`` factory of :func:`steepest_ascent`) replaces the plain input gradient: the
+transfer attacks (:mod:`advtune.attacks.transfer`) average gradients over transformed
+copies of the iterate, smooth them, or tune them with neighbourhood gradients, and the
+loop's momentum, step and projection stay as they are.
+
 :func:`with_restarts` runs any randomized attack several times with fresh per-sample
 seeds, on the samples not yet broken, and keeps each sample's best run.
 """
@@ -39,6 +45,8 @@ from advtune.attacks.threat import ThreatModel
 
 __all__ = [
     "EPS",
+    "GradientFactory",
+    "GradientFn",
     "Objective",
     "bind",
     "gradient_steps",
@@ -60,6 +68,23 @@ def step_size_param(rule: str) -> Param:
 
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+#: A gradient estimator ``(active, x_cur, y, target, momentum) -> (g, rows, logits)``:
+#: ``active`` ``(n,)`` indices into the batch, ``x_cur`` ``(n, C, H, W)`` their iterates,
+#: ``y``/``target`` their labels, ``momentum`` their accumulated momentum (``None``
+#: without momentum). It returns the ascent gradient ``g`` shaped like ``x_cur`` and,
+#: where it evaluated the iterate itself, the logits of those images: ``rows`` ``(n,)``
+#: bool and ``logits`` ``(n, K)`` valid on ``rows`` (``None, None`` if it saw none).
+GradientFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"],
+    "tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]",
+]
+#: Builds a run's :data:`GradientFn` from ``(guard, x, y, target, seeds)``: the model
+#: guard, the ``(N, C, H, W)`` clean images (working dtype), labels, targets and the
+#: ``(N,)`` int64 per-sample seeds (for per-sample random streams).
+GradientFactory = Callable[
+    [ModelGuard, torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor], GradientFn
+]
 
 
 class _Kept:
@@ -116,6 +141,7 @@ def gradient_steps(
     model_dtype: torch.dtype,
     momentum: float | None = None,
     early_stop: bool = False,
+    gradient: GradientFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected steepest ascent of ``objective`` from ``start`` inside ``threat`` around ``x``.
 
@@ -133,12 +159,17 @@ def gradient_steps(
         momentum: ``None`` for plain steps; a decay μ for MI-FGSM's momentum
             ``m ← μ·m + g / mean|g|`` (the step follows ``ascent(m)``).
         early_stop: Stop moving a sample once it is successful.
+        gradient: ``None`` for the input gradient of ``objective`` at the iterate, or a
+            :data:`GradientFn` (then ``early_stop`` must be off: the estimator may not
+            evaluate the iterate itself). Iterates it did evaluate are kept like any other.
 
     Returns:
         ``(x_adv, logits)``: the final iterate, or — for a sample whose final iterate
         fails but an earlier one succeeded — the successful iterate with the highest
         objective; and the logits of exactly those images.
     """
+    if early_stop and gradient is not None:
+        raise ValueError("early_stop needs the iterate's own logits; not with a gradient estimator")
     xa = start.clone()
     n = x.shape[0]
     mom = torch.zeros_like(x) if momentum is not None else None
@@ -150,9 +181,20 @@ def gradient_steps(
         clean, cur = (x, xa) if whole else (x[active], xa[active])
         ya = y if whole else y[active]
         ta = None if target is None else (target if whole else target[active])
-        g, logits = guard.grad(cur.to(model_dtype), functools.partial(_apply, objective, ya, ta))
-        won = success_of(logits, ya, ta)
-        kept.offer(active, cur, logits, won, objective(logits, ya, ta))
+        if gradient is None:
+            g, logits = guard.grad(
+                cur.to(model_dtype), functools.partial(_apply, objective, ya, ta)
+            )
+            won = success_of(logits, ya, ta)
+            kept.offer(active, cur, logits, won, objective(logits, ya, ta))
+        else:
+            g, rows, seen = gradient(active, cur, ya, ta, None if mom is None else mom[active])
+            if rows is not None and seen is not None and bool(rows.any()):
+                yr, tr = ya[rows], None if ta is None else ta[rows]
+                won_r = success_of(seen[rows], yr, tr)
+                kept.offer(
+                    active[rows], cur[rows], seen[rows], won_r, objective(seen[rows], yr, tr)
+                )
         # A non-finite gradient (a model returning NaN/inf) would poison the iterate: such
         # a sample does not move (its logits make it a failure anyway).
         g = torch.nan_to_num(g.to(xa.dtype), nan=0.0, posinf=0.0, neginf=0.0)
@@ -190,6 +232,7 @@ def steepest_ascent(
     momentum: float | None = None,
     early_stop: bool = False,
     random_start: bool = False,
+    gradient: GradientFactory | None = None,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
@@ -199,17 +242,25 @@ def steepest_ascent(
     FGSM, MI-FGSM and one PGD run are this function with different arguments (see
     :func:`gradient_steps`). ``random_start`` draws the first iterate with
     :meth:`ThreatModel.random_start` from per-sample seeds (stream ``STREAM_START``).
+    ``gradient`` builds the run's gradient estimator from the guard, the clean images,
+    the labels and the per-sample seeds (the same seeds the random start uses).
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
         start = x0
-        if random_start:
+        per_sample = None
+        if random_start or gradient is not None:
             per_sample = resolve_seeds(x0.shape[0], generator=generator, seeds=seeds)
+        if random_start and per_sample is not None:
             start = threat.random_start(x0, sample_generators(per_sample, STREAM_START))
+        estimator = None
+        if gradient is not None and per_sample is not None:
+            estimator = gradient(guard, x0, y, target, per_sample)
         xa, logits = gradient_steps(
             guard, x0, start, y, target, threat=threat, steps=steps, step_size=step_size,
             objective=objective, model_dtype=x.dtype, momentum=momentum, early_stop=early_stop,
+            gradient=estimator,
         )  # fmt: skip
         return finish(guard, x, xa, y, target, logits=logits)
 

@@ -452,6 +452,7 @@ def _spec_from(
     norm: str,
     randomized: bool,
     params: Sequence[Param] | None,
+    per_sample: bool = True,
 ) -> AttackSpec:
     signature = _keyword_hyperparameters(fn, name)
     if params is None:
@@ -482,6 +483,7 @@ def _spec_from(
         randomized=randomized,
         params=declared,
         declared=params is not None,
+        per_sample=per_sample,
         summary=doc.splitlines()[0] if doc else "",
     )
 
@@ -492,6 +494,7 @@ def register(
     norm: str = "linf",
     randomized: bool = False,
     params: Iterable[Param] | None = None,
+    per_sample: bool = True,
 ) -> Callable[[F], F]:
     """Decorator adding an attack function to the registry under ``name``.
 
@@ -503,6 +506,8 @@ def register(
             hyperparameter with the signature's default. The registered function then
             validates every call against them before its body runs. ``None``: derived
             from the signature (no validation added).
+        per_sample: ``False`` for an attack whose results depend on the rest of the
+            batch (Admix mixes in other images of the batch).
 
     Raises:
         ValueError: Duplicate ``name``, bad ``norm``, ``params`` that disagree with the
@@ -518,7 +523,7 @@ def register(
     def decorator(fn: F) -> F:
         if name in _ATTACKS:
             raise ValueError(f"attack {name!r} is already registered")
-        attack_spec = _spec_from(fn, name, norm, randomized, declared)
+        attack_spec = _spec_from(fn, name, norm, randomized, declared, per_sample)
         registered = fn
         if declared is not None:
             registered = _validating(fn, attack_spec)  # type: ignore[assignment]
