@@ -27,7 +27,7 @@ from advtune.errors import UserError
 __all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
 
 #: Where ``advtune list models`` looks (``advtune.models.model_rows`` sources).
-MODEL_SOURCES = ("torchvision", "timm", "robustbench")
+MODEL_SOURCES = ("torchvision", "timm", "robustbench", "hf")
 
 #: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
 #: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all),
@@ -362,6 +362,9 @@ def _dataset_and_model(
     from advtune.run.inputs import image_size_preprocess
 
     card = model_card(args.model, weights=args.weights, seed=args.seed)
+    from advtune.models.hf_source import require_imagenet
+
+    require_imagenet(card)  # the data's labels are ImageNet's: hf: labels must be ours
     transform = image_size_preprocess(card.preprocess, args.image_size)
     dataset = build_dataset(
         args.data,
