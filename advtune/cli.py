@@ -244,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.set_defaults(handler=_list)
 
+    rep = sub.add_parser(
+        "report",
+        help="write OUT/report.html (a self-contained page) from a run's folder",
+        description="Write OUT/report.html from OUT/report.json, manifest.csv and the PNGs: "
+        "settings, accuracies, per-component and per-class tables, plot, warnings, gallery.",
+    )
+    rep.add_argument("out", metavar="OUT", help="the run's output folder")
+    rep.add_argument(
+        "--gallery", type=_nonneg_int, default=24, help="adversarial examples shown (24)"
+    )
+    rep.set_defaults(handler=_report)
+
     try:
         from advtune.bench import register_cli
     except ImportError:
@@ -460,6 +472,17 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     report = run(spec, model, dataset, comm=comm, callbacks=callbacks)
     if report is not None and not args.quiet:  # rank 0 prints the merged summary
         print(format_summary(report))
+    if report is not None:  # rank 0: the page of the finished run
+        from advtune.run.html import write_html
+
+        write_html(out_dir)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from advtune.run.html import write_html
+
+    print(write_html(Path(args.out), gallery=args.gallery))
     return 0
 
 
