@@ -209,7 +209,7 @@ def _accuracy(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> s
         if not after:
             continue
         counts = broken.get(entry.get("eps"), {})
-        comp_rows = [["clean (initial accuracy)", "", _pct(after.get("clean"))]]
+        comp_rows: list[list[Any]] = [["clean (initial accuracy)", "", _pct(after.get("clean"))]]
         comp_rows += [
             [name, counts.get(name, 0), _pct(value)]
             for name, value in after.items()
@@ -351,7 +351,7 @@ def _thumb(array: np.ndarray) -> str:
     image = Image.fromarray(np.clip(np.rint(array * 255), 0, 255).astype(np.uint8))
     if max(image.size) < _THUMB:  # upscale small crops so pixels stay visible
         scale = max(1, _THUMB // max(image.size))
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+        image = image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)
     elif max(image.size) > 2 * _THUMB:
         image.thumbnail((2 * _THUMB, 2 * _THUMB))
     return _png_data(image)

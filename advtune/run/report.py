@@ -307,7 +307,7 @@ def build_report(
     if distributed is not None:
         report["distributed"] = dict(distributed)
     if attack.attack == "autoattack" and metrics:
-        report["robustbench"] = robustbench_fields(attack, metrics, report["model"])
+        report["robustbench"] = robustbench_fields(attack, metrics, model_info(model))
     return report
 
 
