@@ -180,3 +180,66 @@ def test_gallery_order_broken_at_the_smallest_eps_first():
     assert [(r["index"], r["eps"]) for r in _order(rows)] == [
         (2, 1 / 255), (1, 4 / 255), (0, 1 / 255), (3, 1 / 255)
     ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def test_component_clock_times_each_component_and_gives_its_eta():
+    from advtune.run.callbacks import ComponentClock
+
+    ticks = iter([0.0, 2.0, 5.0, 6.0, 10.0, 11.0, 13.0])
+    clock = ComponentClock(now=lambda: next(ticks))
+    clock.mark()  # batch 1 starts at t=0
+    clock.component("apgd-ce", 6, 10)  # 2 s
+    clock.component("apgd-t", 5, 10)  # 3 s
+    clock.mark()  # batch 2 starts at t=6
+    clock.component("apgd-ce", 4, 10)  # 4 s
+    clock.component("apgd-t", 3, 10)  # 1 s
+    assert clock.seconds == {"apgd-ce": 6.0, "apgd-t": 4.0}
+    assert clock.robust_accuracy("apgd-t") == 8 / 20
+    # 20 images done in 6 s and 4 s: 0.3 and 0.2 s per image, 40 left.
+    assert clock.eta(done=20, total=60) == pytest.approx({"apgd-ce": 12.0, "apgd-t": 8.0})
+    assert clock.describe(done=20, total=60) == (
+        "robust after apgd-t 40.0% · ETA apgd-ce 0:12 apgd-t 0:08"
+    )
+
+
+def test_autoattack_reports_each_component_to_the_hook():
+    import torch
+    from modelzoo import tiny_bn_net
+
+    from advtune.attacks import get
+    from advtune.attacks.autoattack import COMPONENT_PROGRESS
+
+    net = tiny_bn_net(classes=5)
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = net(x).argmax(1)  # every sample starts correct: every component attacks
+    calls: list[tuple[str, int, int]] = []
+    token = COMPONENT_PROGRESS.set(lambda *a: calls.append(a))
+    try:
+        res = get("autoattack")(net, x, y, eps=8 / 255, steps=3, queries=5, n_targets=2,
+                                seeds=torch.arange(6))  # fmt: skip
+    finally:
+        COMPONENT_PROGRESS.reset(token)
+    after = res.robust_after()
+    assert [c[0] for c in calls] == [k for k in after if k != "clean"][: len(calls)]
+    assert calls and calls[0][0] == "apgd-ce"
+    for name, robust, n in calls:
+        assert n == 6 and robust / n == pytest.approx(after[name])
+    assert COMPONENT_PROGRESS.get() is None  # nothing left behind
+
+
+def test_the_progress_bar_shows_component_eta(runs, tmp_path, capsys):
+    from fakes import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "r18.pt")
+    data = runs[0].parent / "photos"
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "resnet18", "--weights", str(ckpt), "--data", str(data),
+                 "--image-size", "32", "--batch-size", "1", "--workers", "0",
+                 "--attack", "autoattack", "-p", "steps=2", "-p", "queries=5",
+                 "-p", "n_targets=2", "--eps", "8/255", "--out", str(tmp_path / "o")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "robust after apgd-ce" in err and "ETA apgd-ce" in err
