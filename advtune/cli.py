@@ -374,9 +374,6 @@ def _dataset_and_model(
     from advtune.run.inputs import image_size_preprocess
 
     card = model_card(args.model, weights=args.weights, seed=args.seed)
-    from advtune.models.hf_source import require_imagenet
-
-    require_imagenet(card)  # the data's labels are ImageNet's: hf: labels must be ours
     transform = image_size_preprocess(card.preprocess, args.image_size)
     dataset = build_dataset(
         args.data,
@@ -387,6 +384,10 @@ def _dataset_and_model(
         labels=args.labels,
         exclude=[out_dir],  # a run never reads its own outputs back as input
     )
+    if getattr(dataset, "labeled", True):  # ImageNet labels: hf: classes must be ours
+        from advtune.models.hf_source import require_imagenet
+
+        require_imagenet(card)
     model = load_model(
         args.model, weights=args.weights, convbn=convbn, device=device,
         progress=not args.quiet, seed=args.seed, recompute=args.recompute,

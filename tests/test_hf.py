@@ -179,6 +179,12 @@ def test_imagenet_order_is_checked_and_names_the_first_mismatch(tmp_path, zoo, c
     err = capsys.readouterr().err.strip()
     assert "cannot be evaluated on ImageNet: it has 5 classes, not ImageNet's 1000" in err
     assert len(err.splitlines()) == 1
+    # Unlabeled images (labels: the model's clean predictions) need no ImageNet classes.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.open(sample_dir() / "chelsea.png").save(flat / "cat.png")
+    argv[argv.index("--data") + 1] = str(flat)
+    assert main([*argv, "-q"]) == 0, capsys.readouterr().err
 
 
 def test_missing_files_and_bad_weights_are_one_line_errors(tmp_path, zoo):
