@@ -311,6 +311,9 @@ def build_report(
     return report
 
 
+_AA_BUDGETS = ("steps", "n_targets", "queries", "eot_iter")
+
+
 def robustbench_fields(
     attack: AttackConfig, metrics: Mapping[str, Any], model: Mapping[str, Any]
 ) -> list[dict[str, Any]]:
@@ -319,11 +322,16 @@ def robustbench_fields(
     ``clean_acc``/``autoattack_acc`` are percent strings with two decimals and ``eps``
     a string (``"4/255"``), as in RobustBench's ``model_info/<dataset>/<threat>/*.json``;
     ``n_examples`` and ``attack_version`` say what was run (the leaderboard takes the
-    ``standard`` version on its 5000-image subset only).
+    ``standard`` version with its official budgets on its 5000-image subset only;
+    budgets set by hand are named: ``"autoattack standard with steps=3 (advtune X)"``).
     """
     version = attack.params.get("version") or (
         "custom" if attack.params.get("attacks") else "standard"
     )
+    # Budgets set by hand make it no official run: the version string says so.
+    budgets = [f"{k}={attack.params[k]}" for k in _AA_BUDGETS if k in attack.params]
+    if budgets:
+        version += " with " + " ".join(budgets)
     threat = {"linf": "Linf", "l2": "L2"}.get(attack.norm, attack.norm)
     out = []
     for entry in metrics.get("per_eps", []):
