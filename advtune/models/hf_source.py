@@ -357,6 +357,10 @@ def build(card: ModelCard, *, progress: bool) -> nn.Module:
         return net
     transformers = _transformers()
     source = os.path.expanduser(_source(card))
+    bars = transformers.utils.logging
+    was_on = bars.is_progress_bar_enabled()
+    if not progress:  # transformers' own switch is global: restored below
+        bars.disable_progress_bar()
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(source)
     except (OSError, ValueError, RuntimeError) as err:  # offline hub, bad files
@@ -365,4 +369,7 @@ def build(card: ModelCard, *, progress: bool) -> nn.Module:
             f"could not load {card.name} ({type(err).__name__}: {first}). Offline? Use a "
             "local folder saved with save_pretrained (--model hf:/path/to/folder)"
         ) from err
+    finally:
+        if was_on and not progress:
+            bars.enable_progress_bar()
     return _finish(model)
