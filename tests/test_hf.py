@@ -292,3 +292,13 @@ def test_generate_evaluate_list_and_bench_take_hf(zoo, tmp_path, capsys):
                  "eval,frozen", "--steps", "0", "--no-peak", "--batch-size", "2",
                  "--saved-batches", "1,2"]) == 0  # fmt: skip
     assert "frozen" in capsys.readouterr().out
+
+
+def test_a_repo_id_offline_is_one_line_naming_the_folder_way(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(UserError, match=r"config\.json of hf:google/vit-base") as info:
+        model_card("hf:google/vit-base-patch16-224")
+    assert "hf:/path" in str(info.value) and "\n" not in str(info.value)
