@@ -27,7 +27,7 @@ from advtune.errors import UserError
 __all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
 
 #: Where ``advtune list models`` looks (``advtune.models.model_rows`` sources).
-MODEL_SOURCES = ("torchvision", "timm", "robustbench")
+MODEL_SOURCES = ("torchvision", "timm", "robustbench", "hf")
 
 #: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
 #: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all),
@@ -274,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.set_defaults(handler=_list)
 
+    rep = sub.add_parser(
+        "report",
+        help="write OUT/report.html (a self-contained page) from a run's folder",
+        description="Write OUT/report.html from OUT/report.json, manifest.csv and the PNGs: "
+        "settings, accuracies, per-component and per-class tables, plot, warnings, gallery.",
+    )
+    rep.add_argument("out", metavar="OUT", help="the run's output folder")
+    rep.add_argument(
+        "--gallery", type=_nonneg_int, default=24, help="adversarial examples shown (24)"
+    )
+    rep.set_defaults(handler=_report)
+
     try:
         from advtune.bench import register_cli
     except ImportError:
@@ -404,6 +416,10 @@ def _dataset_and_model(
         labels=args.labels,
         exclude=[out_dir],  # a run never reads its own outputs back as input
     )
+    if getattr(dataset, "labeled", True):  # ImageNet labels: hf: classes must be ours
+        from advtune.models.hf_source import require_imagenet
+
+        require_imagenet(card)
     model: Any
     if len(names) > 1:
         from advtune.models.ensemble import load_ensemble
@@ -501,6 +517,17 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     report = run(spec, model, dataset, comm=comm, callbacks=callbacks)
     if report is not None and not args.quiet:  # rank 0 prints the merged summary
         print(format_summary(report))
+    if report is not None:  # rank 0: the page of the finished run
+        from advtune.run.html import write_html
+
+        write_html(out_dir)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from advtune.run.html import write_html
+
+    print(write_html(Path(args.out), gallery=args.gallery))
     return 0
 
 

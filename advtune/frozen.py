@@ -375,6 +375,12 @@ RECOMPUTE_BLOCKS: frozenset[str] = frozenset(
         "timm.models.convnext.ConvNeXtBlock",
         "timm.models._efficientnet_blocks.InvertedResidual",
         "timm.models._efficientnet_blocks.DepthwiseSeparableConv",
+        # Hugging Face: one-tensor subclasses of transformers' ViT/DeiT/Swin layers
+        # (advtune.models.hf_blocks), and ConvNeXt's layer as it is.
+        "advtune.models.hf_blocks.ViTLayer",
+        "advtune.models.hf_blocks.DeiTLayer",
+        "advtune.models.hf_blocks.SwinLayer",
+        "transformers.models.convnext.modeling_convnext.ConvNextLayer",
     }
 )
 

@@ -11,7 +11,8 @@ up by name in the attack registry at call time (``apgd``, ``apgd_t``, ``fab``,
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -42,6 +43,13 @@ __all__ = [
     "MissingComponentWarning",
     "autoattack",
 ]
+
+#: Progress hook, e.g. a progress bar's: ``hook(component, robust, n)`` after each
+#: component that attacked samples (``robust`` of the ``n`` samples still unbroken).
+#: A context variable, not a keyword: it never enters the attack's hyperparameters.
+COMPONENT_PROGRESS: ContextVar[Callable[[str, int, int], None] | None] = ContextVar(
+    "advtune_autoattack_progress", default=None
+)
 
 #: AutoAttack's component names → (registry name, fixed keyword arguments).
 COMPONENTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -303,6 +311,8 @@ def autoattack(
             broken_by[hit] = len(ran) - 1
             broken_counts[label] = int(won.sum())
             todo = todo[~won]
+            if (hook := COMPONENT_PROGRESS.get()) is not None:
+                hook(label, int(todo.numel()), n)
         if skipped:
             checks["skipped"] = skipped
         black = {label for label, reg, _, _ in plan if reg in BLACK_BOX and label in ran}

@@ -30,6 +30,7 @@ from advtune.convbn import _REPORT_ATTR, MODES, tune
 from advtune.errors import UserError, suggest
 from advtune.models import (
     factory_source,
+    hf_source,
     robustbench_source,
     timm_source,
     torchvision_source,
@@ -95,7 +96,7 @@ REFERENCE_MODELS: tuple[str, ...] = (
     "convnext_tiny",
 )
 
-_PREFIXED = ("torchvision", "timm", "robustbench")
+_PREFIXED = ("torchvision", "timm", "robustbench", "hf")
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -143,6 +144,9 @@ def _resolve(
     if source == "timm":
         card = timm_source.card(inner, wstr, seed=seed)
         arch, build = (lambda: timm_source.build_arch(card)), timm_source.build
+    elif source == "hf":
+        card = hf_source.card(inner, wstr, seed=seed)
+        arch, build = (lambda: hf_source.build_arch(card)), hf_source.build
     elif source == "robustbench":
         card = robustbench_source.card(
             inner, wstr, seed=seed, dataset=dataset, threat_model=threat_model
@@ -242,12 +246,15 @@ def _row(card: ModelCard) -> ModelRow:
     )
 
 
-def model_rows(sources: tuple[str, ...] = ("torchvision", "timm", "robustbench")) -> list[ModelRow]:
+def model_rows(
+    sources: tuple[str, ...] = ("torchvision", "timm", "robustbench", "hf"),
+) -> list[ModelRow]:
     """Rows (name, source, default weights, preprocessing, published figures) per model.
 
     torchvision: every classification model with its ``DEFAULT`` weights; timm (when
     installed): every pretrained tag; robustbench: the registered cards. Nothing is
-    built or downloaded.
+    built or downloaded. hf: the image classifiers in the local Hub cache (the Hub
+    itself is not listed).
     """
     rows = []
     if "torchvision" in sources:
@@ -260,6 +267,12 @@ def model_rows(sources: tuple[str, ...] = ("torchvision", "timm", "robustbench")
                 continue
     if "robustbench" in sources:
         rows += [_row(get_card(n)) for n in list_cards("robustbench")]
+    if "hf" in sources and importlib.util.find_spec("transformers") is not None:
+        for repo in hf_source.cached_repos():
+            try:
+                rows.append(_row(hf_source.card(repo, "DEFAULT", seed=0)))
+            except UserError:  # processors advtune cannot express
+                continue
     return rows
 
 
@@ -280,7 +293,9 @@ def load_model(
     Args:
         name: A torchvision classification model (:func:`list_models`; ``"torchvision:"``
             may prefix it); ``"timm:<name>"`` or ``"timm:<name>.<tag>"`` (needs timm);
-            ``"robustbench:<name>"`` (:func:`list_cards`); or ``"package.module:function"``,
+            ``"robustbench:<name>"`` (:func:`list_cards`); ``"hf:<repo id>"`` or
+            ``"hf:/path/to/folder"`` (a ``transformers`` image classifier, needs the
+            ``hf`` extra); or ``"package.module:function"``,
             a factory called with no arguments that returns an ``nn.Module`` (see
             ``docs/data_and_models.md`` for its conventions).
         weights: ``"DEFAULT"``; a torchvision weights name (``"IMAGENET1K_V2"`` or

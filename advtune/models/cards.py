@@ -42,7 +42,7 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 #: Where a model can come from; a model name is ``"<source>:<name>"`` except for
 #: torchvision (bare names) and factories (``"package.module:function"``).
-SOURCES: tuple[str, ...] = ("torchvision", "timm", "robustbench", "factory")
+SOURCES: tuple[str, ...] = ("torchvision", "timm", "robustbench", "hf", "factory")
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -135,7 +135,7 @@ class ModelCard:
     Attributes:
         name: The model name as the user gives it (``"resnet50"``, ``"timm:resnet18"``,
             ``"robustbench:Salman2020Do_R50"``, ``"pkg.mod:fn"``).
-        source: One of :data:`SOURCES`.
+        source: One of :data:`SOURCES` (``"hf"``: Hugging Face ``transformers``).
         arch: The builder's name in its library (``"resnet50"``); the factory spec
             for factories.
         weights: Which weights (``"ResNet50_Weights.IMAGENET1K_V2"``, ``"timm/resnet18.a1_in1k"``,

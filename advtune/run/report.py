@@ -38,6 +38,7 @@ __all__ = [
     "model_info",
     "plot_curve",
     "plural",
+    "robustbench_fields",
     "unwrap_model",
     "versions",
 ]
@@ -305,7 +306,49 @@ def build_report(
     }
     if distributed is not None:
         report["distributed"] = dict(distributed)
+    if attack.attack == "autoattack" and metrics:
+        report["robustbench"] = robustbench_fields(attack, metrics, model_info(model))
     return report
+
+
+_AA_BUDGETS = ("steps", "n_targets", "queries", "eot_iter")
+
+
+def robustbench_fields(
+    attack: AttackConfig, metrics: Mapping[str, Any], model: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """RobustBench model-info fields of an AutoAttack run, one dict per eps.
+
+    ``clean_acc``/``autoattack_acc`` are percent strings with two decimals and ``eps``
+    a string (``"4/255"``), as in RobustBench's ``model_info/<dataset>/<threat>/*.json``;
+    ``n_examples`` and ``attack_version`` say what was run (the leaderboard takes the
+    ``standard`` version with its official budgets on its 5000-image subset only;
+    budgets set by hand are named: ``"autoattack standard with steps=3 (advtune X)"``).
+    """
+    version = attack.params.get("version") or (
+        "custom" if attack.params.get("attacks") else "standard"
+    )
+    # Budgets set by hand make it no official run: the version string says so.
+    budgets = [f"{k}={attack.params[k]}" for k in _AA_BUDGETS if k in attack.params]
+    if budgets:
+        version += " with " + " ".join(budgets)
+    threat = {"linf": "Linf", "l2": "L2"}.get(attack.norm, attack.norm)
+    out = []
+    for entry in metrics.get("per_eps", []):
+        clean, robust = entry.get("clean_accuracy"), entry.get("robust_accuracy")
+        out.append(
+            {
+                "name": model.get("name"),
+                "dataset": model.get("dataset"),
+                "threat_model": threat,
+                "eps": format_eps(entry.get("eps")),
+                "clean_acc": None if clean is None else f"{100 * clean:.2f}",
+                "autoattack_acc": None if robust is None else f"{100 * robust:.2f}",
+                "n_examples": entry.get("num_images"),
+                "attack_version": f"autoattack {version} (advtune {__version__})",
+            }
+        )
+    return out
 
 
 def format_eps(eps: float | None) -> str:
