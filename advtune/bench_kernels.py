@@ -20,46 +20,34 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from advtune import masks
-from advtune.lean import conv as lean_conv
+from advtune._kernels import KernelPolicy, kernels
 
 __all__ = ["SWITCHES", "frozen_kernel_ablation", "mask_kernel_times"]
 
-#: Each CPU kernel choice of the frozen mode: (module, attribute, its other setting).
-#: The ablation flips one at a time away from the defaults.
-SWITCHES: dict[str, tuple[Any, str, Any]] = {
-    "numpy masks": (masks, "NUMPY_MAX_THREADS", 0),
-    "oneDNN 1x1": (lean_conv, "ONEDNN_1X1", not lean_conv.ONEDNN_1X1),
-    "fold stem": (lean_conv, "FOLD_CHANNELS", 0),
+_DEFAULT = KernelPolicy()
+
+#: Each CPU kernel choice of the frozen mode: (policy field, its other setting). The
+#: ablation flips one at a time away from the defaults (:class:`KernelPolicy`).
+SWITCHES: dict[str, tuple[str, Any]] = {
+    "numpy masks": ("numpy_max_threads", 0),
+    "oneDNN 1x1": ("onednn_1x1", not _DEFAULT.onednn_1x1),
+    "fold stem": ("fold_channels", 0),
 }
 
 
-@contextmanager
-def _set(module: Any, attr: str, value: Any) -> Any:
-    saved = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
-        yield
-    finally:
-        setattr(module, attr, saved)
-
-
-@contextmanager
-def _flipped(names: Sequence[str]) -> Any:
-    with ExitStack() as stack:
-        for name in names:
-            stack.enter_context(_set(*SWITCHES[name]))
-        yield
+def _flipped(names: Sequence[str]) -> AbstractContextManager[KernelPolicy]:
+    return kernels(_DEFAULT, **dict(SWITCHES[name] for name in names))
 
 
 def _label(name: str) -> str:
-    _, attr, other = SWITCHES[name]
-    return f"frozen, {attr}={other!r}"
+    field, other = SWITCHES[name]
+    return f"frozen, {field}={other!r}"
 
 
 def _check_repeats(repeats: int) -> None:
@@ -99,14 +87,14 @@ def mask_kernel_times(
     # (implementation, context, kernels): numpy and torch forced whatever the threads.
     runs: list[tuple[str, Callable[[], Any], dict[str, Callable[[], object]]]] = [
         ("native", nullcontext, native),
-        ("numpy", lambda: _set(masks, "NUMPY_MAX_THREADS", 1 << 30), ours),
-        ("torch", lambda: _set(masks, "NUMPY_MAX_THREADS", 0), ours),
+        ("numpy", lambda: kernels(numpy_max_threads=1 << 30), ours),
+        ("torch", lambda: kernels(numpy_max_threads=0), ours),
     ]
     times: dict[str, dict[str, list[float]]] = {name: {} for name in (*native, *ours)}
     for rep in range(repeats + 1):  # repetition 0 warms up
-        for impl, context, kernels in runs:
+        for impl, context, fns in runs:
             with context():
-                for name, fn in kernels.items():
+                for name, fn in fns.items():
                     start = time.perf_counter()
                     fn()
                     if rep:
@@ -124,8 +112,8 @@ def frozen_kernel_ablation(
 ) -> list[dict[str, Any]]:
     """Time one gradient step of ``model`` in deploy mode and frozen mode variants.
 
-    Variants: ``deploy``; ``frozen`` (the defaults); ``frozen, ATTR=VALUE`` for each of
-    :data:`SWITCHES` flipped alone. Each repetition runs every variant once, in reverse
+    Variants: ``deploy``; ``frozen`` (the default :class:`KernelPolicy`); ``frozen,
+    FIELD=VALUE`` for each of :data:`SWITCHES` flipped alone. Each repetition runs every variant once, in reverse
     order every other repetition.
 
     Args:

@@ -190,15 +190,15 @@ def test_bench_user_errors(capsys):
 
 
 def test_kernel_ablation_times_every_switch_and_restores_them():
-    from advtune import bench_kernels, masks
-    from advtune.lean import conv as lean_conv
+    from advtune import bench_kernels
+    from advtune.lean import kernel_policy
 
-    before = (masks.NUMPY_MAX_THREADS, lean_conv.FOLD_CHANNELS, lean_conv.ONEDNN_1X1)
+    before = kernel_policy()
     rows = bench_kernels.frozen_kernel_ablation(_tiny_model(), size=16, batch=2, repeats=3)
-    assert before == (masks.NUMPY_MAX_THREADS, lean_conv.FOLD_CHANNELS, lean_conv.ONEDNN_1X1)
+    assert kernel_policy() is before
     names = [r["variant"] for r in rows]
     assert names[:2] == ["deploy", "frozen"] and len(names) == 2 + len(bench_kernels.SWITCHES)
-    assert "frozen, NUMPY_MAX_THREADS=0" in names and "frozen, FOLD_CHANNELS=0" in names
+    assert "frozen, numpy_max_threads=0" in names and "frozen, fold_channels=0" in names
     for r in rows:
         assert len(r["runs_s"]) == 3 and r["median_s"] == sorted(r["runs_s"])[1] > 0
     assert next(r for r in rows if r["variant"] == "frozen")["paired_vs_frozen_ms"] == 0

@@ -41,12 +41,17 @@ instead of silently returning ``None``.
 Every tensor a Function keeps is stored with ``ctx.save_for_backward`` (never as a
 ``ctx`` attribute), so ``torch.autograd.graph.saved_tensors_hooks`` — and therefore
 ``advtune bench`` — sees all of it.
+
+Their CPU kernel choices form one immutable :class:`KernelPolicy`; ``with
+kernels(fold_channels=0): ...`` changes it for a block in this thread only, and
+:func:`kernel_policy` returns the one in force.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from advtune._kernels import KernelPolicy, kernel_policy, kernels
 from advtune.lean._common import FrozenParameterError
 from advtune.lean.activations import (
     LeanHardsigmoid,
@@ -90,6 +95,7 @@ from advtune.masks import pack_bits, unpack_bits
 __all__ = [
     "LEAN_TYPES",
     "FrozenParameterError",
+    "KernelPolicy",
     "LeanAdaptiveAvgPool2d",
     "LeanAvgPool2d",
     "LeanBatchNorm1d",
@@ -116,6 +122,8 @@ __all__ = [
     "hardsigmoid",
     "hardtanh",
     "hardtanh_",
+    "kernel_policy",
+    "kernels",
     "leaky_relu",
     "leaky_relu_",
     "linear",
