@@ -285,8 +285,6 @@ def _lean_linear(
 class _LeanConvMixin:
     """Conv subclass mix-in: autograd keeps the weight, not the input."""
 
-    _advtune_kind = "lean-conv"
-
     def _pre_pad(self) -> tuple[tuple[int, ...] | None, str, list[int]]:
         """Explicit padding done before the conv (``None``: the conv pads with zeros)."""
         padding = self.padding  # type: ignore[attr-defined]
@@ -391,8 +389,6 @@ class LeanConvTranspose3d(_LeanConvMixin, nn.ConvTranspose3d):
 
 class LeanLinear(nn.Linear):
     """``nn.Linear`` whose autograd saves only the weight."""
-
-    _advtune_kind = "lean-linear"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
