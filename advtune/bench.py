@@ -58,7 +58,7 @@ from torch import nn
 from advtune import attacks
 from advtune.convbn import MODES, tune
 from advtune.errors import UserError, suggest
-from advtune.runtime import amp_dtype, find_max_batch, is_oom_error, prepare
+from advtune.runtime import amp_dtype, find_max_batch, is_oom_error, parse_device, prepare
 
 __all__ = [
     "ATTACKS",
@@ -462,22 +462,6 @@ class BenchResult:
 # --------------------------------------------------------------------------- driver
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    index = device[5:] if device.startswith("cuda:") else None
-    if device not in ("cpu", "cuda") and not (index and index.isdigit()):
-        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine")
-    # A missing GPU would otherwise surface as "invalid device ordinal" deep in .to().
-    if index is not None and int(index) >= torch.cuda.device_count():
-        raise UserError(
-            f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
-        )
-    return torch.device(device)
-
-
 class _OOMGuard:
     """Records an out-of-memory error on ``row`` and goes on; other errors propagate."""
 
@@ -554,7 +538,7 @@ def run_bench(
         amp_dtype(amp)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    dev = _resolve_device(device)
+    dev = torch.device(parse_device(device))
     if size < _MIN_SIZE.get(model_name, 1):
         raise UserError(f"--size {size} is too small for {model_name}")
     if steps < 0:

@@ -407,12 +407,9 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
         torch.cuda.set_device(torch.device(device))
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
-    if convbn not in models.MODES:  # before the model load (which checks it too)
-        from advtune.errors import suggest
+    from advtune.convbn import check_mode
 
-        raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
-    if args.recompute and convbn != "frozen":
-        raise UserError(f"--recompute needs --convbn frozen, got {convbn!r}")
+    check_mode(convbn, recompute=args.recompute)  # before the model load
     OutputDir(out_dir)  # fails early if the folder is not writable
     if args.subset is not None:
         from advtune.data import resolve_subset_path

@@ -54,6 +54,7 @@ from torch.nn.modules.conv import _ConvNd
 from advtune import _swap
 from advtune._compat import autocast_enabled
 from advtune._fx import TRACE_LOCK
+from advtune.errors import UserError, suggest
 
 __all__ = [
     "MODES",
@@ -483,6 +484,20 @@ def _modules_by_id(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return places
 
 
+def check_mode(mode: object, *, recompute: bool = False) -> None:
+    """Check a ConvBN mode and the recompute flag: the one check behind :func:`tune`,
+    ``advtune.models.load_model`` and the CLI's ``--convbn`` / ``--recompute``.
+
+    Raises:
+        advtune.errors.UserError: (a ``ValueError``) an unknown mode, with close matches;
+            ``recompute`` with a mode other than ``"frozen"``.
+    """
+    if mode not in MODES:
+        raise UserError(suggest(str(mode), MODES, what="ConvBN mode"))
+    if recompute and mode != "frozen":
+        raise UserError(f"recompute needs ConvBN mode 'frozen', got {mode!r}")
+
+
 def tune(
     model: nn.Module, mode: Mode = "tune", *, inplace: bool = False, recompute: bool = False
 ) -> nn.Module:
@@ -500,13 +515,11 @@ def tune(
         The converted model. :func:`convbn_report` says what was folded and skipped.
 
     Raises:
-        ValueError: Unknown ``mode``, ``recompute`` outside frozen mode, or ``model`` was
+        ValueError: Unknown ``mode``, ``recompute`` outside frozen mode
+            (:class:`~advtune.errors.UserError`, from :func:`check_mode`), or ``model`` was
             already converted.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if recompute and mode != "frozen":
-        raise ValueError(f"recompute=True needs mode='frozen', got mode={mode!r}")
+    check_mode(mode, recompute=recompute)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     previous = getattr(model, _REPORT_ATTR, None)

@@ -5,6 +5,8 @@
   before, in float32 (see :mod:`advtune.convbn`), so the compiled graph runs the folded
   weights.
 * :func:`autocast` is the context manager behind ``amp``.
+* :func:`parse_device` reads every ``--device`` / ``device=`` text (CLI, benchmark,
+  model loading, torchrun ranks): the one place device names are checked.
 * :func:`auto_batch_size` finds the largest batch whose real forward+backward fits in GPU
   memory (probe, back off on OOM, cache per configuration in this process and in a JSON
   file, :func:`default_batch_size_cache`).
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advtune.errors import UserError
+
 __all__ = [
     "AMP_DTYPES",
     "CPU_BATCH_SIZE",
@@ -42,6 +46,7 @@ __all__ = [
     "default_batch_size_cache",
     "find_max_batch",
     "is_oom_error",
+    "parse_device",
     "prepare",
     "run_with_oom_backoff",
     "trim_results",
@@ -156,6 +161,53 @@ def prepare(
 
 
 # --------------------------------------------------------------------------- OOM handling
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def parse_device(device: str, *, local_rank: int | None = None) -> str:
+    """The device to run on for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Args:
+        device: the ``--device`` text.
+        local_rank: under torchrun, this process's ``LOCAL_RANK``: ``cuda`` then means
+            ``cuda:LOCAL_RANK`` and ``cuda:N`` is refused (every rank would share a GPU).
+
+    Raises:
+        UserError: CUDA asked for but absent, a missing ``cuda:N``, an unknown name.
+    """
+    text = device.strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    is_indexed = text.startswith("cuda:") and text[5:].isdigit()
+    if text != "cuda" and not is_indexed:
+        choices = "auto, cpu or cuda" if local_rank is not None else "auto, cpu, cuda or cuda:N"
+        raise UserError(f"unknown device {device!r}; use {choices}")
+    if local_rank is not None and is_indexed:
+        raise UserError(
+            f"--device {device} would put every rank on one GPU; under torchrun use "
+            "--device cuda (rank r uses cuda:LOCAL_RANK) and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--device {text} asked for, but CUDA is not available "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if local_rank is not None:
+        if local_rank >= count:
+            raise UserError(
+                f"LOCAL_RANK {local_rank} has no GPU: only {count} CUDA device(s) visible "
+                "on this node; start at most that many processes per node"
+            )
+        return f"cuda:{local_rank}"
+    if is_indexed and int(text[5:]) >= count:
+        raise UserError(f"--device {text}: only {count} CUDA device(s) visible")
+    return text
 
 
 #: Messages of RuntimeErrors that mean the GPU ran out of memory outside PyTorch's
