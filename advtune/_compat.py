@@ -1,11 +1,13 @@
-"""Torch-version compatibility: every API that differs between supported torch versions.
+"""Torch-version compatibility: the one place that knows which torch APIs exist.
 
-The floor is ``pyproject.toml``'s ``torch`` requirement (README, "Install"); code
-elsewhere in the package calls these helpers instead of branching on the version.
+The floor is ``pyproject.toml``'s ``torch`` requirement, the lowest version the tests
+ran on (README, "Install"; ``.ci/lowest-torch``). Code elsewhere calls these helpers
+instead of calling version-dependent torch APIs or branching on the version, so that
+lowering the floor (after testing the lower version) is a change to this module only.
 
 * ``torch.is_autocast_enabled(device_type)`` and ``torch.get_autocast_dtype(device_type)``
-  take a device type from torch 2.4; before, there were per-device functions
-  (``is_autocast_cpu_enabled``, ``get_autocast_gpu_dtype``, ...).
+  take a device type since torch 2.4 (before: ``is_autocast_cpu_enabled``,
+  ``get_autocast_gpu_dtype``, ...); the floor is above that, so they are called directly.
 """
 
 from __future__ import annotations
@@ -14,27 +16,17 @@ import torch
 
 __all__ = ["autocast_dtype", "autocast_enabled", "autocast_state"]
 
-_DEVICE_ARGUMENT = hasattr(torch, "get_autocast_dtype")  # torch >= 2.4
-
 
 def autocast_enabled(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (``"cpu"``, ``"cuda"``, ...)."""
-    if _DEVICE_ARGUMENT:
-        return torch.is_autocast_enabled(device_type)
-    if device_type == "cpu":  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-    return torch.is_autocast_enabled()
+    return torch.is_autocast_enabled(device_type)
 
 
 def autocast_dtype(device_type: str) -> torch.dtype:
     """The dtype autocast computes in on ``device_type`` (whether or not it is on)."""
-    if _DEVICE_ARGUMENT:
-        return torch.get_autocast_dtype(device_type)
-    if device_type == "cpu":  # torch < 2.4
-        return torch.get_autocast_cpu_dtype()
-    return torch.get_autocast_gpu_dtype()
+    return torch.get_autocast_dtype(device_type)
 
 
 def autocast_state(device_type: str) -> torch.dtype | None:
     """The autocast compute dtype on ``device_type``, or ``None`` if autocast is off."""
-    return autocast_dtype(device_type) if autocast_enabled(device_type) else None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
