@@ -50,17 +50,26 @@ class KernelPolicy:
         mask_chunk: Elements per chunk of the mask kernels; bounds their temporaries (a
             bool and an integer mask of this many elements) independently of the batch.
             A positive multiple of 8.
+        native_below: Lean layers whose input has fewer elements than this (the whole
+            tensor, batch included) run the native op under autograd instead. A lean
+            layer costs a fixed 30-150 us per call on CPU (a Python autograd Function,
+            mask kernels) whatever the size, while what it saves is proportional to the
+            size; below 2^16 elements (256 KiB in float32) the native op's saved tensors
+            are at most a few hundred KiB per layer, and on the digits CNN at batch 1-8
+            the lean layers made a gradient step 1.4-2.9x the eval model's
+            (``docs/performance.md``). ``0``: always lean.
     """
 
     onednn_1x1: bool = False
     fold_channels: int = 4
     numpy_max_threads: int = 2
     mask_chunk: int = 1 << 20
+    native_below: int = 1 << 16
 
     def __post_init__(self) -> None:
         if not isinstance(self.onednn_1x1, bool):
             raise ValueError(f"onednn_1x1 must be a bool, got {self.onednn_1x1!r}")
-        for name in ("fold_channels", "numpy_max_threads", "mask_chunk"):
+        for name in ("fold_channels", "numpy_max_threads", "mask_chunk", "native_below"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")

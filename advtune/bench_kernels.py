@@ -38,6 +38,7 @@ SWITCHES: dict[str, tuple[str, Any]] = {
     "numpy masks": ("numpy_max_threads", 0),
     "oneDNN 1x1": ("onednn_1x1", not _DEFAULT.onednn_1x1),
     "fold stem": ("fold_channels", 0),
+    "lean at every size": ("native_below", 0),
 }
 
 
@@ -112,7 +113,7 @@ def frozen_kernel_ablation(
 ) -> list[dict[str, Any]]:
     """Time one gradient step of ``model`` in deploy mode and frozen mode variants.
 
-    Variants: ``deploy``; ``frozen`` (the default :class:`KernelPolicy`); ``frozen,
+    Variants: ``eval`` (the model as given), ``deploy``; ``frozen`` (the default :class:`KernelPolicy`); ``frozen,
     FIELD=VALUE`` for each of :data:`SWITCHES` flipped alone. Each repetition runs every variant once, in reverse
     order every other repetition.
 
@@ -131,10 +132,12 @@ def frozen_kernel_ablation(
 
     _check_repeats(repeats)
     models = {
+        "eval": copy.deepcopy(model).eval().requires_grad_(False),
         "deploy": tune(copy.deepcopy(model), "deploy").requires_grad_(False),
         "frozen": tune(copy.deepcopy(model), "frozen").requires_grad_(False),
     }
     variants: dict[str, tuple[str, tuple[str, ...]]] = {
+        "eval": ("eval", ()),
         "deploy": ("deploy", ()),
         "frozen": ("frozen", ()),
         **{_label(name): ("frozen", (name,)) for name in SWITCHES},
@@ -204,26 +207,36 @@ def ablation_main(argv: Sequence[str] | None = None) -> None:
     from advtune.models import random_net
 
     p = _parser("Frozen-mode CPU kernel choices, each flipped.")
-    p.add_argument("--model", default="resnet50", help="torchvision architecture (resnet50)")
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        help="torchvision architecture, or 'digits' (advtune._digits' CNN, 32 px) (resnet50)",
+    )
     p.add_argument("--size", type=_positive_int, default=224, help="image size (224)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per step (4)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        model = random_net(args.model, size=args.size)
-    except UserError as e:
-        p.error(str(e))
+    if args.model == "digits":
+        from advtune._digits import SIZE, DigitsCNN
+
+        torch.manual_seed(0)
+        model, args.size = DigitsCNN().eval(), SIZE  # timing only: trained weights not needed
+    else:
+        try:
+            model = random_net(args.model, size=args.size)
+        except UserError as e:
+            p.error(str(e))
     rows = frozen_kernel_ablation(
         model, size=args.size, batch=args.batch_size, repeats=args.repeats
     )
-    deploy = next(r["median_s"] for r in rows if r["variant"] == "deploy")
+    eval_s = next(r["median_s"] for r in rows if r["variant"] == "eval")
     print(
         f"{args.model}, {args.size}px, batch {args.batch_size}, {args.threads} thread(s), "
         f"one gradient step, medians of {args.repeats} (order reversed every other run)"
     )
-    print(f"  {'variant':34s} {'s/step':>8s} {'deploy/this':>12s} {'vs frozen, paired':>18s}")
+    print(f"  {'variant':34s} {'ms/step':>8s} {'this/eval':>10s} {'vs frozen, paired':>18s}")
     for r in rows:
         print(
-            f"  {r['variant']:34s} {r['median_s']:8.3f} {deploy / r['median_s']:12.3f} "
+            f"  {r['variant']:34s} {1000 * r['median_s']:8.2f} {r['median_s'] / eval_s:10.3f} "
             f"{r['paired_vs_frozen_ms']:+15.1f} ms"
         )

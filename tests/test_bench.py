@@ -197,8 +197,9 @@ def test_kernel_ablation_times_every_switch_and_restores_them():
     rows = bench_kernels.frozen_kernel_ablation(_tiny_model(), size=16, batch=2, repeats=3)
     assert kernel_policy() is before
     names = [r["variant"] for r in rows]
-    assert names[:2] == ["deploy", "frozen"] and len(names) == 2 + len(bench_kernels.SWITCHES)
-    assert "frozen, numpy_max_threads=0" in names and "frozen, fold_channels=0" in names
+    assert names[:3] == ["eval", "deploy", "frozen"]
+    assert len(names) == 3 + len(bench_kernels.SWITCHES)
+    assert "frozen, numpy_max_threads=0" in names and "frozen, native_below=0" in names
     for r in rows:
         assert len(r["runs_s"]) == 3 and r["median_s"] == sorted(r["runs_s"])[1] > 0
     assert next(r for r in rows if r["variant"] == "frozen")["paired_vs_frozen_ms"] == 0

@@ -114,21 +114,43 @@ def test_mask_round_trip_channels_last(mask_kernels):
     assert torch.equal(mask, x > 0)
 
 
+@pytest.fixture(autouse=True)
+def _always_lean():
+    """This file checks what each lean layer saves, on small tensors: lean at any size
+    (by default tensors under KernelPolicy.native_below elements run natively)."""
+    with kernels(native_below=0):
+        yield
+
+
+def test_small_inputs_run_natively_below_the_policy_threshold():
+    relu, conv = _lean_copy(nn.ReLU()), _lean_copy(nn.Conv2d(3, 4, 3).requires_grad_(False))
+    for module, x in ((relu, torch.randn(2, 3, 4, 4)), (conv, torch.randn(2, 3, 6, 6))):
+        for threshold, lean_fn in ((x.numel(), True), (x.numel() + 1, False)):
+            x = x.detach().requires_grad_(True)
+            with kernels(native_below=threshold):
+                out = module(x)
+            name = type(out.grad_fn).__name__
+            assert name.endswith("FnBackward") is lean_fn, (module, threshold, name)
+            assert kernel_policy().native_below == 0  # restored
+
+
 def test_kernel_policy_is_per_context_and_restored():
     default = kernel_policy()
-    assert default == KernelPolicy()
+    assert default == KernelPolicy(native_below=0)  # this file's fixture
     with kernels(fold_channels=0) as outer:
         assert kernel_policy() is outer and outer.fold_channels == 0
         with kernels(numpy_max_threads=0):  # nested: starts from the one in force
-            assert kernel_policy() == KernelPolicy(fold_channels=0, numpy_max_threads=0)
+            assert kernel_policy() == dataclasses.replace(
+                default, fold_channels=0, numpy_max_threads=0
+            )
         with kernels(KernelPolicy()):  # or from an explicit policy
-            assert kernel_policy() == default
+            assert kernel_policy() == KernelPolicy()
         assert kernel_policy() is outer
         seen = []
         thread = threading.Thread(target=lambda: seen.append(kernel_policy()))
         thread.start()
         thread.join()
-        assert seen == [default]  # another thread keeps its own (the default)
+        assert seen == [KernelPolicy()]  # another thread keeps its own (the default)
     assert kernel_policy() is default
     with pytest.raises(RuntimeError), kernels(onednn_1x1=True):
         raise RuntimeError("restored on errors too")

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from advtune._compat import autocast_state
+from advtune._kernels import kernel_policy
 
 
 class FrozenParameterError(RuntimeError):
@@ -35,7 +36,10 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
 
 
 def _wants_graph(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+    """Whether a lean Function should record ``x``'s op: autograd records it and ``x`` is
+    large enough for the lean layer to pay (else the native op runs, under autograd if it
+    records: :attr:`KernelPolicy.native_below <advtune.lean.KernelPolicy>`)."""
+    return torch.is_grad_enabled() and x.requires_grad and x.numel() >= kernel_policy().native_below
 
 
 def _check_frozen(module: nn.Module, *names: str) -> None:

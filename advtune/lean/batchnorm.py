@@ -44,11 +44,13 @@ class _LeanBatchNormMixin:
         if (
             self.training  # type: ignore[attr-defined]
             or self.running_mean is None  # type: ignore[attr-defined]
-            or not _wants_graph(input)
+            or not (torch.is_grad_enabled() and input.requires_grad)
         ):
             return super().forward(input)  # type: ignore[misc]
         self._check_input_dim(input)  # type: ignore[attr-defined]
         _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
+        if not _wants_graph(input):  # too small for the lean layer to pay
+            return super().forward(input)  # type: ignore[misc]
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         with _AutocastOff(input.device.type, autocast_enabled(input.device.type)):
             # Same arithmetic as the native CPU kernel: alpha = w·invstd, beta = b − μ·alpha.

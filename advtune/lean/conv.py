@@ -305,6 +305,11 @@ class _LeanConvMixin:
             result = (None, mode, list(padding))
         return result
 
+    def _native_forward(self, input: torch.Tensor, output_size: list[int] | None) -> torch.Tensor:
+        if output_size is None:
+            return super().forward(input)  # type: ignore[misc]
+        return super().forward(input, output_size)  # type: ignore[misc]
+
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
         if not torch.is_grad_enabled():  # inference: the native layer is the same op
@@ -324,10 +329,10 @@ class _LeanConvMixin:
                 )
                 if out is not None:
                     return out
-            if output_size is None:
-                return super().forward(input)  # type: ignore[misc]
-            return super().forward(input, output_size)  # type: ignore[misc]
+            return self._native_forward(input, output_size)
         _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
+        if not _wants_graph(input):  # nothing to record, or too small for lean to pay
+            return self._native_forward(input, output_size)
         nd = self.weight.dim() - 2  # type: ignore[attr-defined]
         pre_pad = None
         if transposed:
@@ -394,6 +399,8 @@ class LeanLinear(nn.Linear):
         if not torch.is_grad_enabled():
             return super().forward(input)
         _check_frozen(self, "weight", "bias")
+        if not _wants_graph(input):  # nothing to record, or too small for lean to pay
+            return super().forward(input)
         return _lean_linear(input, self.weight, self.bias, _where(self))
 
 
