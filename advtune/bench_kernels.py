@@ -216,11 +216,12 @@ def ablation_main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per step (4)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    model: torch.nn.Module
     if args.model == "digits":
         from advtune._digits import SIZE, DigitsCNN
 
         torch.manual_seed(0)
-        model, args.size = DigitsCNN().eval(), SIZE  # timing only: trained weights not needed
+        model, args.size = DigitsCNN().eval(), SIZE  # timing only: weights need no training
     else:
         try:
             model = random_net(args.model, size=args.size)
