@@ -484,9 +484,17 @@ def _modules_by_id(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return places
 
 
-def check_mode(mode: object, *, recompute: bool = False) -> None:
+def check_mode(
+    mode: object, *, recompute: bool = False, names: tuple[str, str] = ("mode", "recompute")
+) -> None:
     """Check a ConvBN mode and the recompute flag: the one check behind :func:`tune`,
     ``advtune.models.load_model`` and the CLI's ``--convbn`` / ``--recompute``.
+
+    Args:
+        mode: The ConvBN mode.
+        recompute: Whether recomputation was asked for.
+        names: What the caller calls the two (the CLI: ``("--convbn", "--recompute")``),
+            for the message.
 
     Raises:
         advtune.errors.UserError: (a ``ValueError``) an unknown mode, with close matches;
@@ -495,7 +503,7 @@ def check_mode(mode: object, *, recompute: bool = False) -> None:
     if mode not in MODES:
         raise UserError(suggest(str(mode), MODES, what="ConvBN mode"))
     if recompute and mode != "frozen":
-        raise UserError(f"recompute needs ConvBN mode 'frozen', got {mode!r}")
+        raise UserError(f"{names[1]} needs {names[0]} 'frozen', got {mode!r}")
 
 
 def tune(

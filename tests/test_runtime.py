@@ -368,3 +368,25 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_dataset_batch_size_takes_the_shape_from_the_transform_or_an_image(tmp_path):
+    """--batch-size auto's one entry point: on a CPU the default, clamped to the images."""
+    from types import SimpleNamespace
+
+    from advtune.errors import UserError
+    from advtune.run import AttackConfig
+    from advtune.run.probe import dataset_batch_size
+
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+
+    class Images(list):
+        root = tmp_path
+
+    images = Images([None, {"image": torch.zeros(3, 4, 4)}])
+    cropped = SimpleNamespace(crop_size=4)
+    assert dataset_batch_size(model, config, dataset=images, transform=cropped) == 2
+    assert dataset_batch_size(model, config, dataset=images, transform=None) == 2
+    with pytest.raises(UserError, match="no decodable image in"):
+        dataset_batch_size(model, config, dataset=Images([None]), transform=None)

@@ -307,7 +307,7 @@ def load_model(
         UserError: Unknown model, weights or mode; download failure (offline); a checkpoint
             that is missing, unreadable or does not fit the model; CUDA asked for but absent.
     """
-    check_mode(convbn, recompute=recompute)
+    check_mode(convbn, recompute=recompute, names=("convbn", "recompute"))
     if convbn == "frozen" and importlib.util.find_spec("advtune.frozen") is None:
         # Checked before building: the frozen mode ships in its own module.
         raise UserError("convbn mode 'frozen' is not available in this install; use 'tune'")
