@@ -48,6 +48,7 @@ __all__ = [
     "is_oom_error",
     "parse_device",
     "prepare",
+    "register_chunk_result",
     "run_with_oom_backoff",
     "trim_results",
 ]
@@ -520,14 +521,35 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     return batch  # non-tensor values (hyperparameters) are passed to every chunk
 
 
+#: Result type -> (join, trim) for types whose chunks do not combine field by field
+#: (registered by the module that owns the type: :func:`register_chunk_result`).
+_CHUNK_RULES: dict[type, tuple[Callable[[list[Any]], Any], Callable[[Any, int], Any]]] = {}
+
+
+def register_chunk_result(
+    cls: type, *, join: Callable[[list[Any]], Any], trim: Callable[[Any, int], Any]
+) -> None:
+    """Say how chunk results of type ``cls`` combine (``join(parts)``) and how the first
+    ``n`` samples' part is kept (``trim(result, n)``), for :func:`concat_results` and
+    :func:`trim_results` (and so :func:`run_with_oom_backoff`). Registering twice raises.
+    """
+    if cls in _CHUNK_RULES:
+        raise ValueError(f"chunk rules for {cls.__qualname__} are registered already")
+    _CHUNK_RULES[cls] = (join, trim)
+
+
 def concat_results(parts: list[Any]) -> Any:
     """Default combiner: concatenate tensors along dim 0, recursing into containers.
 
-    Tuples, lists, dicts and dataclasses are combined field by field. Other values must
-    be equal in every part, except numbers, for which the maximum is kept (e.g. an
-    attack's ``model_calls``: each chunk ran the same number of steps on its images).
+    Types registered with :func:`register_chunk_result` use their own rule. Tuples,
+    lists, dicts and dataclasses are combined field by field. Other values must be equal
+    in every part, except numbers, for which the maximum is kept (e.g. an attack's
+    ``model_calls``: each chunk ran the same number of steps on its images).
     """
     first = parts[0]
+    rule = _CHUNK_RULES.get(type(first))
+    if rule is not None:
+        return rule[0](parts)
     if isinstance(first, torch.Tensor):
         return torch.cat(parts) if first.dim() > 0 else torch.stack(parts)
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
@@ -551,7 +573,10 @@ def concat_results(parts: list[Any]) -> Any:
 def trim_results(value: Any, n: int) -> Any:
     """Default trimmer of :func:`run_with_oom_backoff`: the first ``n`` entries along dim 0
     of every tensor, recursing into tuples, lists, dicts and dataclasses (0-d tensors and
-    other values are kept)."""
+    other values are kept; registered types use their rule, :func:`register_chunk_result`)."""
+    rule = _CHUNK_RULES.get(type(value))
+    if rule is not None:
+        return rule[1](value, n)
     if isinstance(value, torch.Tensor):
         return value[:n] if value.dim() > 0 else value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
