@@ -205,6 +205,18 @@ def test_kernel_ablation_times_every_switch_and_restores_them():
     assert next(r for r in rows if r["variant"] == "frozen")["paired_vs_frozen_ms"] == 0
 
 
+def test_kernel_ablation_cli_on_the_digits_cnn(capsys):
+    from advtune import bench_kernels
+
+    bench_kernels.ablation_main(
+        ["--model", "digits", "--batch-size", "2", "--repeats", "1", "--steps", "2"]
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("digits, 32px, batch 2") and "frozen, native_below=0" in out
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        bench_kernels.frozen_kernel_ablation(_tiny_model(), size=16, batch=2, repeats=1, steps=0)
+
+
 def test_mask_kernel_times_cover_both_implementations(capsys):
     from advtune import bench_kernels
 
