@@ -468,6 +468,11 @@ class BenchResult:
 # --------------------------------------------------------------------------- driver
 
 
+def _resolve_device(device: str) -> torch.device:
+    """``--device`` as a ``torch.device`` (:func:`advtune.runtime.parse_device` checks it)."""
+    return torch.device(parse_device(device))
+
+
 class _OOMGuard:
     """Records an out-of-memory error on ``row`` and goes on; other errors propagate."""
 
@@ -544,7 +549,7 @@ def run_bench(
         amp_dtype(amp)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    dev = torch.device(parse_device(device))
+    dev = _resolve_device(device)
     if size < _MIN_SIZE.get(model_name, 1):
         raise UserError(f"--size {size} is too small for {model_name}")
     if steps < 0:
