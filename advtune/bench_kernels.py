@@ -20,46 +20,35 @@ import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 
 from advtune import masks
-from advtune.lean import conv as lean_conv
+from advtune._kernels import KernelPolicy, kernels
 
 __all__ = ["SWITCHES", "frozen_kernel_ablation", "mask_kernel_times"]
 
-#: Each CPU kernel choice of the frozen mode: (module, attribute, its other setting).
-#: The ablation flips one at a time away from the defaults.
-SWITCHES: dict[str, tuple[Any, str, Any]] = {
-    "numpy masks": (masks, "NUMPY_MAX_THREADS", 0),
-    "oneDNN 1x1": (lean_conv, "ONEDNN_1X1", not lean_conv.ONEDNN_1X1),
-    "fold stem": (lean_conv, "FOLD_CHANNELS", 0),
+_DEFAULT = KernelPolicy()
+
+#: Each CPU kernel choice of the frozen mode: (policy field, its other setting). The
+#: ablation flips one at a time away from the defaults (:class:`KernelPolicy`).
+SWITCHES: dict[str, tuple[str, Any]] = {
+    "numpy masks": ("numpy_max_threads", 0),
+    "oneDNN 1x1": ("onednn_1x1", not _DEFAULT.onednn_1x1),
+    "fold stem": ("fold_channels", 0),
+    "lean at every size": ("native_below", 0),
 }
 
 
-@contextmanager
-def _set(module: Any, attr: str, value: Any) -> Any:
-    saved = getattr(module, attr)
-    setattr(module, attr, value)
-    try:
-        yield
-    finally:
-        setattr(module, attr, saved)
-
-
-@contextmanager
-def _flipped(names: Sequence[str]) -> Any:
-    with ExitStack() as stack:
-        for name in names:
-            stack.enter_context(_set(*SWITCHES[name]))
-        yield
+def _flipped(names: Sequence[str]) -> AbstractContextManager[KernelPolicy]:
+    return kernels(_DEFAULT, **dict(SWITCHES[name] for name in names))
 
 
 def _label(name: str) -> str:
-    _, attr, other = SWITCHES[name]
-    return f"frozen, {attr}={other!r}"
+    field, other = SWITCHES[name]
+    return f"frozen, {field}={other!r}"
 
 
 def _check_repeats(repeats: int) -> None:
@@ -99,14 +88,14 @@ def mask_kernel_times(
     # (implementation, context, kernels): numpy and torch forced whatever the threads.
     runs: list[tuple[str, Callable[[], Any], dict[str, Callable[[], object]]]] = [
         ("native", nullcontext, native),
-        ("numpy", lambda: _set(masks, "NUMPY_MAX_THREADS", 1 << 30), ours),
-        ("torch", lambda: _set(masks, "NUMPY_MAX_THREADS", 0), ours),
+        ("numpy", lambda: kernels(numpy_max_threads=1 << 30), ours),
+        ("torch", lambda: kernels(numpy_max_threads=0), ours),
     ]
     times: dict[str, dict[str, list[float]]] = {name: {} for name in (*native, *ours)}
     for rep in range(repeats + 1):  # repetition 0 warms up
-        for impl, context, kernels in runs:
+        for impl, context, fns in runs:
             with context():
-                for name, fn in kernels.items():
+                for name, fn in fns.items():
                     start = time.perf_counter()
                     fn()
                     if rep:
@@ -121,11 +110,12 @@ def frozen_kernel_ablation(
     batch: int = 4,
     repeats: int = 16,
     seed: int = 0,
+    steps: int = 1,
 ) -> list[dict[str, Any]]:
     """Time one gradient step of ``model`` in deploy mode and frozen mode variants.
 
-    Variants: ``deploy``; ``frozen`` (the defaults); ``frozen, ATTR=VALUE`` for each of
-    :data:`SWITCHES` flipped alone. Each repetition runs every variant once, in reverse
+    Variants: ``eval`` (the model as given), ``deploy``; ``frozen`` (the default :class:`KernelPolicy`); ``frozen,
+    FIELD=VALUE`` for each of :data:`SWITCHES` flipped alone. Each repetition runs every variant once, in reverse
     order every other repetition.
 
     Args:
@@ -133,20 +123,27 @@ def frozen_kernel_ablation(
         size, batch: Input images ``(batch, 3, size, size)``, uniform in [0, 1].
         repeats: Timed repetitions (after one untimed warm-up repetition).
         seed: Seed of the images and labels.
+        steps: Gradient steps per timed sample (more for small models, whose single
+            steps are too short to time on a loaded machine).
 
     Returns:
-        One dict per variant: ``variant``, ``median_s`` (per step), ``runs_s`` and
-        ``paired_vs_frozen_ms`` (median of per-repetition differences against frozen).
+        One dict per variant: ``variant``, ``median_s`` (per step), ``runs_s``,
+        ``paired_vs_frozen_ms`` (median of per-repetition differences against frozen) and
+        ``paired_vs_eval`` (median of per-repetition ratios to eval).
     """
     from advtune.bench import gradient_step
     from advtune.convbn import tune
 
     _check_repeats(repeats)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
     models = {
+        "eval": copy.deepcopy(model).eval().requires_grad_(False),
         "deploy": tune(copy.deepcopy(model), "deploy").requires_grad_(False),
         "frozen": tune(copy.deepcopy(model), "frozen").requires_grad_(False),
     }
     variants: dict[str, tuple[str, tuple[str, ...]]] = {
+        "eval": ("eval", ()),
         "deploy": ("deploy", ()),
         "frozen": ("frozen", ()),
         **{_label(name): ("frozen", (name,)) for name in SWITCHES},
@@ -163,17 +160,19 @@ def frozen_kernel_ablation(
             mode, off = variants[name]
             with _flipped(off):
                 start = time.perf_counter()
-                gradient_step(models[mode], x, y)
-                elapsed = time.perf_counter() - start
+                for _ in range(steps):
+                    gradient_step(models[mode], x, y)
+                elapsed = (time.perf_counter() - start) / steps
             if rep:
                 runs[name].append(elapsed)
-    base = runs["frozen"]
+    base, eval_runs = runs["frozen"], runs["eval"]
     return [
         {
             "variant": name,
             "median_s": statistics.median(values),
             "runs_s": values,
             "paired_vs_frozen_ms": _median_ms([v - b for v, b in zip(values, base)]),
+            "paired_vs_eval": statistics.median([v / e for v, e in zip(values, eval_runs)]),
         }
         for name, values in runs.items()
     ]
@@ -216,26 +215,37 @@ def ablation_main(argv: Sequence[str] | None = None) -> None:
     from advtune.models import random_net
 
     p = _parser("Frozen-mode CPU kernel choices, each flipped.")
-    p.add_argument("--model", default="resnet50", help="torchvision architecture (resnet50)")
+    p.add_argument(
+        "--model",
+        default="resnet50",
+        help="torchvision architecture, or 'digits' (advtune._digits' CNN, 32 px) (resnet50)",
+    )
     p.add_argument("--size", type=_positive_int, default=224, help="image size (224)")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="images per step (4)")
+    p.add_argument("--steps", type=_positive_int, default=1, help="steps per timed sample (1)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        model = random_net(args.model, size=args.size)
-    except UserError as e:
-        p.error(str(e))
+    model: torch.nn.Module
+    if args.model == "digits":
+        from advtune._digits import SIZE, DigitsCNN
+
+        torch.manual_seed(0)
+        model, args.size = DigitsCNN().eval(), SIZE  # timing only: weights need no training
+    else:
+        try:
+            model = random_net(args.model, size=args.size)
+        except UserError as e:
+            p.error(str(e))
     rows = frozen_kernel_ablation(
-        model, size=args.size, batch=args.batch_size, repeats=args.repeats
+        model, size=args.size, batch=args.batch_size, repeats=args.repeats, steps=args.steps
     )
-    deploy = next(r["median_s"] for r in rows if r["variant"] == "deploy")
     print(
         f"{args.model}, {args.size}px, batch {args.batch_size}, {args.threads} thread(s), "
         f"one gradient step, medians of {args.repeats} (order reversed every other run)"
     )
-    print(f"  {'variant':34s} {'s/step':>8s} {'deploy/this':>12s} {'vs frozen, paired':>18s}")
+    print(f"  {'variant':34s} {'ms/step':>8s} {'÷ eval, paired':>15s} {'vs frozen, paired':>18s}")
     for r in rows:
         print(
-            f"  {r['variant']:34s} {r['median_s']:8.3f} {deploy / r['median_s']:12.3f} "
+            f"  {r['variant']:34s} {1000 * r['median_s']:8.2f} {r['paired_vs_eval']:15.3f} "
             f"{r['paired_vs_frozen_ms']:+15.1f} ms"
         )

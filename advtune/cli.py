@@ -466,12 +466,9 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
         # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
         torch.cuda.set_device(torch.device(device))
     convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
-    if convbn not in models.MODES:  # before the model load (which checks it too)
-        from advtune.errors import suggest
+    from advtune.convbn import check_mode
 
-        raise UserError(suggest(str(convbn), models.MODES, what="ConvBN mode"))
-    if args.recompute and convbn != "frozen":
-        raise UserError(f"--recompute needs --convbn frozen, got {convbn!r}")
+    check_mode(convbn, recompute=args.recompute, names=("--convbn", "--recompute"))
     OutputDir(out_dir)  # fails early if the folder is not writable
     if args.subset is not None:
         from advtune.data import resolve_subset_path
@@ -560,17 +557,8 @@ def _auto_batch_size(
     convbn: str,
 ) -> int:
     """``--batch-size auto``: probed on CUDA (and cached), the CPU default otherwise."""
-    from advtune import runtime
-    from advtune.run import auto_batch_size
+    from advtune.run.probe import dataset_batch_size
 
-    crop = getattr(transform, "crop_size", None)
-    if isinstance(crop, int):
-        input_shape = (3, crop, crop)
-    else:  # a custom model's preprocessing: look at one image
-        sample = next((s for s in (dataset[i] for i in range(len(dataset))) if s), None)
-        if sample is None:
-            raise UserError(f"no decodable image in {str(dataset.root)!r}")
-        input_shape = tuple(sample["image"].shape)
     key = {
         "model": "+".join(_model_names(args)),
         "convbn": convbn,
@@ -578,17 +566,8 @@ def _auto_batch_size(
         "channels_last": args.channels_last,
         "compile": args.compile,
     }
-    # Never more than the images: a larger batch would only be padding. The number of
-    # images (not of those left to do) keeps the batch shape, and so the results, the
-    # same on --resume.
-    return auto_batch_size(
-        model,
-        config,
-        input_shape=input_shape,
-        device=device,
-        key=key,
-        limit=len(dataset),
-        cache_file=runtime.default_batch_size_cache(),
+    return dataset_batch_size(
+        model, config, dataset=dataset, transform=transform, device=device, key=key
     )
 
 

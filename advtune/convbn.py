@@ -51,7 +51,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from advtune import _swap
+from advtune._compat import autocast_enabled
 from advtune._fx import TRACE_LOCK
+from advtune.errors import UserError, suggest
 
 __all__ = [
     "MODES",
@@ -172,15 +175,6 @@ class ConvBNReport:
 # --------------------------------------------------------------------------- folding
 
 
-def _autocast_enabled(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4 has no device argument
-        if device_type == "cpu":
-            return torch.is_autocast_cpu_enabled()
-        return torch.is_autocast_enabled()
-
-
 def _fold_dtype(weight: torch.Tensor) -> torch.dtype:
     # Fold in float32 even for half/bf16 weights; float64 stays float64 (reference runs).
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -202,7 +196,7 @@ def fold_conv_bn(conv: _ConvNd, bn: _BatchNorm) -> tuple[torch.Tensor, torch.Ten
     weight = conv.weight
     dtype = _fold_dtype(weight)
     device_type = weight.device.type
-    if _autocast_enabled(device_type):
+    if autocast_enabled(device_type):
         with torch.autocast(device_type=device_type, enabled=False):
             return _fold(conv, bn, dtype)
     return _fold(conv, bn, dtype)
@@ -234,10 +228,11 @@ def _fold(conv: _ConvNd, bn: _BatchNorm, dtype: torch.dtype) -> tuple[torch.Tens
     return weight, bias
 
 
-class _TuneConvMixin:
+class _TuneConvMixin(_swap.Mixin):
     """Conv subclass mix-in: folds the paired BN into the weight when BN is in eval mode."""
 
     _advtune_kind = "tune-conv"
+    _advtune_prefix = "Tune"
 
     def forward(self, input: torch.Tensor, *args: Any) -> torch.Tensor:
         bn: _BatchNorm = self.__dict__["_advtune_bn"]
@@ -245,17 +240,18 @@ class _TuneConvMixin:
             # BN normalises with batch statistics: fold is not valid, run conv -> BN.
             return super().forward(input, *args)  # type: ignore[misc]
         weight, bias = fold_conv_bn(self, bn)  # type: ignore[arg-type]
-        if not _autocast_enabled(input.device.type):
+        if not autocast_enabled(input.device.type):
             # Under autocast the conv casts its operands itself; otherwise match the input.
             weight, bias = weight.to(input.dtype), bias.to(input.dtype)
         return _run_conv(self, input, weight, bias)  # type: ignore[arg-type]
 
 
-class _FoldedBNMixin:
+class _FoldedBNMixin(_swap.Mixin):
     """BN subclass mix-in: the identity in eval mode (its conv already applied it); a
     BN + activation module (timm's ``BatchNormAct2d``) keeps its ``act(drop(x))``."""
 
     _advtune_kind = "tune-bn"
+    _advtune_prefix = "Folded"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.training:  # type: ignore[attr-defined]
@@ -271,8 +267,6 @@ class DeployedBatchNorm(nn.Identity):
     Args:
         folded_into: Qualified name of the conv that absorbed this BN.
     """
-
-    _advtune_kind = "deployed-bn"
 
     def __init__(self, folded_into: str) -> None:
         super().__init__()
@@ -290,8 +284,6 @@ class DeployedBatchNormAct(nn.Module):
         folded_into: Qualified name of the conv that absorbed the BN.
         drop, act: The original module's ``drop`` and ``act`` children.
     """
-
-    _advtune_kind = "deployed-bn"
 
     def __init__(self, folded_into: str, drop: nn.Module, act: nn.Module) -> None:
         super().__init__()
@@ -327,34 +319,8 @@ def _run_conv(
     return conv._conv_forward(input, weight, bias)  # type: ignore[operator]
 
 
-_SUBCLASS_CACHE: dict[tuple[type, type], type] = {}
-
-
-def _subclass(mixin: type, base: type) -> type:
-    key = (mixin, base)
-    if key not in _SUBCLASS_CACHE:
-        prefix = "Tune" if mixin is _TuneConvMixin else "Folded"
-        cls = type(
-            f"{prefix}{base.__name__}",
-            (mixin, base),
-            {"__module__": __name__, "__doc__": f"{base.__name__} converted by advtune.tune."},
-        )
-        _SUBCLASS_CACHE[key] = cls
-        # Module-level name, so pickled tuned models resolve classes made on demand
-        # (timm's norm-act types) as well as those registered at import.
-        globals().setdefault(cls.__name__, cls)
-    return _SUBCLASS_CACHE[key]
-
-
-# Registered at import so that pickled tuned models resolve their classes.
-for _base in _CONV_TYPES:
-    globals()[_subclass(_TuneConvMixin, _base).__name__] = _subclass(_TuneConvMixin, _base)
-for _base in _BN_RANKS:
-    globals()[_subclass(_FoldedBNMixin, _base).__name__] = _subclass(_FoldedBNMixin, _base)
-
-
-def _is_converted_module(module: nn.Module) -> bool:
-    return hasattr(module, "_advtune_kind")
+_swap.register(DeployedBatchNorm, "deployed-bn")
+_swap.register(DeployedBatchNormAct, "deployed-bn")
 
 
 # --------------------------------------------------------------------------- detection
@@ -365,7 +331,7 @@ class _LeafTracer(torch.fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return (
-            _is_converted_module(m)
+            _swap.is_advtune(m)
             or _is_norm_act(m)
             or super().is_leaf_module(m, module_qualified_name)
         )
@@ -518,6 +484,28 @@ def _modules_by_id(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
     return places
 
 
+def check_mode(
+    mode: object, *, recompute: bool = False, names: tuple[str, str] = ("mode", "recompute")
+) -> None:
+    """Check a ConvBN mode and the recompute flag: the one check behind :func:`tune`,
+    ``advtune.models.load_model`` and the CLI's ``--convbn`` / ``--recompute``.
+
+    Args:
+        mode: The ConvBN mode.
+        recompute: Whether recomputation was asked for.
+        names: What the caller calls the two (the CLI: ``("--convbn", "--recompute")``),
+            for the message.
+
+    Raises:
+        advtune.errors.UserError: (a ``ValueError``) an unknown mode, with close matches;
+            ``recompute`` with a mode other than ``"frozen"``.
+    """
+    if mode not in MODES:
+        raise UserError(suggest(str(mode), MODES, what="ConvBN mode"))
+    if recompute and mode != "frozen":
+        raise UserError(f"{names[1]} needs {names[0]} 'frozen', got {mode!r}")
+
+
 def tune(
     model: nn.Module, mode: Mode = "tune", *, inplace: bool = False, recompute: bool = False
 ) -> nn.Module:
@@ -535,17 +523,15 @@ def tune(
         The converted model. :func:`convbn_report` says what was folded and skipped.
 
     Raises:
-        ValueError: Unknown ``mode``, ``recompute`` outside frozen mode, or ``model`` was
+        ValueError: Unknown ``mode``, ``recompute`` outside frozen mode
+            (:class:`~advtune.errors.UserError`, from :func:`check_mode`), or ``model`` was
             already converted.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-    if recompute and mode != "frozen":
-        raise ValueError(f"recompute=True needs mode='frozen', got mode={mode!r}")
+    check_mode(mode, recompute=recompute)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     previous = getattr(model, _REPORT_ATTR, None)
-    if previous is not None or any(_is_converted_module(m) for m in model.modules()):
+    if previous is not None or any(_swap.is_advtune(m) for m in model.modules()):
         done = previous.mode if previous is not None else "unknown"
         raise ValueError(
             f"model was already converted by advtune.tune (mode={done!r}); convert the "
@@ -573,11 +559,11 @@ def _apply_tune(model: nn.Module, pairs: list[FoldedPair]) -> None:
         conv = model.get_submodule(pair.conv)
         bn = model.get_submodule(pair.bn)
         # Class swap keeps identity, parameters, buffers, hooks and state_dict keys.
-        conv.__class__ = _subclass(_TuneConvMixin, type(conv))
+        conv.__class__ = _swap.mixed_class(_TuneConvMixin, type(conv))
         # A norm-act module keeps its own class as the base (its act/drop and training
         # forward); a plain BN is based on its torch.nn class.
         base = type(bn) if _is_norm_act(bn) else _bn_base(bn)
-        bn.__class__ = _subclass(_FoldedBNMixin, base)  # type: ignore[arg-type]
+        bn.__class__ = _swap.mixed_class(_FoldedBNMixin, base)  # type: ignore[arg-type]
         conv.__dict__["_advtune_bn"] = bn
 
 

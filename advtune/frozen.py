@@ -41,9 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advtune import lean
+from advtune import _swap, lean
+from advtune._compat import autocast_dtype, autocast_enabled
 from advtune._fx import TRACE_LOCK
-from advtune.lean import LEAN_TYPES, FrozenParameterError
+from advtune.lean import FrozenParameterError
 
 __all__ = ["RECOMPUTE_BLOCKS", "FreezeReport", "freeze", "freeze_report", "is_frozen"]
 
@@ -97,7 +98,7 @@ class FreezeReport:
 
 
 def _convertible(module: nn.Module) -> type[nn.Module] | None:
-    lean = LEAN_TYPES.get(type(module))  # exact type: subclasses may override forward
+    lean = _swap.replacement(module)  # exact type: subclasses may override forward
     if lean is None:
         return None
     if isinstance(module, nn.MaxPool2d):
@@ -165,7 +166,7 @@ def _may_rewrite(module: nn.Module) -> bool:
     cls = type(module)
     # torch.nn layers are swapped by class (or left alone); advtune's own are lean already.
     return (
-        not hasattr(module, "_advtune_kind")
+        not _swap.is_advtune(module)
         and not cls.__module__.startswith(("torch.", "advtune."))
         and cls.forward is not nn.Module.forward
     )
@@ -176,7 +177,7 @@ def _trace_own_forward(module: nn.Module) -> torch.fx.Graph | None:
     modes = [(m, m.training) for m in module.modules()]
     before = (set(module.__dict__), set(module._parameters), set(module._buffers))
     cls = module.__class__
-    module.__class__ = _native_class(module)  # fx traces type(module).forward
+    module.__class__ = _swap.native_class(module)  # fx traces type(module).forward
     try:
         for m, _ in modes:  # trace the eval-mode code path (the only one used later)
             m.training = False
@@ -240,7 +241,7 @@ def _install_lean_forward(module: nn.Module) -> list[str]:
     graph = _trace_own_forward(module)
     names = _rewrite_calls(graph) if graph is not None else []
     if names and graph is not None:
-        module.__dict__["_advtune_forward"] = _compile_forward(graph, _native_class(module))
+        module.__dict__["_advtune_forward"] = _compile_forward(graph, _swap.native_class(module))
     return names
 
 
@@ -301,7 +302,7 @@ def _least_precise(a: list[Any], b: list[Any]) -> torch.dtype:
     return max(dtypes, key=lambda d: torch.finfo(d).eps, default=torch.float64)
 
 
-class _LeanForwardMixin:
+class _LeanForwardMixin(_swap.Mixin):
     """Runs the ``forward`` :func:`freeze` generated, with lean functional calls.
 
     In training mode (or if no forward was generated) the class's own ``forward`` runs.
@@ -338,18 +339,17 @@ class _LeanForwardMixin:
         where = self.__dict__.get("_advtune_name") or type(self).__name__
         warnings.warn(
             f"advtune.freeze: the lean forward generated for {where!r} "
-            f"({_native_class(self).__name__}) disagrees with its own forward on the "
+            f"({_swap.native_class(self).__name__}) disagrees with its own forward on the "
             "first call (it may branch on input types or state); it runs its own forward",
             RuntimeWarning,
             stacklevel=2,
         )
         return native(*args, **kwargs)
 
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        # The class is made at run time and the forward is generated code: pickle (and
-        # deepcopy) the native class and state; the forward is generated again on load.
-        state = {k: v for k, v in self.__dict__.items() if k != "_advtune_forward"}
-        return (_restore_swapped, (_LeanForwardMixin, _native_class(self)), state)
+    def _advtune_state(self) -> dict[str, Any]:
+        # The forward is generated code: pickle (and deepcopy) the state without it; it
+        # is generated again on load.
+        return {k: v for k, v in self.__dict__.items() if k != "_advtune_forward"}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         nn.Module.__setstate__(self, state)  # type: ignore[arg-type]
@@ -405,11 +405,7 @@ class _Recompute(torch.autograd.Function):
         ctx.block = block
         device = x.device.type
         # Backward runs outside the caller's autocast region: record it to redo it.
-        ctx.autocast = (
-            device,
-            torch.is_autocast_enabled(device),
-            torch.get_autocast_dtype(device),
-        )
+        ctx.autocast = (device, autocast_enabled(device), autocast_dtype(device))
         ctx.save_for_backward(x)
         return block._advtune_plain_forward(x)  # grad mode is off inside forward
 
@@ -425,7 +421,7 @@ class _Recompute(torch.autograd.Function):
         return gx, None
 
 
-class _RecomputeMixin:
+class _RecomputeMixin(_swap.Mixin):
     """Eval-mode gradient calls keep only the block's input and recompute it in backward.
 
     Train mode, ``torch.no_grad()``, an input that does not require grad, any other call
@@ -449,40 +445,6 @@ class _RecomputeMixin:
         ):
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         return _Recompute.apply(args[0], self)
-
-    def __reduce_ex__(self, protocol: Any) -> Any:
-        native = _native_class(self)  # type: ignore[arg-type]
-        return (_restore_swapped, (_RecomputeMixin, native), self.__dict__)
-
-
-_SWAPPED_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def _native_class(module: Any) -> type:
-    cls = type(module)
-    return cls.__bases__[1] if issubclass(cls, (_LeanForwardMixin, _RecomputeMixin)) else cls
-
-
-def _swapped_class(mixin: type, base: type) -> type:
-    """``class (mixin, base)``, made once per pair; ``repr()`` keeps the base's name."""
-    cls = _SWAPPED_CLASSES.get((mixin, base))
-    if cls is None:
-        tag = mixin._advtune_kind  # type: ignore[attr-defined]
-        cls = type(
-            base.__name__,
-            (mixin, base),
-            {"__module__": base.__module__, "__qualname__": f"{base.__qualname__}<{tag}>"},
-        )
-        _SWAPPED_CLASSES[(mixin, base)] = cls
-    return cls
-
-
-def _lean_forward_class(base: type) -> type:
-    return _swapped_class(_LeanForwardMixin, base)
-
-
-def _restore_swapped(mixin: type, base: type) -> nn.Module:
-    return object.__new__(_swapped_class(mixin, base))
 
 
 def freeze(model: nn.Module, *, functional: bool = True, recompute: bool = False) -> FreezeReport:
@@ -527,7 +489,7 @@ def freeze(model: nn.Module, *, functional: bool = True, recompute: bool = False
             module.__class__ = lean
             module.__dict__["_advtune_name"] = name
             report.converted[name] = lean.__name__
-        elif not hasattr(module, "_advtune_kind") and (
+        elif not _swap.is_advtune(module) and (
             next(module.parameters(recurse=False), None) is not None
             or next(module.buffers(recurse=False), None) is not None
         ):
@@ -537,13 +499,13 @@ def freeze(model: nn.Module, *, functional: bool = True, recompute: bool = False
             if _may_rewrite(module):
                 calls = _install_lean_forward(module)
                 if calls:
-                    module.__class__ = _lean_forward_class(type(module))
+                    module.__class__ = _swap.mixed_class(_LeanForwardMixin, type(module))
                     module.__dict__["_advtune_name"] = name
                     report.rewritten[name] = calls
     if recompute:
         for name, module in model.named_modules():
             if _recomputable(module):
-                module.__class__ = _swapped_class(_RecomputeMixin, type(module))
+                module.__class__ = _swap.mixed_class(_RecomputeMixin, type(module))
                 report.recomputed.append(name)
     model.requires_grad_(False)
     previous = model.__dict__.get(_REPORT_ATTR)

@@ -2,7 +2,9 @@
 
 The frozen mode's activations and pools keep one bit per element (or a small window
 offset) instead of their input; this module holds those kernels. They work in chunks of
-:data:`MASK_CHUNK` elements so their temporary buffers do not grow with the batch.
+``mask_chunk`` elements (a field of :class:`advtune.lean.KernelPolicy`) so their
+temporary buffers do not grow with the batch; the policy also says whether they run in
+numpy or torch.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from advtune._kernels import kernel_policy
+
 __all__ = [
-    "MASK_CHUNK",
     "chunks",
     "dense_order",
     "flat_in",
@@ -23,11 +26,6 @@ __all__ = [
     "unflat",
     "unpack_bits",
 ]
-
-
-#: Elements per chunk of the mask kernels: bounds their temporaries (a bool and an integer
-#: mask of this many elements) independently of the batch size. A multiple of 8.
-MASK_CHUNK = 1 << 20
 
 
 def _pack8(flags: torch.Tensor) -> torch.Tensor:
@@ -125,29 +123,24 @@ def unflat(flat: torch.Tensor, shape: torch.Size, order: tuple[int, ...] | None)
 
 
 def chunks(numel: int) -> list[tuple[int, int]]:
-    return [(i, min(i + MASK_CHUNK, numel)) for i in range(0, numel, MASK_CHUNK)]
+    """``(start, end)`` of each chunk of ``numel`` elements (the policy's ``mask_chunk``)."""
+    size = kernel_policy().mask_chunk
+    return [(i, min(i + size, numel)) for i in range(0, numel, size)]
 
-
-#: Up to this many torch threads the CPU mask kernels run in numpy, above it in torch.
-#: numpy's compare, ``packbits`` and ``unpackbits`` loops are vectorized where torch's
-#: bool-producing kernels are not, but they run on one thread. Measured on 3.2M float32
-#: elements (2026-12-01, 2-core machine): at 1 thread packing took 1.2 ms in numpy vs
-#: 5.0 in torch and masking a gradient 2.4 vs 4.7 (a ReLU: 1.3); at 2 threads 1.2 vs 3.1
-#: and 2.6 vs 3.5. More threads were not available to measure; torch's kernels scale
-#: with them and numpy's do not, so they are left to torch.
-NUMPY_MAX_THREADS = 2
 
 _NUMPY_DTYPES = (torch.float64, torch.float32, torch.float16)
 
 
 def _numpy_kernels(device: torch.device) -> bool:
-    """Whether the mask kernels run in numpy here (CPU, at most NUMPY_MAX_THREADS)."""
-    return device.type == "cpu" and torch.get_num_threads() <= NUMPY_MAX_THREADS
+    """Whether the mask kernels run in numpy here (CPU, at most the policy's
+    ``numpy_max_threads`` torch threads)."""
+    return device.type == "cpu" and torch.get_num_threads() <= kernel_policy().numpy_max_threads
 
 
 def _numpy_view(t: torch.Tensor) -> Any:
     """``t`` as a numpy array sharing its memory, or ``None`` where the torch kernels run
-    (not on CPU, no numpy dtype (bfloat16), or more than :data:`NUMPY_MAX_THREADS`)."""
+    (not on CPU, no numpy dtype (bfloat16), or more threads than the policy's
+    ``numpy_max_threads``)."""
     if t.dtype not in _NUMPY_DTYPES or not _numpy_kernels(t.device):
         return None
     return (t.detach() if t.requires_grad else t).numpy()
@@ -158,7 +151,7 @@ def pack_between(flat: torch.Tensor, low: float, high: float | None = None) -> t
 
     No full-size bool temporary: one chunk's flags at a time. On CPU (numpy kernels) the
     flags go into a buffer torch allocates, so memory trackers see it; only numpy's packed
-    copy of a chunk (``MASK_CHUNK / 8`` bytes) is its own. NaN is never inside.
+    copy of a chunk (``mask_chunk / 8`` bytes) is its own. NaN is never inside.
 
     Args:
         flat: 1-D floating tensor.
@@ -172,7 +165,7 @@ def pack_between(flat: torch.Tensor, low: float, high: float | None = None) -> t
     source = _numpy_view(flat)
     if source is not None:
         target = packed.numpy()
-        size = min(numel, MASK_CHUNK)
+        size = min(numel, kernel_policy().mask_chunk)
         flags_all = torch.empty(size, dtype=torch.bool).numpy()
         spare_all = None if high is None else torch.empty(size, dtype=torch.bool).numpy()
         for start, end in chunks(numel):
@@ -225,7 +218,7 @@ def keep_where(flat_grad: torch.Tensor, packed: torch.Tensor, out: torch.Tensor)
         for start, end in chunks(flat_grad.numel()):
             chunk = packed_np[start // 8 : (end + 7) // 8]
             # 0/1 bytes, negated in place to 0/-1: int8 -1 widens to all ones in the and.
-            # (numpy's own buffer of MASK_CHUNK bytes, unseen by torch's memory tracker;
+            # (numpy's own buffer of mask_chunk bytes, unseen by torch's memory tracker;
             # np.take from a table into a torch buffer measured 17% slower.)
             flags = np.unpackbits(chunk, count=end - start, bitorder="little").view(np.int8)
             np.negative(flags, out=flags)

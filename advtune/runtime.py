@@ -5,6 +5,8 @@
   before, in float32 (see :mod:`advtune.convbn`), so the compiled graph runs the folded
   weights.
 * :func:`autocast` is the context manager behind ``amp``.
+* :func:`parse_device` reads every ``--device`` / ``device=`` text (CLI, benchmark,
+  model loading, torchrun ranks): the one place device names are checked.
 * :func:`auto_batch_size` finds the largest batch whose real forward+backward fits in GPU
   memory (probe, back off on OOM, cache per configuration in this process and in a JSON
   file, :func:`default_batch_size_cache`).
@@ -29,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advtune.errors import UserError
+
 __all__ = [
     "AMP_DTYPES",
     "CPU_BATCH_SIZE",
@@ -42,7 +46,9 @@ __all__ = [
     "default_batch_size_cache",
     "find_max_batch",
     "is_oom_error",
+    "parse_device",
     "prepare",
+    "register_chunk_result",
     "run_with_oom_backoff",
     "trim_results",
 ]
@@ -156,6 +162,53 @@ def prepare(
 
 
 # --------------------------------------------------------------------------- OOM handling
+
+
+# --------------------------------------------------------------------------- devices
+
+
+def parse_device(device: str, *, local_rank: int | None = None) -> str:
+    """The device to run on for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    Args:
+        device: the ``--device`` text.
+        local_rank: under torchrun, this process's ``LOCAL_RANK``: ``cuda`` then means
+            ``cuda:LOCAL_RANK`` and ``cuda:N`` is refused (every rank would share a GPU).
+
+    Raises:
+        UserError: CUDA asked for but absent, a missing ``cuda:N``, an unknown name.
+    """
+    text = device.strip().lower()
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cpu":
+        return "cpu"
+    is_indexed = text.startswith("cuda:") and text[5:].isdigit()
+    if text != "cuda" and not is_indexed:
+        choices = "auto, cpu or cuda" if local_rank is not None else "auto, cpu, cuda or cuda:N"
+        raise UserError(f"unknown device {device!r}; use {choices}")
+    if local_rank is not None and is_indexed:
+        raise UserError(
+            f"--device {device} would put every rank on one GPU; under torchrun use "
+            "--device cuda (rank r uses cuda:LOCAL_RANK) and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--device {text} asked for, but CUDA is not available "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if local_rank is not None:
+        if local_rank >= count:
+            raise UserError(
+                f"LOCAL_RANK {local_rank} has no GPU: only {count} CUDA device(s) visible "
+                "on this node; start at most that many processes per node"
+            )
+        return f"cuda:{local_rank}"
+    if is_indexed and int(text[5:]) >= count:
+        raise UserError(f"--device {text}: only {count} CUDA device(s) visible")
+    return text
 
 
 #: Messages of RuntimeErrors that mean the GPU ran out of memory outside PyTorch's
@@ -468,14 +521,35 @@ def _slice(batch: Any, start: int, stop: int) -> Any:
     return batch  # non-tensor values (hyperparameters) are passed to every chunk
 
 
+#: Result type -> (join, trim) for types whose chunks do not combine field by field
+#: (registered by the module that owns the type: :func:`register_chunk_result`).
+_CHUNK_RULES: dict[type, tuple[Callable[[list[Any]], Any], Callable[[Any, int], Any]]] = {}
+
+
+def register_chunk_result(
+    cls: type, *, join: Callable[[list[Any]], Any], trim: Callable[[Any, int], Any]
+) -> None:
+    """Say how chunk results of type ``cls`` combine (``join(parts)``) and how the first
+    ``n`` samples' part is kept (``trim(result, n)``), for :func:`concat_results` and
+    :func:`trim_results` (and so :func:`run_with_oom_backoff`). Registering twice raises.
+    """
+    if cls in _CHUNK_RULES:
+        raise ValueError(f"chunk rules for {cls.__qualname__} are registered already")
+    _CHUNK_RULES[cls] = (join, trim)
+
+
 def concat_results(parts: list[Any]) -> Any:
     """Default combiner: concatenate tensors along dim 0, recursing into containers.
 
-    Tuples, lists, dicts and dataclasses are combined field by field. Other values must
-    be equal in every part, except numbers, for which the maximum is kept (e.g. an
-    attack's ``model_calls``: each chunk ran the same number of steps on its images).
+    Types registered with :func:`register_chunk_result` use their own rule. Tuples,
+    lists, dicts and dataclasses are combined field by field. Other values must be equal
+    in every part, except numbers, for which the maximum is kept (e.g. an attack's
+    ``model_calls``: each chunk ran the same number of steps on its images).
     """
     first = parts[0]
+    rule = _CHUNK_RULES.get(type(first))
+    if rule is not None:
+        return rule[0](parts)
     if isinstance(first, torch.Tensor):
         return torch.cat(parts) if first.dim() > 0 else torch.stack(parts)
     if dataclasses.is_dataclass(first) and not isinstance(first, type):
@@ -499,7 +573,10 @@ def concat_results(parts: list[Any]) -> Any:
 def trim_results(value: Any, n: int) -> Any:
     """Default trimmer of :func:`run_with_oom_backoff`: the first ``n`` entries along dim 0
     of every tensor, recursing into tuples, lists, dicts and dataclasses (0-d tensors and
-    other values are kept)."""
+    other values are kept; registered types use their rule, :func:`register_chunk_result`)."""
+    rule = _CHUNK_RULES.get(type(value))
+    if rule is not None:
+        return rule[1](value, n)
     if isinstance(value, torch.Tensor):
         return value[:n] if value.dim() > 0 else value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

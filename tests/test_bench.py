@@ -190,18 +190,31 @@ def test_bench_user_errors(capsys):
 
 
 def test_kernel_ablation_times_every_switch_and_restores_them():
-    from advtune import bench_kernels, masks
-    from advtune.lean import conv as lean_conv
+    from advtune import bench_kernels
+    from advtune.lean import kernel_policy
 
-    before = (masks.NUMPY_MAX_THREADS, lean_conv.FOLD_CHANNELS, lean_conv.ONEDNN_1X1)
+    before = kernel_policy()
     rows = bench_kernels.frozen_kernel_ablation(_tiny_model(), size=16, batch=2, repeats=3)
-    assert before == (masks.NUMPY_MAX_THREADS, lean_conv.FOLD_CHANNELS, lean_conv.ONEDNN_1X1)
+    assert kernel_policy() is before
     names = [r["variant"] for r in rows]
-    assert names[:2] == ["deploy", "frozen"] and len(names) == 2 + len(bench_kernels.SWITCHES)
-    assert "frozen, NUMPY_MAX_THREADS=0" in names and "frozen, FOLD_CHANNELS=0" in names
+    assert names[:3] == ["eval", "deploy", "frozen"]
+    assert len(names) == 3 + len(bench_kernels.SWITCHES)
+    assert "frozen, numpy_max_threads=0" in names and "frozen, native_below=0" in names
     for r in rows:
         assert len(r["runs_s"]) == 3 and r["median_s"] == sorted(r["runs_s"])[1] > 0
     assert next(r for r in rows if r["variant"] == "frozen")["paired_vs_frozen_ms"] == 0
+
+
+def test_kernel_ablation_cli_on_the_digits_cnn(capsys):
+    from advtune import bench_kernels
+
+    bench_kernels.ablation_main(
+        ["--model", "digits", "--batch-size", "2", "--repeats", "1", "--steps", "2"]
+    )
+    out = capsys.readouterr().out
+    assert out.startswith("digits, 32px, batch 2") and "frozen, native_below=0" in out
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        bench_kernels.frozen_kernel_ablation(_tiny_model(), size=16, batch=2, repeats=1, steps=0)
 
 
 def test_mask_kernel_times_cover_both_implementations(capsys):

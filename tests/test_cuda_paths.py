@@ -442,13 +442,15 @@ def test_run_bench_on_cuda_reports_oom_rows_and_goes_on(fake_cuda):
     assert "failed: out of memory" in result.table()
 
 
-def test_bench_cuda_device_names(fake_cuda):
-    assert bench._resolve_device("auto") == torch.device("cuda")
-    assert bench._resolve_device("cuda:1") == torch.device("cuda:1")
+def test_cuda_device_names(fake_cuda):
+    """One parser for --device everywhere (bench, evaluate, load_model, torchrun)."""
+    assert runtime.parse_device("auto") == "cuda"
+    assert runtime.parse_device("cuda:1") == "cuda:1"
+    assert distributed.parse_device is runtime.parse_device
     with pytest.raises(UserError, match="only 2 CUDA device"):
-        bench._resolve_device("cuda:2")
+        runtime.parse_device("cuda:2")
     with pytest.raises(UserError, match="cuda:N"):
-        bench._resolve_device("cuda:x")
+        runtime.parse_device("cuda:x")
 
 
 # --------------------------------------------------------------------------- evaluator

@@ -4,14 +4,24 @@ in float64 (outputs and input gradients), plus what each one saves for backward.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import re
+import threading
 
 import pytest
 import torch
 from torch import nn
 
 from advtune import lean, masks
-from advtune.lean import LEAN_TYPES, FrozenParameterError, pack_bits, unpack_bits
-from advtune.lean import conv as lean_conv
+from advtune.lean import (
+    LEAN_TYPES,
+    FrozenParameterError,
+    KernelPolicy,
+    kernel_policy,
+    kernels,
+    pack_bits,
+    unpack_bits,
+)
 
 
 def _lean_copy(module: nn.Module) -> nn.Module:
@@ -104,19 +114,79 @@ def test_mask_round_trip_channels_last(mask_kernels):
     assert torch.equal(mask, x > 0)
 
 
+@pytest.fixture(autouse=True)
+def _always_lean():
+    """This file checks what each lean layer saves, on small tensors: lean at any size
+    (by default tensors under KernelPolicy.native_below elements run natively)."""
+    with kernels(native_below=0):
+        yield
+
+
+def test_small_inputs_run_natively_below_the_policy_threshold():
+    relu, conv = _lean_copy(nn.ReLU()), _lean_copy(nn.Conv2d(3, 4, 3).requires_grad_(False))
+    for module, x in ((relu, torch.randn(2, 3, 4, 4)), (conv, torch.randn(2, 3, 6, 6))):
+        for threshold, lean_fn in ((x.numel(), True), (x.numel() + 1, False)):
+            x = x.detach().requires_grad_(True)
+            with kernels(native_below=threshold):
+                out = module(x)
+            name = type(out.grad_fn).__name__
+            assert name.endswith("FnBackward") is lean_fn, (module, threshold, name)
+            assert kernel_policy().native_below == 0  # restored
+
+
+def test_kernel_policy_is_per_context_and_restored():
+    default = kernel_policy()
+    assert default == KernelPolicy(native_below=0)  # this file's fixture
+    with kernels(fold_channels=0) as outer:
+        assert kernel_policy() is outer and outer.fold_channels == 0
+        with kernels(numpy_max_threads=0):  # nested: starts from the one in force
+            assert kernel_policy() == dataclasses.replace(
+                default, fold_channels=0, numpy_max_threads=0
+            )
+        with kernels(KernelPolicy()):  # or from an explicit policy
+            assert kernel_policy() == KernelPolicy()
+        assert kernel_policy() is outer
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(kernel_policy()))
+        thread.start()
+        thread.join()
+        assert seen == [KernelPolicy()]  # another thread keeps its own (the default)
+    assert kernel_policy() is default
+    with pytest.raises(RuntimeError), kernels(onednn_1x1=True):
+        raise RuntimeError("restored on errors too")
+    assert kernel_policy() is default
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("fold_chanels", 0, "unknown kernel policy field 'fold_chanels'"),
+        ("mask_chunk", 12, "mask_chunk must be a positive multiple of 8, got 12"),
+        ("numpy_max_threads", -1, "numpy_max_threads must be an int >= 0, got -1"),
+        ("onednn_1x1", 1, "onednn_1x1 must be a bool, got 1"),
+    ],
+)
+def test_kernel_policy_refuses_bad_fields(field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)), kernels(**{field: value}):
+        pass
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        KernelPolicy().fold_channels = 0  # type: ignore[misc]
+
+
 @pytest.fixture(params=["numpy", "torch"])
-def mask_kernels(request, monkeypatch):
+def mask_kernels(request):
     """Both CPU implementations of the mask kernels (numpy up to 2 threads, torch above)."""
-    if request.param == "torch":
-        monkeypatch.setattr(masks, "NUMPY_MAX_THREADS", 0)
-    return request.param
+    with kernels(numpy_max_threads=0 if request.param == "torch" else 1 << 30):
+        yield request.param
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_masked_gradient_on_the_bits_is_torch_where_with_inf_and_nan(
-    monkeypatch, mask_kernels, dtype
-):
-    monkeypatch.setattr(masks, "MASK_CHUNK", 16)  # several chunks, one of them partial
+def test_masked_gradient_on_the_bits_is_torch_where_with_inf_and_nan(mask_kernels, dtype):
+    with kernels(mask_chunk=16):  # several chunks, one of them partial
+        _check_masked_gradient(dtype)
+
+
+def _check_masked_gradient(dtype):
     grad = torch.randn(61, dtype=torch.float64).to(dtype)
     grad[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0])
     grad[30:34] = grad[:4]
@@ -161,13 +231,13 @@ _CONVS = [
 @pytest.mark.filterwarnings("ignore:Using padding=.same.")
 @pytest.mark.parametrize("fold", [True, False], ids=["fold", "no-fold"])
 @pytest.mark.parametrize(("conv", "shape"), _CONVS, ids=lambda v: repr(v)[:60])
-def test_conv_matches_native_and_saves_only_weight(monkeypatch, conv, shape, fold):
+def test_conv_matches_native_and_saves_only_weight(conv, shape, fold):
     # Few input channels take the col2im (fold) input gradient on CPU; without it the
     # same convs exercise every other path (matmul, zero grid, crop, fallback).
-    monkeypatch.setattr(lean_conv, "FOLD_CHANNELS", 4 if fold else 0)
     torch.manual_seed(0)
     x = torch.randn(shape)
-    saved = _compare(conv, x)
+    with kernels(fold_channels=4 if fold else 0):
+        saved = _compare(conv, x)
     lean_weight = [t for t in saved if t.shape == conv.weight.shape]
     assert len(saved) == 1 and lean_weight, [t.shape for t in saved]
 
@@ -175,9 +245,8 @@ def test_conv_matches_native_and_saves_only_weight(monkeypatch, conv, shape, fol
 @pytest.mark.parametrize("grad_mode", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_onednn_1x1_float32_forward_matches_native(monkeypatch, grad_mode, channels_last):
-    """With ONEDNN_1X1 (off by default), stride-1 1x1 float32 CPU convs run through
-    oneDNN: native to float32 rounding."""
-    monkeypatch.setattr(lean_conv, "ONEDNN_1X1", True)
+    """With the policy's onednn_1x1 (off by default), stride-1 1x1 float32 CPU convs run
+    through oneDNN: native to float32 rounding."""
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 8, 1).requires_grad_(False)
     x = torch.randn(2, 16, 6, 5)
@@ -190,24 +259,22 @@ def test_onednn_1x1_float32_forward_matches_native(monkeypatch, grad_mode, chann
     monkeypatch.setattr(
         torch.ops.aten, "mkldnn_convolution", lambda *a: calls.append(1) or real(*a)
     )
-    with torch.set_grad_enabled(grad_mode):
+    with torch.set_grad_enabled(grad_mode), kernels(onednn_1x1=True):
         out = lean_copy(x.requires_grad_(grad_mode))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert calls == ([1] if torch.backends.mkldnn.is_available() else [])
-    monkeypatch.setattr(lean_conv, "ONEDNN_1X1", False)
     with torch.set_grad_enabled(grad_mode):
         lean_copy(x)
     assert len(calls) <= 1  # switched off: the native kernel choice
 
 
-def test_onednn_1x1_leaves_other_convs_native(monkeypatch):
+def test_onednn_1x1_leaves_other_convs_native():
     """An unbatched 1x1x1 Conv3d input is 4-D like a batched 2-D one: still native."""
-    monkeypatch.setattr(lean_conv, "ONEDNN_1X1", True)
     conv = nn.Conv3d(4, 3, 1).requires_grad_(False)
     x = torch.randn(4, 2, 5, 5)
     lean_copy = _lean_copy(conv)
     for grad_mode in (False, True):
-        with torch.set_grad_enabled(grad_mode):
+        with torch.set_grad_enabled(grad_mode), kernels(onednn_1x1=True):
             out = lean_copy(x.clone().requires_grad_(grad_mode))
         torch.testing.assert_close(out, conv(x), rtol=1e-5, atol=1e-6)
 

@@ -368,3 +368,40 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def test_dataset_batch_size_takes_the_shape_from_the_transform_or_an_image(tmp_path):
+    """--batch-size auto's one entry point: on a CPU the default, clamped to the images."""
+    from types import SimpleNamespace
+
+    from advtune.errors import UserError
+    from advtune.run import AttackConfig
+    from advtune.run.probe import dataset_batch_size
+
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 2))
+
+    class Images(list):
+        root = tmp_path
+
+    images = Images([None, {"image": torch.zeros(3, 4, 4)}])
+    cropped = SimpleNamespace(crop_size=4)
+    assert dataset_batch_size(model, config, dataset=images, transform=cropped) == 2
+    assert dataset_batch_size(model, config, dataset=images, transform=None) == 2
+    with pytest.raises(UserError, match="no decodable image in"):
+        dataset_batch_size(model, config, dataset=Images([None]), transform=None)
+
+
+def test_registered_chunk_rules_join_and_trim_their_type():
+    from advtune.runtime import concat_results, register_chunk_result, trim_results
+
+    class Rows(list):
+        pass
+
+    register_chunk_result(Rows, join=lambda parts: Rows(r for p in parts for r in p),
+                          trim=lambda rows, n: Rows(rows[:n]))  # fmt: skip
+    assert concat_results([Rows([1, 2]), Rows([3])]) == [1, 2, 3]
+    assert trim_results(Rows([1, 2, 3]), 2) == [1, 2]
+    assert concat_results([[torch.ones(1)], [torch.zeros(1)]])[0].tolist() == [1.0, 0.0]
+    with pytest.raises(ValueError, match="registered already"):
+        register_chunk_result(Rows, join=list, trim=lambda r, n: r)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from advtune._splitmix import splitmix64 as _splitmix64
+
 __all__ = [
     "STREAM_START",
     "STREAM_TARGET",
@@ -29,14 +31,6 @@ STREAM_TARGET = 2
 
 _MASK64 = (1 << 64) - 1
 _SEED_HIGH = 1 << 62  # seeds drawn from a generator lie in [0, 2**62)
-
-
-def _splitmix64(z: int) -> int:
-    # SplitMix64 finaliser (Steele et al. 2014): a cheap, well-mixed 64-bit hash.
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
 
 
 def resolve_seeds(

@@ -41,12 +41,21 @@ instead of silently returning ``None``.
 Every tensor a Function keeps is stored with ``ctx.save_for_backward`` (never as a
 ``ctx`` attribute), so ``torch.autograd.graph.saved_tensors_hooks`` — and therefore
 ``advtune bench`` — sees all of it.
+
+Their CPU kernel choices form one immutable :class:`KernelPolicy`; ``with
+kernels(fold_channels=0): ...`` changes it for a block in this thread only, and
+:func:`kernel_policy` returns the one in force.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from torch import nn
 
+from advtune import _swap
+from advtune._kernels import KernelPolicy, kernel_policy, kernels
 from advtune.lean._common import FrozenParameterError
 from advtune.lean.activations import (
     LeanHardsigmoid,
@@ -90,6 +99,7 @@ from advtune.masks import pack_bits, unpack_bits
 __all__ = [
     "LEAN_TYPES",
     "FrozenParameterError",
+    "KernelPolicy",
     "LeanAdaptiveAvgPool2d",
     "LeanAvgPool2d",
     "LeanBatchNorm1d",
@@ -116,6 +126,8 @@ __all__ = [
     "hardsigmoid",
     "hardtanh",
     "hardtanh_",
+    "kernel_policy",
+    "kernels",
     "leaky_relu",
     "leaky_relu_",
     "linear",
@@ -127,23 +139,32 @@ __all__ = [
     "unpack_bits",
 ]
 
-LEAN_TYPES: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv1d: LeanConv1d,
-    nn.Conv2d: LeanConv2d,
-    nn.Conv3d: LeanConv3d,
-    nn.ConvTranspose1d: LeanConvTranspose1d,
-    nn.ConvTranspose2d: LeanConvTranspose2d,
-    nn.ConvTranspose3d: LeanConvTranspose3d,
-    nn.Linear: LeanLinear,
-    nn.ReLU: LeanReLU,
-    nn.ReLU6: LeanReLU6,
-    nn.LeakyReLU: LeanLeakyReLU,
-    nn.Hardtanh: LeanHardtanh,
-    nn.Hardsigmoid: LeanHardsigmoid,
-    nn.MaxPool2d: LeanMaxPool2d,
-    nn.AvgPool2d: LeanAvgPool2d,
-    nn.AdaptiveAvgPool2d: LeanAdaptiveAvgPool2d,
-    nn.BatchNorm1d: LeanBatchNorm1d,
-    nn.BatchNorm2d: LeanBatchNorm2d,
-    nn.BatchNorm3d: LeanBatchNorm3d,
+# Native class -> (its lean replacement, kind). Registered with advtune._swap, the one
+# owner of class swapping: freeze() asks it which class replaces a module's.
+_LEAN: dict[type[nn.Module], tuple[type[nn.Module], str]] = {
+    nn.Conv1d: (LeanConv1d, "lean-conv"),
+    nn.Conv2d: (LeanConv2d, "lean-conv"),
+    nn.Conv3d: (LeanConv3d, "lean-conv"),
+    nn.ConvTranspose1d: (LeanConvTranspose1d, "lean-conv"),
+    nn.ConvTranspose2d: (LeanConvTranspose2d, "lean-conv"),
+    nn.ConvTranspose3d: (LeanConvTranspose3d, "lean-conv"),
+    nn.Linear: (LeanLinear, "lean-linear"),
+    nn.ReLU: (LeanReLU, "lean-activation"),
+    nn.ReLU6: (LeanReLU6, "lean-activation"),
+    nn.LeakyReLU: (LeanLeakyReLU, "lean-activation"),
+    nn.Hardtanh: (LeanHardtanh, "lean-activation"),
+    nn.Hardsigmoid: (LeanHardsigmoid, "lean-activation"),
+    nn.MaxPool2d: (LeanMaxPool2d, "lean-pool"),
+    nn.AvgPool2d: (LeanAvgPool2d, "lean-pool"),
+    nn.AdaptiveAvgPool2d: (LeanAdaptiveAvgPool2d, "lean-pool"),
+    nn.BatchNorm1d: (LeanBatchNorm1d, "lean-bn"),
+    nn.BatchNorm2d: (LeanBatchNorm2d, "lean-bn"),
+    nn.BatchNorm3d: (LeanBatchNorm3d, "lean-bn"),
 }
+for _native, (_lean, _kind) in _LEAN.items():
+    _swap.register_replacement(_native, _lean, _kind)
+
+#: ``torch.nn`` class -> its lean subclass (read-only).
+LEAN_TYPES: Mapping[type[nn.Module], type[nn.Module]] = MappingProxyType(
+    {native: lean for native, (lean, _) in _LEAN.items()}
+)

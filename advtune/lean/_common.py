@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from advtune._compat import autocast_state
+from advtune._kernels import kernel_policy
+
 
 class FrozenParameterError(RuntimeError):
     """A weight gradient was asked of a frozen layer (they give input gradients only)."""
@@ -33,7 +36,10 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
 
 
 def _wants_graph(x: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and x.requires_grad
+    """Whether a lean Function should record ``x``'s op: autograd records it and ``x`` is
+    large enough for the lean layer to pay (else the native op runs, under autograd if it
+    records: :attr:`KernelPolicy.native_below <advtune.lean.KernelPolicy>`)."""
+    return torch.is_grad_enabled() and x.requires_grad and x.numel() >= kernel_policy().native_below
 
 
 def _check_frozen(module: nn.Module, *names: str) -> None:
@@ -61,24 +67,6 @@ def _refuse_weight_grads(ctx: Any) -> None:
         )
 
 
-def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """The autocast compute dtype for ``x``'s device, or ``None`` if autocast is off."""
-    device_type = x.device.type
-    try:
-        enabled = torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch < 2.4
-        enabled = (
-            torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
-        )
-    if not enabled:
-        return None
-    if hasattr(torch, "get_autocast_dtype"):
-        return torch.get_autocast_dtype(device_type)
-    return (
-        torch.get_autocast_cpu_dtype() if device_type == "cpu" else torch.get_autocast_gpu_dtype()
-    )
-
-
 def _amp_operands(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool]:
@@ -88,7 +76,7 @@ def _amp_operands(
     autocast off, so its backward sees the same dtypes as its forward, and the
     differentiable ``x.to(dtype)`` casts the input gradient back to ``x``'s dtype.
     """
-    dtype = _autocast_dtype(x)
+    dtype = autocast_state(x.device.type)
     if dtype is None or x.dtype == torch.float64 or not x.is_floating_point():
         return x, weight, bias, dtype is not None
     x = x.to(dtype)

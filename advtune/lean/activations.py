@@ -155,8 +155,6 @@ def hardsigmoid(input: torch.Tensor, inplace: bool = False) -> torch.Tensor:
 class LeanReLU(nn.ReLU):
     """``nn.ReLU`` saving a 1-bit mask instead of its output."""
 
-    _advtune_kind = "lean-activation"
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return relu(input, self.inplace)
 
@@ -164,16 +162,12 @@ class LeanReLU(nn.ReLU):
 class LeanLeakyReLU(nn.LeakyReLU):
     """``nn.LeakyReLU`` saving a 1-bit mask instead of its input."""
 
-    _advtune_kind = "lean-activation"
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return leaky_relu(input, self.negative_slope, self.inplace)
 
 
 class LeanHardtanh(nn.Hardtanh):
     """``nn.Hardtanh`` saving a 1-bit mask instead of its input."""
-
-    _advtune_kind = "lean-activation"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return hardtanh(input, self.min_val, self.max_val, self.inplace)
@@ -185,8 +179,6 @@ class LeanReLU6(LeanHardtanh, nn.ReLU6):
 
 class LeanHardsigmoid(nn.Hardsigmoid):
     """``nn.Hardsigmoid`` saving a 1-bit mask instead of its input."""
-
-    _advtune_kind = "lean-activation"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return hardsigmoid(input, self.inplace)

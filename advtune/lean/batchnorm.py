@@ -6,8 +6,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from advtune._compat import autocast_enabled
 from advtune.lean._common import (
-    _autocast_dtype,
     _AutocastOff,
     _check_frozen,
     _refuse_weight_grads,
@@ -40,19 +40,19 @@ class _LeanBatchNormMixin:
     In training mode, or without running statistics, it is the native BatchNorm.
     """
 
-    _advtune_kind = "lean-bn"
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if (
             self.training  # type: ignore[attr-defined]
             or self.running_mean is None  # type: ignore[attr-defined]
-            or not _wants_graph(input)
+            or not (torch.is_grad_enabled() and input.requires_grad)
         ):
             return super().forward(input)  # type: ignore[misc]
         self._check_input_dim(input)  # type: ignore[attr-defined]
         _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
+        if not _wants_graph(input):  # too small for the lean layer to pay
+            return super().forward(input)  # type: ignore[misc]
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        with _AutocastOff(input.device.type, _autocast_dtype(input) is not None):
+        with _AutocastOff(input.device.type, autocast_enabled(input.device.type)):
             # Same arithmetic as the native CPU kernel: alpha = w·invstd, beta = b − μ·alpha.
             alpha = torch.rsqrt(self.running_var.to(dtype) + self.eps)  # type: ignore[attr-defined]
             if self.weight is not None:  # type: ignore[attr-defined]

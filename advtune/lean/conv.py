@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from advtune._kernels import kernel_policy
 from advtune.lean._common import (
     _amp_operands,
     _AutocastOff,
@@ -17,11 +18,6 @@ from advtune.lean._common import (
     _refuse_weight_grads,
     _wants_graph,
 )
-
-#: Run stride-1 1x1 float32 CPU convs of the frozen forward through oneDNN (see below).
-#: Off: measured faster in a gradient-step ablation, but it raised a frozen ResNet-50's
-#: step peak from 9.97 to 11.34 MiB/img (``docs/performance.md``).
-ONEDNN_1X1 = False
 
 
 def _onednn_1x1(
@@ -35,13 +31,13 @@ def _onednn_1x1(
 ) -> torch.Tensor | None:
     """A stride-1 1x1 float32 CPU conv through oneDNN (mkldnn) directly, else ``None``.
 
-    Only when :data:`ONEDNN_1X1` is set and oneDNN is available and enabled
+    Only when the kernel policy's ``onednn_1x1`` is set and oneDNN is available and enabled
     (``torch.backends.mkldnn``). PyTorch sends such convs to its own GEMM kernel
     (``_slow_conv2d_forward``) below 16 images on one thread and to oneDNN otherwise;
     the result is the same to float32 rounding.
     """
     if not (
-        ONEDNN_1X1
+        kernel_policy().onednn_1x1
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == weight.dim() == 4  # batched 2-D (an unbatched Conv3d input is 4-D too)
@@ -130,14 +126,6 @@ def _channel_matmul(grad: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     return result
 
 
-#: On CPU, 2-D convolutions with at most this many input channels (image stems) take
-#: their input gradient as a matmul and ``F.fold`` (col2im), one sample at a time. oneDNN's
-#: transposed convolution into 3 channels is slow: ResNet-50's 7x7 stem at batch 4 took
-#: 42-53 ms that way and 23-38 ms this way (the native ``convolution_backward`` 43 ms); at
-#: 16 input channels the fold was 6x slower (measured on one CPU thread, 2026-12-01).
-FOLD_CHANNELS = 4
-
-
 def _fold_input_grad(
     grad: torch.Tensor,
     weight: torch.Tensor,
@@ -194,7 +182,14 @@ def _conv_input_grad(
         )
     in_sizes = input_shape[2:]
     kernel = weight.shape[2:]
-    if grad.device.type == "cpu" and nd == 2 and groups == 1 and input_shape[1] <= FOLD_CHANNELS:
+    if (
+        grad.device.type == "cpu"
+        and nd == 2
+        and groups == 1
+        and input_shape[1] <= kernel_policy().fold_channels
+    ):
+        # Image stems: a matmul and F.fold (col2im), one sample at a time; oneDNN's
+        # transposed conv into 3 channels is slow (KernelPolicy.fold_channels).
         return _fold_input_grad(grad, weight, input_shape, stride, padding, dilation)
     if all(k == 1 for k in kernel) and not any(padding) and groups == 1:
         # A 1x1 conv mixes channels per pixel (after subsampling, if strided): its input
@@ -290,8 +285,6 @@ def _lean_linear(
 class _LeanConvMixin:
     """Conv subclass mix-in: autograd keeps the weight, not the input."""
 
-    _advtune_kind = "lean-conv"
-
     def _pre_pad(self) -> tuple[tuple[int, ...] | None, str, list[int]]:
         """Explicit padding done before the conv (``None``: the conv pads with zeros)."""
         padding = self.padding  # type: ignore[attr-defined]
@@ -312,10 +305,17 @@ class _LeanConvMixin:
             result = (None, mode, list(padding))
         return result
 
+    def _native_forward(self, input: torch.Tensor, output_size: list[int] | None) -> torch.Tensor:
+        if output_size is None:
+            return super().forward(input)  # type: ignore[misc]
+        return super().forward(input, output_size)  # type: ignore[misc]
+
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         transposed = isinstance(self, nn.modules.conv._ConvTransposeNd)
         if not torch.is_grad_enabled():  # inference: the native layer is the same op
-            if ONEDNN_1X1 and not transposed:  # the graph-recording forward's kernel choice
+            if (
+                not transposed and kernel_policy().onednn_1x1
+            ):  # the graph-recording forward's kernel choice
                 padding = self.padding  # type: ignore[attr-defined]
                 out = _onednn_1x1(
                     input,
@@ -329,10 +329,10 @@ class _LeanConvMixin:
                 )
                 if out is not None:
                     return out
-            if output_size is None:
-                return super().forward(input)  # type: ignore[misc]
-            return super().forward(input, output_size)  # type: ignore[misc]
+            return self._native_forward(input, output_size)
         _check_frozen(self, "weight", "bias")  # type: ignore[arg-type]
+        if not _wants_graph(input):  # nothing to record, or too small for lean to pay
+            return self._native_forward(input, output_size)
         nd = self.weight.dim() - 2  # type: ignore[attr-defined]
         pre_pad = None
         if transposed:
@@ -395,12 +395,12 @@ class LeanConvTranspose3d(_LeanConvMixin, nn.ConvTranspose3d):
 class LeanLinear(nn.Linear):
     """``nn.Linear`` whose autograd saves only the weight."""
 
-    _advtune_kind = "lean-linear"
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not torch.is_grad_enabled():
             return super().forward(input)
         _check_frozen(self, "weight", "bias")
+        if not _wants_graph(input):  # nothing to record, or too small for lean to pay
+            return super().forward(input)
         return _lean_linear(input, self.weight, self.bias, _where(self))
 
 

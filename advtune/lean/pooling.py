@@ -128,8 +128,6 @@ class LeanMaxPool2d(nn.MaxPool2d):
     See :func:`max_pool2d` for when it runs natively.
     """
 
-    _advtune_kind = "lean-pool"
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return max_pool2d(
             input,
@@ -201,8 +199,6 @@ def avg_pool2d(
 class LeanAvgPool2d(nn.AvgPool2d):
     """``nn.AvgPool2d`` that keeps no activation for backward (it is linear)."""
 
-    _advtune_kind = "lean-pool"
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return avg_pool2d(
             input,
@@ -249,8 +245,6 @@ class LeanAdaptiveAvgPool2d(nn.AdaptiveAvgPool2d):
     Only global pooling (output ``1×1``) takes the lean path; other output sizes run
     natively.
     """
-
-    _advtune_kind = "lean-pool"
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return adaptive_avg_pool2d(input, self.output_size)

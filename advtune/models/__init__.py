@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from advtune.convbn import _REPORT_ATTR, MODES, tune
-from advtune.errors import UserError, suggest
+from advtune.convbn import _REPORT_ATTR, check_mode, tune
+from advtune.errors import UserError
 from advtune.models import (
     factory_source,
     hf_source,
@@ -49,6 +49,7 @@ from advtune.models.cards import (
 from advtune.models.checkpoints import checkpoint_sha256, load_checkpoint
 from advtune.models.classifier import ImageClassifier
 from advtune.models.random_weights import calibrate_batchnorm, seeded
+from advtune.runtime import parse_device
 
 __all__ = [
     "DEFAULT_CONVBN",
@@ -321,15 +322,12 @@ def load_model(
         UserError: Unknown model, weights or mode; download failure (offline); a checkpoint
             that is missing, unreadable or does not fit the model; CUDA asked for but absent.
     """
-    if convbn not in MODES:
-        raise UserError(suggest(str(convbn), MODES, what="ConvBN mode"))
-    if recompute and convbn != "frozen":
-        raise UserError(f"recompute needs convbn 'frozen', got {convbn!r}")
+    check_mode(convbn, recompute=recompute, names=("convbn", "recompute"))
     if convbn == "frozen" and importlib.util.find_spec("advtune.frozen") is None:
         # Checked before building: the frozen mode ships in its own module.
         raise UserError("convbn mode 'frozen' is not available in this install; use 'tune'")
     if device is not None:
-        device = _check_device(device)
+        device = torch.device(parse_device(str(device)))
     card, build = _resolve(name, weights, seed=seed, threat_model=threat_model, dataset=dataset)
     net = build(progress)
     if card.weights == "random":
@@ -388,13 +386,3 @@ def _infer_classes(net: nn.Module, preprocess: Preprocess) -> int:
             f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}"
         )
     return int(out.shape[1])
-
-
-def _check_device(device: str | torch.device) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise UserError(f"invalid device {device!r}") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {str(device)!r} requested but CUDA is not available")
-    return dev

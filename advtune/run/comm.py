@@ -8,7 +8,8 @@ messages (counts, status, rows), so control traffic never touches the GPUs.
 
 The run loop (:func:`advtune.run.run`) talks to a :class:`Communicator` only: the
 single-process one answers every collective with the identity, so one loop serves one
-process and N. Device strings (``--device``) are parsed here, once: :func:`parse_device`.
+process and N. Device strings (``--device``) are parsed by
+:func:`advtune.runtime.parse_device` (re-exported here).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from advtune.errors import UserError
+from advtune.runtime import parse_device
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -67,53 +69,6 @@ class PeerFailed(Exception):
 
 class CommunicationError(RuntimeError):
     """A collective failed: a peer died or the timeout passed."""
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def parse_device(device: str, *, local_rank: int | None = None) -> str:
-    """The device to run on for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
-
-    Args:
-        device: the ``--device`` text.
-        local_rank: under torchrun, this process's ``LOCAL_RANK``: ``cuda`` then means
-            ``cuda:LOCAL_RANK`` and ``cuda:N`` is refused (every rank would share a GPU).
-
-    Raises:
-        UserError: CUDA asked for but absent, a missing ``cuda:N``, an unknown name.
-    """
-    text = device.strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    if text == "cpu":
-        return "cpu"
-    is_indexed = text.startswith("cuda:") and text[5:].isdigit()
-    if text != "cuda" and not is_indexed:
-        choices = "auto, cpu or cuda" if local_rank is not None else "auto, cpu, cuda or cuda:N"
-        raise UserError(f"unknown device {device!r}; use {choices}")
-    if local_rank is not None and is_indexed:
-        raise UserError(
-            f"--device {device} would put every rank on one GPU; under torchrun use "
-            "--device cuda (rank r uses cuda:LOCAL_RANK) and choose GPUs with "
-            "CUDA_VISIBLE_DEVICES"
-        )
-    if not torch.cuda.is_available():
-        raise UserError(
-            f"--device {text} asked for, but CUDA is not available "
-            f"(torch {torch.__version__}); use --device cpu"
-        )
-    count = torch.cuda.device_count()
-    if local_rank is not None:
-        if local_rank >= count:
-            raise UserError(
-                f"LOCAL_RANK {local_rank} has no GPU: only {count} CUDA device(s) visible "
-                "on this node; start at most that many processes per node"
-            )
-        return f"cuda:{local_rank}"
-    if is_indexed and int(text[5:]) >= count:
-        raise UserError(f"--device {text}: only {count} CUDA device(s) visible")
-    return text
 
 
 # --------------------------------------------------------------------------- communicators

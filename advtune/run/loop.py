@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ from torch import nn
 
 from advtune.run.batch import BatchOutput, attack_batch
 from advtune.run.spec import AttackConfig
-from advtune.runtime import run_with_oom_backoff
+from advtune.runtime import concat_results, register_chunk_result, run_with_oom_backoff
 
 __all__ = ["RunStats", "attack_loader", "model_device"]
 
@@ -140,8 +140,6 @@ def attack_loader(
                 {"image": images, "label": labels, "position": torch.arange(n)},
                 chunk_size=chunk,
                 pad=pad_to is not None,
-                trim=_trim_output,
-                combine=_join_outputs,
             )
             out = result.value
             if result.oom_count:
@@ -206,14 +204,18 @@ def _trim_output(out: BatchOutput, n: int) -> BatchOutput:
     )
 
 
-def _join_outputs(parts: Sequence[BatchOutput]) -> BatchOutput:
+def _join_outputs(parts: list[BatchOutput]) -> BatchOutput:
     if len(parts) == 1:
         return parts[0]
+    # Rows and checks are lists of records, concatenated; the per-eps image tensors and
+    # model_calls combine as run_with_oom_backoff combines anything (dim 0, maximum: the
+    # batch took as many passes as its longest chunk; attacks that stop early may differ).
     return BatchOutput(
         rows=[row for part in parts for row in part.rows],
-        images=[torch.cat(qs) for qs in zip(*(part.images for part in parts))],
-        # Each chunk ran the attack on its share of the batch: the batch took as many
-        # passes as its longest chunk (attacks that stop early may differ per chunk).
-        model_calls=max(part.model_calls for part in parts),
+        images=concat_results([part.images for part in parts]),
+        model_calls=concat_results([part.model_calls for part in parts]),
         checks=[c for part in parts for c in part.checks],
     )
+
+
+register_chunk_result(BatchOutput, join=_join_outputs, trim=_trim_output)

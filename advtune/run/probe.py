@@ -15,7 +15,7 @@ from advtune.run.loop import model_device
 from advtune.run.spec import AttackConfig
 from advtune.runtime import CPU_BATCH_SIZE
 
-__all__ = ["auto_batch_size"]
+__all__ = ["auto_batch_size", "dataset_batch_size"]
 
 
 def _device_name(device: torch.device) -> str:
@@ -86,4 +86,47 @@ def auto_batch_size(
     return runtime.auto_batch_size(
         model, input_shape=input_shape, device=device, step=step, key=full_key, limit=limit,
         cache_file=cache_file, cpu_batch_size=cpu_batch_size,
+    )  # fmt: skip
+
+
+def dataset_batch_size(
+    model: nn.Module,
+    config: AttackConfig,
+    *,
+    dataset: Any,
+    transform: Any,
+    device: torch.device | str | None = None,
+    key: Mapping[str, Any] | None = None,
+) -> int:
+    """``--batch-size auto`` for a run over ``dataset``: :func:`auto_batch_size` on its
+    images' shape, at most ``len(dataset)``, cached in
+    :func:`advtune.runtime.default_batch_size_cache`.
+
+    Args:
+        model, config, device, key: as for :func:`auto_batch_size`.
+        dataset: the run's dataset (``len``, ``root``, items ``{"image": (C, H, W)}`` or
+            ``None`` for an undecodable file).
+        transform: its preprocessing; an ``int`` ``crop_size`` gives the shape without
+            decoding an image.
+
+    Raises:
+        UserError: no image of ``dataset`` decodes (its shape is needed).
+    """
+    from advtune import runtime
+    from advtune.errors import UserError
+
+    crop = getattr(transform, "crop_size", None)
+    if isinstance(crop, int):
+        input_shape: tuple[int, ...] = (3, crop, crop)
+    else:  # a custom model's preprocessing: look at one image
+        sample = next((s for s in (dataset[i] for i in range(len(dataset))) if s), None)
+        if sample is None:
+            raise UserError(f"no decodable image in {str(dataset.root)!r}")
+        input_shape = tuple(sample["image"].shape)
+    # Never more than the images: a larger batch would only be padding. The number of
+    # images (not of those left to do) keeps the batch shape, and so the results, the
+    # same on --resume.
+    return auto_batch_size(
+        model, config, input_shape=input_shape, device=device, key=key, limit=len(dataset),
+        cache_file=runtime.default_batch_size_cache(),
     )  # fmt: skip

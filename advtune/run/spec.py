@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from advtune._splitmix import splitmix64 as _splitmix64
 from advtune.errors import UserError
 
 __all__ = [
@@ -67,15 +68,6 @@ class AttackConfig:
         d["eps"] = list(self.eps) if self.eps is not None else None
         d["params"] = dict(sorted(self.params.items()))
         return d
-
-
-def _splitmix64(z: int) -> int:
-    # SplitMix64 finaliser (Steele et al. 2014): a cheap, well-mixed 64-bit hash that is
-    # identical in every process (unlike Python's salted hash()).
-    z = (z + 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return z ^ (z >> 31)
 
 
 def sample_seeds(run_seed: int, indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
