@@ -16,10 +16,11 @@ transformers = pytest.importorskip("transformers")
 
 from advtune import convbn_report, tune  # noqa: E402
 from advtune.cli import main  # noqa: E402
+from advtune.convbn import MODES  # noqa: E402
 from advtune.data import imagenet_categories, imagenet_wnids, sample_dir  # noqa: E402
 from advtune.errors import UserError  # noqa: E402
 from advtune.frozen import freeze_report  # noqa: E402
-from advtune.models import MODES, load_model, model_card, random_net  # noqa: E402
+from advtune.models import load_model, model_card, random_net  # noqa: E402
 from advtune.models.hf_source import imagenet_mismatch, preprocess_from_processor  # noqa: E402
 
 SIDE = 32
