@@ -27,6 +27,7 @@ __all__ = [
     "AttackConfig",
     "RunSpec",
     "dataset_info",
+    "effective_params",
     "model_context",
     "sample_seeds",
 ]
@@ -62,11 +63,44 @@ class AttackConfig:
         """The budgets to run, ``(None,)`` for an attack without one."""
         return self.eps if self.eps else (None,)
 
+    def effective_params(self) -> dict[str, Any]:
+        """Every hyperparameter's value in this run: the given ones over the attack's
+        declared defaults (the radius excluded: it is ``eps``; the norm switch, if the
+        attack has one, is ``norm``), sorted by name."""
+        return effective_params(self.attack, self.norm, self.params)
+
     def to_dict(self) -> dict[str, Any]:
+        """The attack part of the resume key and of ``report.json``: every effective
+        hyperparameter (defaults included), so a report alone reproduces the run."""
         d = asdict(self)
         d["eps"] = list(self.eps) if self.eps is not None else None
-        d["params"] = dict(sorted(self.params.items()))
+        d["params"] = self.effective_params()
         return d
+
+
+def _plain(value: Any) -> Any:
+    # The value as JSON gives it back (tuples are lists), so a stored key compares equal.
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def effective_params(attack: str, norm: str | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` over the declared defaults of ``attack`` (see
+    :meth:`AttackConfig.effective_params`); ``given`` alone for an unknown attack."""
+    from advtune import attacks
+
+    try:
+        spec = attacks.spec(attack)
+    except UserError:
+        return {k: _plain(v) for k, v in sorted(given.items())}
+    params = {k: v for k, v in spec.defaults.items() if k != spec.radius_key}
+    params.update(given)
+    if spec.norm_key is not None and norm is not None:
+        params[spec.norm_key] = norm
+    return {k: _plain(v) for k, v in sorted(params.items())}
 
 
 def _splitmix64(z: int) -> int:
