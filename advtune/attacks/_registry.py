@@ -62,6 +62,10 @@ class _Marker:
 REQUIRED: Any = _Marker("REQUIRED")
 _UNSET: Any = _Marker("UNSET")
 
+#: Ceiling of an integer hyperparameter that declares no ``high``: far above any real
+#: budget, low enough that a typo of a few digits is refused before a run that never ends.
+INT_CEILING = 10**9
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -192,6 +196,8 @@ class Param:
             )
         if self.high is not None and value > self.high:
             raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
+        if self.type is int and self.high is None and value > INT_CEILING:
+            raise ValueError(f"{name} must be <= {INT_CEILING} (no larger bound declared), got {value!r}")
         return value
 
     def parse(self, text: str) -> Any:
