@@ -130,7 +130,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     path = Path(path)
     # The temporary file must live in the destination folder: os.replace is only atomic
     # within one file system.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # within one file system. Its name keeps a short prefix of the file's: the file's own
+    # may be up to the 255-byte limit, which a longer temporary name would pass.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

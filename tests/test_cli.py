@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from advtune import attacks
 from advtune.cli import main
 from advtune.data import build_dataset
 from advtune.models import DEFAULT_CONVBN, Preprocess, load_model
@@ -65,7 +66,10 @@ def test_generate_end_to_end_and_png_faithfulness(imagenet, checkpoint, tmp_path
     )
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete"
-    assert report["config"]["attack"]["params"] == {"steps": 2, "step_size": 1 / 255}
+    # Every effective hyperparameter, the defaults too: the report alone reproduces the run.
+    defaults = {k: v for k, v in attacks.spec("pgd").defaults.items() if k != "eps"}
+    assert report["config"]["attack"]["params"] == {**defaults, "steps": 2, "step_size": 1 / 255}
+    assert {"restarts", "random_start", "loss"} <= set(defaults)
     assert report["versions"]["torch"] == torch.__version__
     assert report["versions"]["torchvision"] == torchvision.__version__
     assert report["device"]["type"] == "cpu"
@@ -209,7 +213,9 @@ def test_torchattacks_attack_runs_from_the_cli(imagenet, checkpoint, tmp_path, c
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete"
     # -p values are typed by the wrapped class's spec: "1/255" is a number, not text.
-    assert report["config"]["attack"]["params"] == {"steps": 2, "alpha": 1 / 255}
+    params = report["config"]["attack"]["params"]
+    assert params == {**params, "steps": 2, "alpha": 1 / 255}  # and the defaults: random_start
+    assert params["random_start"] is True
     rows = read_manifest(out / "manifest.csv")
     assert len(rows) == 2 and all(r["linf"] <= 2 / 255 + 1e-9 for r in rows)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -73,7 +74,23 @@ def adv_relpaths(paths: Iterable[str]) -> dict[str, str]:
     counts: dict[str, int] = {}
     for target in plain.values():
         counts[target] = counts.get(target, 0) + 1
-    return {p: (t if counts[t] == 1 else f"{p}.png") for p, t in plain.items()}
+    return {p: _fit_name(t if counts[t] == 1 else f"{p}.png", p) for p, t in plain.items()}
+
+
+#: Longest file name (bytes) on common file systems (ext4, XFS, APFS, NTFS in UTF-16 units).
+_NAME_MAX = 255
+
+
+def _fit_name(target: str, source: str) -> str:
+    """``target`` with a last component too long for the file system shortened: a prefix
+    of it plus a hash of the image's path (so two long names stay apart)."""
+    folder, _, name = target.rpartition("/")
+    if len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX:
+        return target
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    head = name.encode("utf-8", "surrogateescape")[:160].decode("utf-8", "ignore")
+    short = f"{head}-{digest}.png"
+    return f"{folder}/{short}" if folder else short
 
 
 def inside(root: Path, relative: str) -> Path | None:

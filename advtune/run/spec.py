@@ -135,7 +135,9 @@ def sample_seeds(run_seed: int, indices: Iterable[int] | torch.Tensor) -> torch.
 def dataset_info(dataset: Any) -> dict[str, Any]:
     """What identifies a dataset for resume checks: root, layout, size, paths digest."""
     paths = list(getattr(dataset, "paths", []))
-    digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 (POSIX allows any bytes) hashes as
+    # the bytes it is, as the manifest writes it.
+    digest = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     root = getattr(dataset, "root", None)
     return {
         "root": str(Path(root).resolve()) if root is not None else None,
