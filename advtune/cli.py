@@ -119,6 +119,10 @@ def _int_in(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _positive_int(text: str) -> int:
+    return _int_at_least(1, text)
+
+
 _image_size = _int_in(1, MAX_IMAGE_SIZE)
 _seed = _int_in(0, MAX_SEED)
 _limit = _int_in(1, MAX_LIMIT)
@@ -290,13 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ls.set_defaults(handler=_list)
 
-    try:
-        from advtune.bench import register_cli
-    except ImportError:
-        pass
-    else:
-        register_cli(sub)
-        _bounded_ints(sub.choices.get("bench"))
+    from advtune.bench import register_cli  # ships with advtune; imports no torch
+
+    register_cli(sub)
+    _bounded_ints(sub.choices.get("bench"))
     return parser
 
 
@@ -590,9 +591,16 @@ def _list(args: argparse.Namespace) -> int:
         from advtune.presets import list_presets
         from advtune.run import format_eps
 
-        for preset in list_presets():
-            eps = ",".join(format_eps(e) for e in preset.eps) if preset.eps else "-"
-            print(f"{preset.name:<18} {preset.attack:<8} eps={eps:<8} {preset.description}")
+        presets = list_presets()
+        table = [
+            (p.name, p.attack, "eps=" + (",".join(map(format_eps, p.eps)) if p.eps else "-"))
+            for p in presets
+        ]
+        # Columns as wide as their longest entry: a long preset name must not shift the rest.
+        widths = [max((len(cells[i]) for cells in table), default=0) for i in range(3)]
+        for cells, preset in zip(table, presets):
+            line = " ".join(f"{cell:<{w}}" for cell, w in zip(cells, widths))
+            print(f"{line} {preset.description}".rstrip())
     return 0
 
 

@@ -61,5 +61,9 @@ def installed(value: str) -> Iterator[None]:
 if __name__ == "__main__":
     from advtune.cli import main
 
-    with installed(os.environ.get(STOP_HOOK_ENV, "")) if os.environ.get(STOP_HOOK_ENV) else contextlib.nullcontext():
+    with (
+        installed(os.environ.get(STOP_HOOK_ENV, ""))
+        if os.environ.get(STOP_HOOK_ENV)
+        else contextlib.nullcontext()
+    ):
         sys.exit(main())

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from fakes import write_run_inputs
-
 from stophook import STOP_HOOK_ENV
 
 from advtune.cli import main

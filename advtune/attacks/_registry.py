@@ -197,7 +197,9 @@ class Param:
         if self.high is not None and value > self.high:
             raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
         if self.type is int and self.high is None and value > INT_CEILING:
-            raise ValueError(f"{name} must be <= {INT_CEILING} (no larger bound declared), got {value!r}")
+            raise ValueError(
+                f"{name} must be <= {INT_CEILING} (no larger bound declared), got {value!r}"
+            )
         return value
 
     def parse(self, text: str) -> Any:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse

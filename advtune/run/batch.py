@@ -160,7 +160,11 @@ def check_logits(out: Any, n: int) -> torch.Tensor:
     """
     if not isinstance(out, torch.Tensor):
         what = type(out).__name__
-        hint = " (take the logits out of it in your model's forward)" if isinstance(out, (tuple, list, dict)) else ""
+        hint = (
+            " (take the logits out of it in your model's forward)"
+            if isinstance(out, (tuple, list, dict))
+            else ""
+        )
         raise UserError(f"the model returned a {what}, not a logits tensor of shape (N, K){hint}")
     if not out.is_floating_point():
         raise UserError(

@@ -49,12 +49,9 @@ REPORT_FORMAT = "advtune-report/1"
 
 def versions() -> dict[str, str | None]:
     """Versions of advtune, Python, torch, torchvision (and CUDA when built with it)."""
-    try:
-        import torchvision
+    import torchvision  # a core dependency
 
-        tv = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        tv = None
+    tv = torchvision.__version__
     return {
         "advtune": __version__,
         "python": platform.python_version(),
@@ -381,7 +378,10 @@ def format_summary(report: Mapping[str, Any]) -> str:
             )
     lines.extend(
         _published_lines(
-            model.get("published"), attack["norm"], metrics, random=bool(model.get("random_weights"))
+            model.get("published"),
+            attack["norm"],
+            metrics,
+            random=bool(model.get("random_weights")),
         )
     )
     timings = report.get("timings", {})
