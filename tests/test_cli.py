@@ -264,12 +264,21 @@ def test_summary_compares_published_figures():
              "success_rate": 0.5, "linf_mean": 0.01, "l2_mean": 1.0}  # fmt: skip
     report = {
         "command": "evaluate", "config": {"attack": {"attack": "pgd", "norm": "linf"}},
-        "metrics": {"num_images": 10, "per_eps": [entry]}, "device": {"type": "cpu"},
+        "metrics": {"num_images": 100, "per_eps": [entry]}, "device": {"type": "cpu"},
         "data": {"label_source": "dataset"}, "model": {"name": "m", "published": published},
     }  # fmt: skip
     lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
     assert len(lines) == 1
     assert "clean 64.0% vs 60.0%" in lines[0] and "robust 34.0% vs 30.0%" in lines[0]
+    # Random weights or a handful of images: the comparison would mean nothing (issue 19).
+    report["model"]["random_weights"] = True
+    lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
+    assert lines == ["published figures not compared: the weights are random (untrained)"]
+    report["model"]["random_weights"] = False
+    report["metrics"]["num_images"] = 5
+    lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
+    assert len(lines) == 1 and "5 images are too few" in lines[0] and " vs " not in lines[0]
+    report["metrics"]["num_images"] = 100
     report["config"]["attack"]["norm"] = "l2"  # other threat model: nothing to compare
     assert "published" not in format_summary(report)
     entry["eps"] = 2 / 255  # other eps: nothing to compare
