@@ -252,7 +252,7 @@ def _row(index, label, clean, adv, *, eps=0.1, success=None, target=None, linf=0
         "success": (adv != label) if success is None else success, "linf": linf, "l2": l2,
         "index": index, "eps": eps, "target": target, "clean_conf": 0.5, "adv_conf": 0.25,
         "attack_success": (adv != label) if success is None else success, "adv_path": "",
-        "broken_by": "",
+        "broken_by": "", "adv_sha256": "",
     }  # fmt: skip
 
 
@@ -770,9 +770,10 @@ def test_other_attacks_leave_broken_by_empty_and_old_manifests_read():
     )
     assert [r["broken_by"] for r in out.rows] == ["", "", ""]
     assert "robust_after" not in compute_metrics(out.rows, config)
-    # A manifest written before the broken_by column: its rows read back with "".
+    # A manifest written before the broken_by column (and adv_sha256 after it): its rows
+    # read back with "".
     text = format_manifest(out.rows).splitlines()
-    old = "\n".join(line.rsplit(",", 1)[0] for line in text) + "\n"
+    old = "\n".join(line.rsplit(",", 2)[0] for line in text) + "\n"
     assert not old.splitlines()[0].endswith("broken_by")
     back = parse_manifest(old)
     assert [r["broken_by"] for r in back] == ["", "", ""]

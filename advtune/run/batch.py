@@ -311,6 +311,7 @@ def attack_batch(
                     "attack_success": bool(cols["attack_success"][i]),
                     "adv_path": adv_paths[paths[i]] if adv_paths else "",
                     "broken_by": cols["broken_by"][i],
+                    "adv_sha256": "",  # set by OutputDir.save_images once the PNG is written
                 }
             )
     return BatchOutput(rows=rows, images=saved, model_calls=calls, checks=checks)
