@@ -131,30 +131,29 @@ def test_a_symlinked_png_is_redone_never_read(setup, finished, tmp_path, capsys)
     )
 
 
-def test_a_nan_in_a_manifest_is_an_error_naming_row_and_column(setup, finished, tmp_path, capsys):
-    data, ckpt = setup
-    out = copy_of(finished, tmp_path)
+def edit_manifest(out, line, column, value):
+    """Set ``column`` on manifest ``line`` (1: the first row) to ``value``, as a user might."""
     lines = (out / "manifest.csv").read_text().splitlines(keepends=True)
-    header = lines[0].strip().split(",")
-    fields = lines[2].split(",")
-    fields[header.index("linf")] = "nan"
-    lines[2] = ",".join(fields)
+    fields = lines[line].split(",")
+    fields[lines[0].strip().split(",").index(column)] = value
+    lines[line] = ",".join(fields)
     (out / "manifest.csv").write_text("".join(lines))
-    rc = main([*args_for(data, ckpt, out), "--resume"])
-    one_error_line(capsys, rc, "line 3", "'linf'", "nan")
 
 
-def test_resume_after_an_eps_edit_is_one_line(setup, finished, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("line", "column", "value", "says"),
+    [(2, "linf", "nan", ("line 3", "'linf'", "nan")), (1, "eps", "0.03", ("eps 0.03", "index 0"))],
+)
+def test_an_edited_manifest_value_is_one_error(
+    setup, finished, tmp_path, capsys, line, column, value, says
+):
+    # linf=nan: named by line and column (never a null in metrics); an eps that is not the
+    # run's: named by row (was a traceback).
     data, ckpt = setup
     out = copy_of(finished, tmp_path)
-    lines = (out / "manifest.csv").read_text().splitlines(keepends=True)
-    header = lines[0].strip().split(",")
-    fields = lines[1].split(",")
-    fields[header.index("eps")] = "0.03"
-    lines[1] = ",".join(fields)
-    (out / "manifest.csv").write_text("".join(lines))
+    edit_manifest(out, line, column, value)
     rc = main([*args_for(data, ckpt, out), "--resume"])
-    one_error_line(capsys, rc, "eps 0.03", "index 0")
+    one_error_line(capsys, rc, *says)
 
 
 def test_labels_that_cannot_apply_are_an_error(tmp_path, capsys):
@@ -481,3 +480,21 @@ def test_model_sources_share_one_build_signature():
     net = models._SOURCES["torchvision"].arch(card)
     assert isinstance(net, nn.Module)
     assert np.isfinite(sum(float(p.detach().sum()) for p in net.parameters()))
+
+
+def test_api_seeds_beyond_int64_are_one_error(tmp_path):
+    from advtune.models import model_card
+
+    config = AttackConfig(attack="fgsm", norm="linf", eps=(4 / 255,), seed=2**64)
+    with pytest.raises(UserError, match="seed must be an integer in"):
+        RunSpec(attack=config, out_dir=tmp_path / "o")
+    with pytest.raises(UserError, match=r"seed must be in \[-2\*\*63"):
+        model_card("resnet18", weights="random", seed=2**64)
+
+
+def test_a_float_setting_beyond_any_real_value_is_refused(capsys):
+    # An L2 eps of 1e308 is finite but overflowed the 8-bit level check (a traceback).
+    rc = main(
+        ["generate", "--model", "resnet18", "--attack", "pgd", "--norm", "l2", "--eps", "1e308"]
+    )
+    one_error_line(capsys, rc, "eps must be <= 1e+12", "1e+308")

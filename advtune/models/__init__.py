@@ -162,6 +162,8 @@ def _resolve(
     loaded) net."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UserError(f"seed must be an int, got {seed!r}")
+    if not -(1 << 63) <= seed < (1 << 64):  # what torch.manual_seed accepts
+        raise UserError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
     source, inner = _split(name)
     wstr = os.fspath(weights)
     if source != "robustbench" and (threat_model is not None or dataset is not None):

@@ -36,6 +36,8 @@ __all__ = [
 COMMANDS = ("generate", "evaluate")
 
 _MASK64 = (1 << 64) - 1
+#: Largest run seed: int64, as ``torch.manual_seed`` and the random-weights build take it.
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,9 @@ class RunSpec:
             raise UserError(f"batch size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise UserError(f"workers must be >= 0, got {self.num_workers}")
+        seed = self.attack.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed must be an integer in [0, {MAX_SEED}] (int64), got {seed!r}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         if self.save_images and len(self.attack.eps_values()) > 1:
