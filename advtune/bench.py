@@ -40,14 +40,18 @@ cost, not accuracy, and must not need downloads.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import logging
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +207,35 @@ def _marginal(
     return (counts[1] - counts[0]) / (b2 - b1)
 
 
+#: What the profiler's C++ side (kineto) writes straight to file descriptor 2 on a
+#: CPU-only machine: "USDT:... profiler_start" per profile and "gpuGetDeviceCount failed
+#: with code 35" once. Noise for a user; every other line is passed on.
+_KINETO_NOISE = re.compile(r"^(USDT|ERROR|WARNING|INFO):\d{4}-\d\d-\d\d .*\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def _profiler_noise_filtered() -> Iterator[None]:
+    """Route fd 2 through a temporary file while profiling; replay all but kineto's noise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().decode("utf-8", "replace").splitlines(keepends=True)
+                if not _KINETO_NOISE.match(line)
+            ]
+            if kept:
+                sys.stderr.write("".join(kept))
+
+
 def peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int:
     """Peak bytes of tensors PyTorch allocates and holds at once while ``fn()`` runs.
 
@@ -226,7 +259,10 @@ def peak_bytes(fn: Callable[[], Any], device: torch.device | str = "cpu") -> int
     from torch._C._profiler import _EventType  # the profiler's typed event tree
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _profiler_noise_filtered(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         result = fn()
         del result
     events = []

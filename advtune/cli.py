@@ -14,7 +14,6 @@ import dataclasses
 import errno
 import os
 import re
-import signal
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -24,16 +23,10 @@ from typing import Any, NoReturn
 from advtune._version import __version__
 from advtune.errors import UserError
 
-__all__ = ["STOP_HOOK_ENV", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 #: Where ``advtune list models`` looks (``advtune.models.model_rows`` sources).
 MODEL_SOURCES = ("torchvision", "timm", "robustbench", "hf")
-
-#: Testing hook: ``N`` makes generate/evaluate raise KeyboardInterrupt after N batches
-#: were written; ``N:kill`` makes the process SIGKILL itself instead (no clean-up at all),
-#: ``N:term`` sends itself SIGTERM; ``N@R`` / ``N:kill@R`` do so on torchrun rank ``R``
-#: only (the other ranks keep going).
-STOP_HOOK_ENV = "ADVTUNE_TEST_STOP_AFTER_BATCHES"
 
 EXIT_FAILED = 1
 EXIT_USER_ERROR = 2
@@ -42,13 +35,54 @@ EXIT_INTERRUPTED = 130
 #: ``--image-size`` upper bound (see ``advtune.run.inputs.MAX_IMAGE_SIZE``; repeated here
 #: so parsing needs no torch import).
 MAX_IMAGE_SIZE = 4096
+#: Upper bounds of the other number flags, checked while parsing (before any model load):
+#: a typo of a few digits must be one line, not a run that never ends or an overflow deep
+#: inside torch. Seeds are int64 (``torch.manual_seed``); attack settings (``--steps``,
+#: ``-p``) are bounded by the attack's declared ``Param``s.
+MAX_SEED = 2**63 - 1
+MAX_LIMIT = 10**9
+MAX_BATCH_SIZE = 65536
+MAX_WORKERS = 256
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``advtune: error: ...``, exit 2) like UserError."""
 
+    _seen: list[str] | None = None
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def]
+        # Kept for error(): argparse checks required flags before it reports unknown
+        # ones, so `generate --frobnicate` would only say that --model is missing.
+        self._seen = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> NoReturn:
+        unknown = self._unknown_flags() if "required" in message else []
+        if unknown:
+            message = f"unrecognized arguments: {' '.join(unknown)}"
         self.exit(EXIT_USER_ERROR, f"advtune: error: {message}\n")
+
+    def _unknown_flags(self) -> list[str]:
+        """The flags in the parsed arguments that this parser does not know."""
+        known = self._option_string_actions
+        unknown = []
+        for token in self._seen or []:
+            if token == "--":
+                break
+            if not token.startswith("-") or token == "-" or _NUMBER.fullmatch(token):
+                continue
+            flag = token.split("=", 1)[0]
+            if flag.startswith("--"):
+                # argparse accepts unambiguous prefixes (--out for --output...).
+                ok = flag in known or any(k.startswith(flag) for k in known)
+            else:
+                ok = flag[:2] in known
+            if not ok:
+                unknown.append(flag)
+        return unknown
+
+
+_NUMBER = re.compile(r"-\d[\d.eE+/-]*")
 
 
 # --------------------------------------------------------------------------- value types
@@ -72,18 +106,34 @@ def _int_at_least(minimum: int, text: str) -> int:
     return value
 
 
+def _int_in(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``[low, high]``, the bound named if not."""
+
+    def parse(text: str) -> int:
+        value = _int_at_least(low, text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"  # argparse names the type on errors
+    return parse
+
+
 def _positive_int(text: str) -> int:
     return _int_at_least(1, text)
 
 
-def _nonneg_int(text: str) -> int:
-    return _int_at_least(0, text)
+_image_size = _int_in(1, MAX_IMAGE_SIZE)
+_seed = _int_in(0, MAX_SEED)
+_limit = _int_in(1, MAX_LIMIT)
+_workers = _int_in(0, MAX_WORKERS)
+_batch_int = _int_in(1, MAX_BATCH_SIZE)
 
 
-def _image_size(text: str) -> int:
-    value = _positive_int(text)
-    if value > MAX_IMAGE_SIZE:
-        raise argparse.ArgumentTypeError(f"must be <= {MAX_IMAGE_SIZE}, got {value}")
+def _shuffle_seed(text: str) -> int:
+    value = _int(text)
+    if abs(value) > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be between -{MAX_SEED} and {MAX_SEED}, got {value}")
     return value
 
 
@@ -91,7 +141,7 @@ def _batch_size(text: str) -> int | str:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return _positive_int(text)
+        return _batch_int(text)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{e} (or 'auto')") from None
 
@@ -195,13 +245,13 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
         help="any other attack setting, e.g. -p restarts=2 -p loss=margin",
     )
     attack.add_argument(
-        "--seed", type=_nonneg_int, default=0, help="run seed (per-sample seeds derive from it)"
+        "--seed", type=_seed, default=0, help="run seed (per-sample seeds derive from it)"
     )
     data = p.add_argument_group("data")
     data.add_argument("--data", help="image folder or ImageNet val (default: the bundled sample)")
-    data.add_argument("--limit", type=_positive_int, help="use the first N images")
+    data.add_argument("--limit", type=_limit, help="use the first N images")
     data.add_argument("--subset", help="file of relative paths to use, one per line")
-    data.add_argument("--shuffle-seed", type=_int, help="shuffle the order with this seed")
+    data.add_argument("--shuffle-seed", type=_shuffle_seed, help="shuffle the order with this seed")
     data.add_argument("--labels", help="LOC_val_solution.csv or devkit ground truth elsewhere")
     data.add_argument(
         "--image-size",
@@ -219,7 +269,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, several_eps: bool) -> None
         help="images per batch (default 32); 'auto': the largest that fits in free GPU "
         "memory (probed once per configuration and cached), 32 on a CPU",
     )
-    run.add_argument("--workers", type=_nonneg_int, default=2, help="data-loading processes")
+    run.add_argument("--workers", type=_workers, default=2, help="data-loading processes")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     run.add_argument(
         "--amp", choices=("bf16", "fp16"), help="mixed precision (autocast; float32 logits)"
@@ -282,55 +332,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rep.add_argument("out", metavar="OUT", help="the run's output folder")
     rep.add_argument(
-        "--gallery", type=_nonneg_int, default=24, help="adversarial examples shown (24)"
+        "--gallery", type=_int_in(0, 10_000), default=24, help="adversarial examples shown (24)"
     )
     rep.set_defaults(handler=_report)
 
-    try:
-        from advtune.bench import register_cli
-    except ImportError:
-        pass
-    else:
-        register_cli(sub)
-        _positive_batch_sizes(sub.choices.get("bench"))
+    from advtune.bench import register_cli  # ships with advtune; imports no torch
+
+    register_cli(sub)
+    _bounded_ints(sub.choices.get("bench"))
     return parser
 
 
-def _positive_batch_sizes(parser: argparse.ArgumentParser | None) -> None:
-    """``bench --batch-size`` takes whole numbers >= 1 (0 must not mean "the default")."""
+#: ``advtune bench`` integer flags: their range (``batch_size`` 0 must not mean "the
+#: default"); any other integer flag it adds gets ``[0, MAX_LIMIT]``.
+_BENCH_INT_RANGES = {
+    "batch_size": (1, MAX_BATCH_SIZE),
+    "size": (1, MAX_IMAGE_SIZE),
+    "steps": (0, 10**6),
+    "repeats": (1, 1000),
+    "max_batch_limit": (0, 1 << 20),
+}
+
+
+def _bounded_ints(parser: argparse.ArgumentParser | None) -> None:
+    """Every plain-``int`` flag of ``parser`` gets a bounded type (one line, bound named)."""
     for action in getattr(parser, "_actions", []):
-        if action.dest == "batch_size":
-            action.type = _positive_int
+        if action.type is int:
+            action.type = _int_in(*_BENCH_INT_RANGES.get(action.dest, (0, MAX_LIMIT)))
 
 
 # --------------------------------------------------------------------------- handlers
-
-
-def _stop_hook() -> Any:
-    value = os.environ.get(STOP_HOOK_ENV)
-    if not value:
-        return None
-    spec, _, only_rank = value.partition("@")
-    count, _, mode = spec.partition(":")
-    try:
-        after = int(count)
-        if only_rank and int(only_rank) != int(os.environ.get("RANK", "0")):
-            return None
-    except ValueError:
-        raise UserError(
-            f"{STOP_HOOK_ENV} must be N, N:kill, N:term, N@RANK or N:kill@RANK, got {value!r}"
-        ) from None
-    from advtune.run.callbacks import RunCallbacks
-
-    class StopHook(RunCallbacks):
-        def on_batch(self, batches: int) -> None:
-            if batches >= after:
-                if mode in ("kill", "term"):  # a real signal, handled as users send it
-                    os.kill(os.getpid(), signal.SIGKILL if mode == "kill" else signal.SIGTERM)
-                    return
-                raise KeyboardInterrupt
-
-    return StopHook()
 
 
 def _attack_config(args: argparse.Namespace) -> Any:
@@ -439,7 +470,7 @@ def _dataset_and_model(
 
 def _run(args: argparse.Namespace, *, command: str) -> int:
     from advtune import models
-    from advtune.run import RunSpec, TqdmProgress, format_summary, init_comm, run
+    from advtune.run import RunSpec, init_comm
     from advtune.run.outputs import OutputDir
 
     # Cheap checks first: a typo should not cost a model load.
@@ -469,7 +500,37 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
     from advtune.convbn import check_mode
 
     check_mode(convbn, recompute=args.recompute, names=("--convbn", "--recompute"))
+    created = not out_dir.exists()
     OutputDir(out_dir)  # fails early if the folder is not writable
+    try:
+        return _run_in(args, command, config, spec, comm, convbn)
+    except BaseException:
+        if created and comm.is_main:
+            _remove_if_empty(out_dir)  # a failed start leaves no empty advtune-out/ behind
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove ``folder`` if it holds nothing (or only the run's lock file)."""
+    from advtune.run.outputs import LOCK_NAME
+
+    try:
+        entries = list(folder.iterdir())
+        if all(e.name == LOCK_NAME for e in entries):
+            for e in entries:
+                e.unlink()
+            folder.rmdir()
+    except OSError:
+        pass  # another process wrote into it meanwhile: it is not empty, keep it
+
+
+def _run_in(
+    args: argparse.Namespace, command: str, config: Any, spec: Any, comm: Any, convbn: str
+) -> int:
+    """:func:`_run` once the output folder exists: data, model, then the run itself."""
+    from advtune.run import TqdmProgress, format_summary, run
+
+    out_dir, device = spec.out_dir, comm.device
     if args.subset is not None:
         from advtune.data import resolve_subset_path
 
@@ -510,7 +571,7 @@ def _run(args: argparse.Namespace, *, command: str) -> int:
             "batch_size_requested": args.batch_size,
         },
     )
-    callbacks = [cb for cb in (None if args.quiet else TqdmProgress(), _stop_hook()) if cb]
+    callbacks = [] if args.quiet else [TqdmProgress()]
     report = run(spec, model, dataset, comm=comm, callbacks=callbacks)
     if report is not None and not args.quiet:  # rank 0 prints the merged summary
         print(format_summary(report))
@@ -637,9 +698,16 @@ def _list(args: argparse.Namespace) -> int:
         from advtune.presets import list_presets
         from advtune.run import format_eps
 
-        for preset in list_presets():
-            eps = ",".join(format_eps(e) for e in preset.eps) if preset.eps else "-"
-            print(f"{preset.name:<18} {preset.attack:<8} eps={eps:<8} {preset.description}")
+        presets = list_presets()
+        table = [
+            (p.name, p.attack, "eps=" + (",".join(map(format_eps, p.eps)) if p.eps else "-"))
+            for p in presets
+        ]
+        # Columns as wide as their longest entry: a long preset name must not shift the rest.
+        widths = [max((len(cells[i]) for cells in table), default=0) for i in range(3)]
+        for cells, preset in zip(table, presets):
+            line = " ".join(f"{cell:<{w}}" for cell, w in zip(cells, widths))
+            print(f"{line} {preset.description}".rstrip())
     return 0
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "FoldedPair",
     "SkippedCandidate",
     "UntracedModule",
+    "carry_report",
     "convbn_report",
     "fold_conv_bn",
     "tune",
@@ -597,3 +598,12 @@ def convbn_report(model: nn.Module) -> ConvBNReport:
         return report
     analysis = _analyze(model)
     return ConvBNReport("eval", analysis.pairs, analysis.skipped, analysis.untraced)
+
+
+def carry_report(source: nn.Module, wrapper: nn.Module) -> None:
+    """Record ``source``'s conversion report (from :func:`tune`) on ``wrapper``, a module
+    around it: :func:`convbn_report` of the wrapper then describes the conversion and
+    :func:`tune` refuses to convert the wrapper again. No-op for an unconverted source."""
+    report = getattr(source, _REPORT_ATTR, None)
+    if report is not None:
+        wrapper.__dict__[_REPORT_ATTR] = report

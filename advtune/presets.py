@@ -165,6 +165,8 @@ def _parse_preset(path: Path, name: str) -> Preset:
         raise UserError(f"cannot read preset {str(path)!r}: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"invalid preset {str(path)!r}: {e}") from e
+    except RecursionError:  # arrays or tables nested deeper than the parser's stack
+        raise UserError(f"invalid preset {str(path)!r}: nested too deeply") from None
     attack = data.get("attack")
     if not isinstance(attack, str) or not attack:
         raise UserError(f'preset {str(path)!r} must set attack = "<name>"')

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,6 +39,7 @@ __all__ = [
     "TornManifestWarning",
     "atomic_write_bytes",
     "atomic_write_text",
+    "file_sha256",
     "format_manifest",
     "merge_manifests",
     "parse_manifest",
@@ -52,8 +54,8 @@ __all__ = [
 #: make rows self-describing (dataset index, eps, target, confidences, pre-quantisation
 #: success, where the PNG went, and for an ensemble attack the component that broke the
 #: sample: its name, ``"clean"`` if the clean image already counted as a success, ``""``
-#: if none did or the attack is no ensemble), and the sha256 (hex) of the saved PNG file's
-#: bytes (``""`` when no PNG was saved), which ``evaluate --adv-from`` checks.
+#: if none did or the attack is no ensemble), and the sha256 of the PNG's bytes, which
+#: ``--resume`` checks before it trusts a finished row).
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "path",
     "label",
@@ -84,6 +86,13 @@ _OPT_INT_COLUMNS = frozenset({"target"})
 _BOOL_COLUMNS = frozenset({"success", "attack_success"})
 _FLOAT_COLUMNS = frozenset({"linf", "l2", "clean_conf", "adv_conf"})
 _OPT_FLOAT_COLUMNS = frozenset({"eps"})
+# Bounds of the numeric columns: predictions and labels are class indices (-1: unknown
+# or non-finite logits), distances and budgets are finite and >= 0, a confidence is a
+# probability or NaN (the row's logits were not finite). A value outside them was not
+# written by advtune (an edited file) and would be a silent hole in a metric.
+_INT_LOW = {"label": -1, "clean_pred": -1, "adv_pred": -1, "index": 0, "target": 0}
+_CONFIDENCE_COLUMNS = frozenset({"clean_conf", "adv_conf"})
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 #: Manifest files are UTF-8; file names that are not (POSIX allows any bytes) travel as
@@ -121,7 +130,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, fsync: bool
     path = Path(path)
     # The temporary file must live in the destination folder: os.replace is only atomic
     # within one file system.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # within one file system. Its name keeps a short prefix of the file's: the file's own
+    # may be up to the 255-byte limit, which a longer temporary name would pass.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:64]}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -224,6 +235,18 @@ def save_png(path: str | os.PathLike[str], image: torch.Tensor) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str | None:
+    """The sha256 (hex) of a file's bytes; ``None`` when it cannot be read (or is no file)."""
+    try:
+        with open(path, "rb") as f:  # hashlib.file_digest needs Python 3.11
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+            return digest.hexdigest()
+    except OSError:
+        return None
+
+
 # --------------------------------------------------------------------------- manifest
 
 
@@ -239,24 +262,47 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _parse_int(column: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"column {column!r} must be an integer, got {text!r}") from None
+    low = _INT_LOW.get(column, 0)
+    if value < low:
+        raise ValueError(f"column {column!r} must be >= {low}, got {text!r}")
+    return value
+
+
+def _parse_float(column: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"column {column!r} must be a number, got {text!r}") from None
+    if column in _CONFIDENCE_COLUMNS:
+        if not (math.isnan(value) or 0.0 <= value <= 1.0):
+            raise ValueError(f"column {column!r} must be in [0, 1] (or nan), got {text!r}")
+    elif not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"column {column!r} must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _parse_value(column: str, text: str) -> Any:
     if column in _INT_COLUMNS:
-        value = int(text)
-        if column == "index" and value < 0:
-            raise ValueError(f"manifest column 'index' must be >= 0, got {text!r}")
-        return value
+        return _parse_int(column, text)
     if column in _OPT_INT_COLUMNS:
-        return int(text) if text != "" else None
+        return _parse_int(column, text) if text != "" else None
     if column in _BOOL_COLUMNS:
         if text not in ("0", "1"):
-            raise ValueError(f"manifest column {column!r} must be 0 or 1, got {text!r}")
+            raise ValueError(f"column {column!r} must be 0 or 1, got {text!r}")
         return text == "1"
     if column in _FLOAT_COLUMNS:
-        return float(text)
+        return _parse_float(column, text)
     if column in _OPT_FLOAT_COLUMNS:
-        return float(text) if text != "" else None
+        return _parse_float(column, text) if text != "" else None
     if column == "path" and text == "":
-        raise ValueError("manifest column 'path' is empty")
+        raise ValueError("column 'path' is empty")
+    if column == "adv_sha256" and text and not _SHA256.fullmatch(text):
+        raise ValueError(f"column 'adv_sha256' must be 64 hex digits, got {text!r}")
     return text
 
 

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from advtune import attacks
 from advtune.cli import main
 from advtune.data import build_dataset
 from advtune.models import DEFAULT_CONVBN, Preprocess, load_model
@@ -65,7 +66,10 @@ def test_generate_end_to_end_and_png_faithfulness(imagenet, checkpoint, tmp_path
     )
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete"
-    assert report["config"]["attack"]["params"] == {"steps": 2, "step_size": 1 / 255}
+    # Every effective hyperparameter, the defaults too: the report alone reproduces the run.
+    defaults = {k: v for k, v in attacks.spec("pgd").defaults.items() if k != "eps"}
+    assert report["config"]["attack"]["params"] == {**defaults, "steps": 2, "step_size": 1 / 255}
+    assert {"restarts", "random_start", "loss"} <= set(defaults)
     assert report["versions"]["torch"] == torch.__version__
     assert report["versions"]["torchvision"] == torchvision.__version__
     assert report["device"]["type"] == "cpu"
@@ -209,7 +213,9 @@ def test_torchattacks_attack_runs_from_the_cli(imagenet, checkpoint, tmp_path, c
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "complete"
     # -p values are typed by the wrapped class's spec: "1/255" is a number, not text.
-    assert report["config"]["attack"]["params"] == {"steps": 2, "alpha": 1 / 255}
+    params = report["config"]["attack"]["params"]
+    assert params == {**params, "steps": 2, "alpha": 1 / 255}  # and the defaults: random_start
+    assert params["random_start"] is True
     rows = read_manifest(out / "manifest.csv")
     assert len(rows) == 2 and all(r["linf"] <= 2 / 255 + 1e-9 for r in rows)
 
@@ -258,12 +264,21 @@ def test_summary_compares_published_figures():
              "success_rate": 0.5, "linf_mean": 0.01, "l2_mean": 1.0}  # fmt: skip
     report = {
         "command": "evaluate", "config": {"attack": {"attack": "pgd", "norm": "linf"}},
-        "metrics": {"num_images": 10, "per_eps": [entry]}, "device": {"type": "cpu"},
+        "metrics": {"num_images": 100, "per_eps": [entry]}, "device": {"type": "cpu"},
         "data": {"label_source": "dataset"}, "model": {"name": "m", "published": published},
     }  # fmt: skip
     lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
     assert len(lines) == 1
     assert "clean 64.0% vs 60.0%" in lines[0] and "robust 34.0% vs 30.0%" in lines[0]
+    # Random weights or a handful of images: the comparison would mean nothing (issue 19).
+    report["model"]["random_weights"] = True
+    lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
+    assert lines == ["published figures not compared: the weights are random (untrained)"]
+    report["model"]["random_weights"] = False
+    report["metrics"]["num_images"] = 5
+    lines = [ln for ln in format_summary(report).splitlines() if "published" in ln]
+    assert len(lines) == 1 and "5 images are too few" in lines[0] and " vs " not in lines[0]
+    report["metrics"]["num_images"] = 100
     report["config"]["attack"]["norm"] = "l2"  # other threat model: nothing to compare
     assert "published" not in format_summary(report)
     entry["eps"] = 2 / 255  # other eps: nothing to compare

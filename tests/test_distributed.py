@@ -13,12 +13,14 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from fakes import write_run_inputs
+from stophook import STOP_HOOK_ENV
 
-from advtune.cli import STOP_HOOK_ENV, main
+from advtune.cli import main
 from advtune.errors import UserError
 from advtune.run import comm as distributed
 from advtune.run.outputs import consolidate, partial_manifest_name
@@ -55,12 +57,17 @@ def free_port():
         return s.getsockname()[1]
 
 
+STOPHOOK = Path(__file__).with_name("stophook.py")
+
+
 def torchrun(args, *, nproc=2, env=None):
     """``torchrun --nproc-per-node 2 -m advtune ...`` on the CPU (gloo), in a subprocess."""
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # The test stop hook (tests/stophook.py) is a script that wraps advtune's main.
+    launcher = [str(STOPHOOK)] if STOP_HOOK_ENV in (env or {}) else ["-m", "advtune"]
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), "-m", "advtune",
+        "--master-addr", "127.0.0.1", "--master-port", str(free_port()), *launcher,
         *args,
     ]  # fmt: skip
     return subprocess.run(

@@ -770,7 +770,8 @@ def test_other_attacks_leave_broken_by_empty_and_old_manifests_read():
     )
     assert [r["broken_by"] for r in out.rows] == ["", "", ""]
     assert "robust_after" not in compute_metrics(out.rows, config)
-    # A manifest written before the broken_by column: its rows read back with "".
+    # A manifest written before the broken_by column (and adv_sha256 after it): its rows
+    # read back with "".
     text = format_manifest(out.rows).splitlines()
     old = "\n".join(line.rsplit(",", 2)[0] for line in text) + "\n"
     assert not old.splitlines()[0].endswith("broken_by")

@@ -88,7 +88,9 @@ def test_subset_sequence_gives_a_subset_or_a_user_error(image_folder, entries):
 
 # --------------------------------------------------------------------------- manifests
 
-FINITE = st.floats(allow_nan=False, width=64)
+# What advtune writes: distances and budgets finite and >= 0, confidences probabilities.
+NONNEG = st.floats(0, allow_nan=False, allow_infinity=False, width=64)
+PROB = st.floats(0, 1, width=64)
 ROWS = st.lists(
     st.fixed_dictionaries(
         {
@@ -97,17 +99,19 @@ ROWS = st.lists(
             "clean_pred": st.integers(0, 999),
             "adv_pred": st.integers(0, 999),
             "success": st.booleans(),
-            "linf": FINITE,
-            "l2": FINITE,
+            "linf": NONNEG,
+            "l2": NONNEG,
             "index": st.integers(0, 10**6),
             "eps": st.one_of(st.none(), st.floats(0, 10)),
             "target": st.one_of(st.none(), st.integers(0, 999)),
-            "clean_conf": FINITE,
-            "adv_conf": FINITE,
+            "clean_conf": PROB,
+            "adv_conf": PROB,
             "attack_success": st.booleans(),
             "adv_path": st.one_of(st.just(""), NAME_TEXT),
             "broken_by": st.sampled_from(["", "clean", "apgd-ce"]),
-            "adv_sha256": st.sampled_from(["", "0" * 64, "ab" * 32]),
+            "adv_sha256": st.one_of(
+                st.just(""), st.text("0123456789abcdef", min_size=64, max_size=64)
+            ),
         }
     ),
     max_size=8,
@@ -179,6 +183,112 @@ def test_manifest_round_trip(rows):
     text = format_manifest(rows)
     parsed = parse_manifest(text)
     assert parsed == rows and format_manifest(parsed) == text
+
+
+# A value advtune never writes, per numeric column: the row is refused by line and
+# column, never read as a NaN hole in a metric (issue 19).
+BAD_VALUES = {
+    "linf": st.sampled_from(["nan", "inf", "-inf", "-0.5", "abc", ""]),
+    "l2": st.sampled_from(["nan", "-inf", "-1e-9", "x"]),
+    "eps": st.sampled_from(["nan", "inf", "-0.1"]),
+    "clean_conf": st.sampled_from(["1.5", "-0.1", "inf", "oops"]),
+    "adv_conf": st.sampled_from(["2", "-inf"]),
+    "label": st.sampled_from(["-2", "1.5", "nan", "x"]),
+    "clean_pred": st.sampled_from(["-7", "0.5"]),
+    "index": st.sampled_from(["-1", "nan"]),
+    "target": st.sampled_from(["-1", "2.5"]),
+    "adv_sha256": st.sampled_from(["xyz", "0" * 63, "G" * 64]),
+}
+
+
+@FAST
+@given(rows=ROWS.filter(bool), data=st.data())
+def test_a_manifest_value_out_of_range_names_line_and_column(rows, data):
+    column = data.draw(st.sampled_from(sorted(BAD_VALUES)))
+    bad = data.draw(BAD_VALUES[column])
+    which = data.draw(st.integers(0, len(rows) - 1))
+    # One line per row (names with line breaks are the round-trip test's business).
+    rows = [{**r, "path": f"p{i}", "adv_path": ""} for i, r in enumerate(rows)]
+    lines = format_manifest(rows).splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split(",")
+    import csv
+
+    record = next(csv.reader([lines[which + 1]]))
+    record[header.index(column)] = bad
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(record)
+    lines[which + 1] = buffer.getvalue()
+    with pytest.raises(ValueError) as info:
+        parse_manifest("".join(lines), source="m.csv")
+    message = str(info.value)
+    one_line(message)
+    assert f"line {which + 2}" in message and f"{column!r}" in message, message
+
+
+@FAST
+@given(value=st.integers(min_value=10**9 + 1, max_value=10**60))
+def test_an_int_param_without_a_declared_bound_is_capped(value):
+    from advtune.attacks._registry import INT_CEILING, Param
+
+    param = Param("steps", int, default=10, low=1, role="budget")
+    with pytest.raises(ValueError, match=f"<= {INT_CEILING}"):
+        param.validate(value)
+    with pytest.raises(ValueError, match=f"<= {INT_CEILING}"):
+        param.parse(str(value))
+    assert param.validate(INT_CEILING) == INT_CEILING
+
+
+# Integer flags, their bound and the text of a value just above it.
+def _flag_bounds():
+    from advtune import cli
+
+    return {
+        "--seed": cli.MAX_SEED,
+        "--limit": cli.MAX_LIMIT,
+        "--workers": cli.MAX_WORKERS,
+        "--batch-size": cli.MAX_BATCH_SIZE,
+        "--image-size": cli.MAX_IMAGE_SIZE,
+        "--steps": 10**9,
+    }
+
+
+@FAST
+@given(
+    flag=st.sampled_from(sorted(_flag_bounds())),
+    excess=st.integers(1, 10**40),
+    command=st.sampled_from(["generate", "evaluate"]),
+)
+def test_every_integer_flag_refuses_values_above_its_bound_naming_it(flag, excess, command):
+    import contextlib
+
+    from advtune.cli import main
+
+    bound = _flag_bounds()[flag]
+    err = io.StringIO()
+    # A checkpoint that does not exist: the bound must be checked before any model load.
+    args = [command, "--model", "resnet18", "--weights", "/nonexistent/ck.pt", "--attack", "pgd"]
+    with contextlib.redirect_stderr(err):
+        rc = main([*args, flag, str(bound + excess), "--out", "/nonexistent/out"])
+    message = err.getvalue().strip()
+    assert rc == 2 and len(message.splitlines()) == 1, message
+    assert f"<= {bound}" in message and "checkpoint" not in message, message
+
+
+@FAST
+@given(
+    names=st.lists(
+        st.text("ab\u00e9x", min_size=200, max_size=300), min_size=1, max_size=4, unique=True
+    )
+)
+def test_adv_names_fit_the_file_system_and_stay_distinct(names):
+    from advtune.run.outputs import adv_relpaths
+
+    paths = [f"d/{n}{ext}" for n in names for ext in (".jpg", ".png")]
+    out = adv_relpaths(paths)
+    assert len(set(out.values())) == len(paths)
+    for target in out.values():
+        assert all(len(part.encode("utf-8")) <= 255 for part in target.split("/"))
+        assert target.endswith(".png")
 
 
 # --------------------------------------------------------------------------- images

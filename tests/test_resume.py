@@ -1,7 +1,7 @@
 """Nothing lost: an interrupted run resumes to exactly the uninterrupted result.
 
-Interruptions come from the testing hook ``ADVTUNE_TEST_STOP_AFTER_BATCHES`` (``N``: raise
-KeyboardInterrupt after N batches were written; ``N:kill``: SIGKILL the process, so no
+Interruptions come from the test stop hook (``tests/stophook.py``: ``N`` raises
+KeyboardInterrupt after N batches were written; ``N:kill`` SIGKILLs the process, so no
 clean-up code runs at all) and from a run callback's ``on_batch``.
 """
 
@@ -12,13 +12,15 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from fakes import write_run_inputs
+from stophook import STOP_HOOK_ENV, installed
 from torch import nn
 
-from advtune.cli import STOP_HOOK_ENV, main
+from advtune.cli import main
 from advtune.run import AttackConfig, RunCallbacks, RunSpec, run
 from advtune.storage import read_manifest
 
@@ -38,10 +40,15 @@ def cli_args(data, ckpt, out):
     ]  # fmt: skip
 
 
+STOPHOOK = str(Path(__file__).with_name("stophook.py"))
+
+
 def advtune_process(args, *, env=(), **kwargs):
-    """``python -m advtune ARGS`` in a subprocess (one thread), stderr captured."""
+    """``python -m advtune ARGS`` in a subprocess (one thread), stderr captured; with
+    :data:`STOP_HOOK_ENV` in ``env``, through the test stop hook."""
+    launcher = [STOPHOOK] if STOP_HOOK_ENV in dict(env) else ["-m", "advtune"]
     return subprocess.run(
-        [sys.executable, "-m", "advtune", *args],
+        [sys.executable, *launcher, *args],
         env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)},
         capture_output=True, text=True, timeout=300, **kwargs,
     )  # fmt: skip
@@ -73,14 +80,13 @@ def uninterrupted(setup, tmp_path_factory):
 def test_ctrl_c_then_resume(setup, uninterrupted, tmp_path, monkeypatch, capsys):
     data, ckpt = setup
     out = tmp_path / "out"
-    monkeypatch.setenv(STOP_HOOK_ENV, "2")
-    assert main(cli_args(data, ckpt, out)) == 130
+    with installed("2"):
+        assert main(cli_args(data, ckpt, out)) == 130
     assert "--resume" in capsys.readouterr().err
     rows = read_manifest(out / "manifest.csv")
     assert [r["index"] for r in rows] == [0, 1, 2, 3]  # two finished batches kept
     report = json.loads((out / "report.json").read_text())
     assert report["status"] == "interrupted"
-    monkeypatch.delenv(STOP_HOOK_ENV)
     assert main([*cli_args(data, ckpt, out), "--resume"]) == 0
     resumed, _ = assert_same_run(out, uninterrupted)
     assert resumed["timings"]["resumed"] is True

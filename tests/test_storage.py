@@ -29,8 +29,7 @@ def row(index: int, eps: float | None = 4 / 255, **changes) -> dict:
         "path": f"dir/img{index}.png", "label": index % 7, "clean_pred": 3, "adv_pred": 5,
         "success": index % 2 == 0, "linf": 0.015686274509803921, "l2": 1.0 / (index + 3),
         "index": index, "eps": eps, "target": None, "clean_conf": 0.75, "adv_conf": 0.125,
-        "attack_success": True, "adv_path": f"dir/img{index}.png", "broken_by": "",
-        "adv_sha256": "",
+        "attack_success": True, "adv_path": f"dir/img{index}.png", "broken_by": "", "adv_sha256": "",
     }  # fmt: skip
     return {**base, **changes}
 

@@ -62,6 +62,13 @@ class _Marker:
 REQUIRED: Any = _Marker("REQUIRED")
 _UNSET: Any = _Marker("UNSET")
 
+#: Ceiling of an integer hyperparameter that declares no ``high``: far above any real
+#: budget, low enough that a typo of a few digits is refused before a run that never ends.
+INT_CEILING = 10**9
+#: The same for a float hyperparameter (and ``eps``): finite is not enough, an L2 eps of
+#: 1e308 overflows the 8-bit level arithmetic; no real budget or constant comes near.
+FLOAT_CEILING = 1e12
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
@@ -192,6 +199,12 @@ class Param:
             )
         if self.high is not None and value > self.high:
             raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
+        ceiling = INT_CEILING if self.type is int else FLOAT_CEILING
+        if self.high is None and value > ceiling:
+            raise ValueError(
+                f"{name} must be <= {ceiling if self.type is int else f'{ceiling:g}'} (no "
+                f"larger bound declared), got {value!r}"
+            )
         return value
 
     def parse(self, text: str) -> Any:

@@ -57,6 +57,11 @@ def _detect(
         )
     unlabeled = lambda _f: -1  # noqa: E731
     if layout == "sample":
+        if labels is not None:  # the bundled photos have no ImageNet validation names
+            raise UserError(
+                f"--labels {str(labels)!r} cannot apply to the bundled sample photos (they "
+                "are unlabeled); pass --data with the ImageNet validation folder it labels"
+            )
         return layout, files, unlabeled
 
     if labels is not None:

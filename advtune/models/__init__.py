@@ -22,11 +22,12 @@ import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-from advtune.convbn import _REPORT_ATTR, check_mode, tune
+from advtune.convbn import carry_report, check_mode, tune
 from advtune.errors import UserError
 from advtune.models import (
     factory_source,
@@ -112,6 +113,46 @@ def _split(name: str) -> tuple[str, str]:
     return "torchvision", name
 
 
+@dataclass(frozen=True)
+class _Source:
+    """How one model source turns a name into a net; every source has the same three.
+
+    Attributes:
+        card: ``card(name, weights, *, seed, dataset, threat_model) -> ModelCard``
+            (nothing built or downloaded; ``dataset``/``threat_model`` are RobustBench's).
+        arch: ``arch(card) -> nn.Module``: the untrained architecture.
+        build: ``build(card, *, progress) -> nn.Module``: the net with the card's weights.
+    """
+
+    card: Callable[..., ModelCard]
+    arch: Callable[[ModelCard], nn.Module]
+    build: Callable[..., nn.Module]
+
+
+def _no_robustbench_selectors(fn: Callable[..., ModelCard]) -> Callable[..., ModelCard]:
+    def card(name: str, weights: str, *, seed: int, dataset: Any, threat_model: Any) -> ModelCard:
+        return fn(name, weights, seed=seed)  # _resolve refused dataset/threat_model already
+
+    return card
+
+
+#: The model sources (``factory`` models are built by the user's function, see _resolve).
+_SOURCES: dict[str, _Source] = {
+    "torchvision": _Source(
+        _no_robustbench_selectors(torchvision_source.card),
+        lambda card: torchvision_source.build_arch(card.arch),
+        torchvision_source.build,
+    ),
+    "timm": _Source(
+        _no_robustbench_selectors(timm_source.card), timm_source.build_arch, timm_source.build
+    ),
+    "hf": _Source(_no_robustbench_selectors(hf_source.card), hf_source.build_arch, hf_source.build),
+    "robustbench": _Source(
+        robustbench_source.card, robustbench_source.build_arch, robustbench_source.build
+    ),
+}
+
+
 def _resolve(
     name: str,
     weights: str | os.PathLike,
@@ -124,6 +165,8 @@ def _resolve(
     loaded) net."""
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise UserError(f"seed must be an int, got {seed!r}")
+    if not -(1 << 63) <= seed < (1 << 64):  # what torch.manual_seed accepts
+        raise UserError(f"seed must be in [-2**63, 2**64 - 1], got {seed}")
     source, inner = _split(name)
     wstr = os.fspath(weights)
     if source != "robustbench" and (threat_model is not None or dataset is not None):
@@ -142,23 +185,11 @@ def _resolve(
         if card.weights == "random":
             return card, lambda progress: seeded(reinit, seed)
         return card, lambda progress: net
-    if source == "timm":
-        card = timm_source.card(inner, wstr, seed=seed)
-        arch, build = (lambda: timm_source.build_arch(card)), timm_source.build
-    elif source == "hf":
-        card = hf_source.card(inner, wstr, seed=seed)
-        arch, build = (lambda: hf_source.build_arch(card)), hf_source.build
-    elif source == "robustbench":
-        card = robustbench_source.card(
-            inner, wstr, seed=seed, dataset=dataset, threat_model=threat_model
-        )
-        arch, build = (lambda: robustbench_source.build_arch(card)), robustbench_source.build
-    else:
-        card = torchvision_source.card(inner, wstr, seed=seed)
-        arch, build = (lambda: torchvision_source.build_arch(card.arch)), torchvision_source.build
+    src = _SOURCES[source]
+    card = src.card(inner, wstr, seed=seed, dataset=dataset, threat_model=threat_model)
     if card.weights == "random":
-        return card, lambda progress: seeded(arch, seed)
-    return card, lambda progress: build(card, progress=progress)
+        return card, lambda progress: seeded(lambda: src.arch(card), seed)
+    return card, lambda progress: src.build(card, progress=progress)
 
 
 def model_card(
@@ -323,9 +354,6 @@ def load_model(
             that is missing, unreadable or does not fit the model; CUDA asked for but absent.
     """
     check_mode(convbn, recompute=recompute, names=("convbn", "recompute"))
-    if convbn == "frozen" and importlib.util.find_spec("advtune.frozen") is None:
-        # Checked before building: the frozen mode ships in its own module.
-        raise UserError("convbn mode 'frozen' is not available in this install; use 'tune'")
     if device is not None:
         device = torch.device(parse_device(str(device)))
     card, build = _resolve(name, weights, seed=seed, threat_model=threat_model, dataset=dataset)
@@ -362,11 +390,9 @@ def load_model(
         convbn=convbn,
         card=card,
     )
-    report = getattr(net, _REPORT_ATTR, None)
-    if report is not None:
-        # advtune.convbn_report(model) then describes the conversion (paths relative to
-        # model.net), and advtune.tune(model) refuses to convert twice.
-        model.__dict__[_REPORT_ATTR] = report
+    # advtune.convbn_report(model) then describes the conversion (paths relative to
+    # model.net), and advtune.tune(model) refuses to convert twice.
+    carry_report(net, model)
     model.eval()
     if device is not None:
         model.to(device)

@@ -84,6 +84,12 @@ class ImageClassifier(nn.Module):
         self.card = card
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Not while torch.fx traces the model (advtune.tune): a Proxy has no shape yet.
+        if not isinstance(x, torch.fx.Proxy) and (x.dim() != 4 or x.shape[1] != 3):
+            raise ValueError(
+                f"{self.name} takes images of shape (N, 3, H, W), got input of shape "
+                f"{tuple(x.shape)}"
+            )
         mean: torch.Tensor = self.mean  # type: ignore[assignment]  # registered buffers
         std: torch.Tensor = self.std  # type: ignore[assignment]
         return self.net((x - mean) / std)

@@ -7,6 +7,7 @@ attributes of the module it returns, so its card is read from a built module.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import re
 import sys
@@ -40,6 +41,7 @@ def load(spec: str, weights: str, *, seed: int) -> tuple[ModelCard, nn.Module]:
     if not callable(factory):
         choices = [n for n, v in vars(module).items() if callable(v) and not n.startswith("_")]
         raise UserError(suggest(func_name, choices, what=f"function in {module_name}"))
+    _check_builder(factory, spec)
     net = factory()
     if not isinstance(net, nn.Module):
         raise UserError(
@@ -73,6 +75,25 @@ def load(spec: str, weights: str, *, seed: int) -> tuple[ModelCard, nn.Module]:
         load_strict(net, load_checkpoint(path), path)
         card = card.replace(weights=f"checkpoint {path}", checkpoint=path)
     return card, net
+
+
+def _check_builder(factory: Any, spec: str) -> None:
+    """A model factory is called without arguments: refuse one that needs some (e.g.
+    ``json:loads``) before calling it, naming what it needs."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have no signature: just call them
+        return
+    needed = [
+        name
+        for name, p in signature.parameters.items()
+        if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if needed:
+        raise UserError(
+            f"model factory {spec!r} is not a model builder: it needs argument(s) "
+            f"{', '.join(needed)}; advtune calls it with none and expects an nn.Module"
+        )
 
 
 def _import(module_name: str, spec: str) -> Any:

@@ -153,7 +153,18 @@ def _robustbench() -> Any:
 
 def _package_card(name: str, dataset: str, threat_model: str) -> ModelCard:
     """A card from the robustbench package's model zoo, for names advtune has no card for."""
-    _robustbench()  # a clear error when the package is missing
+    try:
+        _robustbench()  # a clear error when the package is missing
+    except UserError as err:
+        carded = [n.removeprefix("robustbench:") for n in cards.list_cards("robustbench")]
+        if (dataset, threat_model) != ("imagenet", "Linf") or not carded:
+            raise
+        # The name is most likely a typo of a carded one: say that first.
+        raise UserError(
+            suggest(name, carded, what="RobustBench imagenet Linf model")
+            + " (models without a card here need the 'robustbench' package: pip install "
+            "advtune[robustbench])"
+        ) from err
     from robustbench.model_zoo import model_dicts
     from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
 

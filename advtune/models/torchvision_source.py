@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -150,7 +152,10 @@ def _from_checkpoint(arch: str, path: Path) -> nn.Module:
 def _download_build(name: str, member: Any, *, progress: bool) -> nn.Module:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(member.url).path)
     try:
-        return torchvision.models.get_model(name, weights=member, progress=progress)
+        # torch.hub writes its "Downloading: ..." line to stdout: stdout is for results
+        # (advtune list models | ...), progress goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr):
+            return torchvision.models.get_model(name, weights=member, progress=progress)
     except OSError as err:  # URLError, HTTPError, socket and SSL errors are all OSErrors
         raise UserError(
             f"could not download {member} for {name} ({type(err).__name__}: {err}). "

@@ -151,6 +151,34 @@ def _raised_in_model(exc: BaseException, model: nn.Module) -> bool:
     return False
 
 
+def check_logits(out: Any, n: int) -> torch.Tensor:
+    """``out`` if it is the ``(n, K)`` floating-point logits tensor attacks need.
+
+    Raises:
+        UserError: a model that returns something else (a tuple, a numpy array, integer
+            logits, another shape), named with what it returned.
+    """
+    if not isinstance(out, torch.Tensor):
+        what = type(out).__name__
+        hint = (
+            " (take the logits out of it in your model's forward)"
+            if isinstance(out, (tuple, list, dict))
+            else ""
+        )
+        raise UserError(f"the model returned a {what}, not a logits tensor of shape (N, K){hint}")
+    if not out.is_floating_point():
+        raise UserError(
+            f"the model returned {out.dtype} logits; attacks need floating-point logits "
+            "(their gradient)"
+        )
+    if out.dim() != 2 or out.shape[0] != n:
+        raise UserError(
+            f"the model returned logits of shape {tuple(out.shape)} for {n} images; "
+            f"expected ({n}, K)"
+        )
+    return out
+
+
 def _predict(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(pred, confidence, finite)``: non-finite rows get pred -1 and confidence NaN."""
     finite = torch.isfinite(logits).all(dim=1)
@@ -203,7 +231,7 @@ def attack_batch(
     n = images.shape[0]
     labels = labels.to(images.device).long()
     with torch.no_grad():
-        clean_logits = model(images).float()
+        clean_logits = check_logits(model(images), n).float()
     clean_pred, clean_conf, clean_finite = _predict(clean_logits)
     num_classes = clean_logits.shape[1]
     if n and int(labels.max()) >= num_classes:

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import tempfile
@@ -25,6 +26,7 @@ from advtune.run.batch import BatchOutput
 from advtune.storage import (
     ManifestWriter,
     atomic_write_text,
+    file_sha256,
     format_manifest,
     read_json,
     read_manifest,
@@ -72,7 +74,23 @@ def adv_relpaths(paths: Iterable[str]) -> dict[str, str]:
     counts: dict[str, int] = {}
     for target in plain.values():
         counts[target] = counts.get(target, 0) + 1
-    return {p: (t if counts[t] == 1 else f"{p}.png") for p, t in plain.items()}
+    return {p: _fit_name(t if counts[t] == 1 else f"{p}.png", p) for p, t in plain.items()}
+
+
+#: Longest file name (bytes) on common file systems (ext4, XFS, APFS, NTFS in UTF-16 units).
+_NAME_MAX = 255
+
+
+def _fit_name(target: str, source: str) -> str:
+    """``target`` with a last component too long for the file system shortened: a prefix
+    of it plus a hash of the image's path (so two long names stay apart)."""
+    folder, _, name = target.rpartition("/")
+    if len(name.encode("utf-8", "surrogateescape")) <= _NAME_MAX:
+        return target
+    digest = hashlib.sha256(source.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    head = name.encode("utf-8", "surrogateescape")[:160].decode("utf-8", "ignore")
+    short = f"{head}-{digest}.png"
+    return f"{folder}/{short}" if folder else short
 
 
 def inside(root: Path, relative: str) -> Path | None:
@@ -89,12 +107,47 @@ def inside(root: Path, relative: str) -> Path | None:
     path = root / Path(*rel.parts)
     base = root.resolve()
     try:
-        path.resolve().relative_to(base)
-        # A symlink at the last component is removed, not followed: its parent counts.
         path.parent.resolve().relative_to(base)
-    except (ValueError, OSError):
+        # A symlink at the last component is replaced or removed, never followed (nor
+        # read): the link itself lies inside, whatever it points to.
+        if not path.is_symlink():
+            path.resolve().relative_to(base)
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop (3.10-3.12)
         return None
     return path
+
+
+def _with_default_params(stored: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``stored`` with the attack parameters it lacks filled in with their defaults.
+
+    Reports written before every effective hyperparameter was recorded hold only the
+    ones that were given; a missing one had its default (a ``--resume`` of such a run
+    compares equal to the same run today).
+    """
+    from advtune.run.spec import effective_params
+
+    attack = stored.get("attack")
+    if not isinstance(attack, Mapping) or not isinstance(attack.get("params"), Mapping):
+        return stored
+    name, norm = attack.get("attack"), attack.get("norm")
+    if not isinstance(name, str) or not isinstance(norm, (str, type(None))):
+        return stored
+    filled = effective_params(name, norm, attack["params"])
+    return {**stored, "attack": {**attack, "params": filled}}
+
+
+def _check_row_eps(rows: Iterable[Mapping[str, Any]], config: Mapping[str, Any], *, source: str):
+    """Every resumed row's eps must be one of the run's (an edited manifest is refused)."""
+    attack = config.get("attack")
+    eps = attack.get("eps") if isinstance(attack, Mapping) else None
+    allowed = set(eps) if eps else {None}
+    for row in rows:
+        if row.get("eps") not in allowed:
+            shown = sorted(e for e in allowed if e is not None)
+            raise UserError(
+                f"cannot resume: {source} has a row for {row['path']!r} (index "
+                f"{row['index']}) with eps {row.get('eps')!r}, but this run's eps are {shown}"
+            )
 
 
 def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
@@ -220,6 +273,23 @@ def consolidate(out_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
         path.unlink(missing_ok=True)
 
 
+#: Lock descriptors this process holds. An flock belongs to the open file, which a fork
+#: shares: a child closes its copies at once, so the lock lives exactly as long as the
+#: process that took it (a kill -9 frees it even while DataLoader workers still exit).
+_HELD: set[int] = set()
+
+
+def _close_held_locks() -> None:
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks)
+
+
 class OutputDir:
     """An output folder: ``manifest.csv``, ``report.json``, ``adv/`` and the plot.
 
@@ -263,7 +333,10 @@ class OutputDir:
         import fcntl
 
         path = self.root / LOCK_NAME
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        # O_CLOEXEC: a program this run starts does not hold the lock; _HELD: neither
+        # does a forked child (DataLoader workers), which would keep it for seconds after
+        # a kill -9 of this process.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -276,10 +349,12 @@ class OutputDir:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._lock_fd = fd
+        _HELD.add(fd)
 
     def unlock(self) -> None:
         """Release the lock taken by :meth:`lock` (no-op without one)."""
         if self._lock_fd is not None:
+            _HELD.discard(self._lock_fd)
             with contextlib.suppress(OSError):
                 os.close(self._lock_fd)
             self._lock_fd = None
@@ -339,8 +414,19 @@ class OutputDir:
         try:
             stored = read_json(self.report_path)
             stored_config = stored["config"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise UserError(f"cannot resume: {str(self.report_path)!r} is unreadable ({e})") from e
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+            # RecursionError: JSON nested deeper than the parser's stack (a file that
+            # advtune did not write).
+            reason = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+            raise UserError(
+                f"cannot resume: {str(self.report_path)!r} is unreadable ({reason})"
+            ) from None
+        if not isinstance(stored_config, Mapping):
+            raise UserError(
+                f"cannot resume: {str(self.report_path)!r} is unreadable (its 'config' is "
+                f"{type(stored_config).__name__}, not an object)"
+            )
+        stored_config = _with_default_params(stored_config)
         diffs = config_differences(stored_config, config)
         if diffs:
             shown = "; ".join(
@@ -359,8 +445,43 @@ class OutputDir:
                 f"cannot resume: {str(self.manifest_path)!r} lists {len(bad)} file(s) outside "
                 f"{str(self.adv_dir)!r} (e.g. {bad[0]!r}); it was not written by advtune"
             )
+        _check_row_eps(rows, config, source=str(self.manifest_path))
+        if any(r.get("adv_path") for r in rows):
+            rows = self._verified(rows)
         self.writer = ManifestWriter(self.manifest_path, rows, keep_sorted=False)
         self.previous_report = stored
+
+    def _verified(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows whose PNG is there with its recorded hash; the others are dropped
+        (and the manifest rewritten without them), so the run attacks them again.
+
+        A manifest row promises its PNG: a deleted or edited file must not pass as done.
+        Rows of manifests written before ``adv_sha256`` existed are checked for the file
+        only. A symlink or anything but a plain file is never read (it could be a FIFO
+        or ``/dev/zero``): it fails.
+        """
+        failed: set[str] = set()
+        for row in rows:
+            if not row.get("adv_path"):
+                continue
+            path = inside(self.adv_dir, row["adv_path"])
+            ok = path is not None and not path.is_symlink() and path.is_file()
+            if ok and row.get("adv_sha256"):
+                ok = file_sha256(path) == row["adv_sha256"]  # type: ignore[arg-type]
+            if not ok:
+                failed.add(row["path"])
+        if not failed:
+            return rows
+        kept = [r for r in rows if r["path"] not in failed]
+        example = next(r["adv_path"] for r in rows if r["path"] in failed)
+        warnings.warn(
+            f"{len(failed)} finished image(s) in {str(self.manifest_path)!r} have a missing "
+            f"or changed PNG (e.g. {example!r}); they are attacked again",
+            stacklevel=3,
+        )
+        # Rewritten now: a run stopped before its first write must not leave the rows.
+        atomic_write_text(self.manifest_path, format_manifest(kept))
+        return kept
 
     def _clear(self) -> None:
         # Remove only what an advtune run wrote: files listed in the old manifest, and

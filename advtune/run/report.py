@@ -50,12 +50,9 @@ REPORT_FORMAT = "advtune-report/1"
 
 def versions() -> dict[str, str | None]:
     """Versions of advtune, Python, torch, torchvision (and CUDA when built with it)."""
-    try:
-        import torchvision
+    import torchvision  # a core dependency
 
-        tv = torchvision.__version__
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        tv = None
+    tv = torchvision.__version__
     return {
         "advtune": __version__,
         "python": platform.python_version(),
@@ -106,6 +103,8 @@ def model_info(model: nn.Module) -> dict[str, Any]:
     )
     info["convbn"] = getattr(inner, "convbn", None)
     info["wrapper"] = type(model).__name__ if inner is not model else None
+    # Untrained: the numbers test the pipeline only (the plot's title says so too).
+    info["random_weights"] = str(info.get("weights") or "").lower() == "random"
     return info
 
 
@@ -420,7 +419,14 @@ def format_summary(report: Mapping[str, Any]) -> str:
                 for name, value in after.items()
                 if name != "clean"
             )
-    lines.extend(_published_lines(model.get("published"), attack["norm"], metrics))
+    lines.extend(
+        _published_lines(
+            model.get("published"),
+            attack["norm"],
+            metrics,
+            random=bool(model.get("random_weights")),
+        )
+    )
     timings = report.get("timings", {})
     peak = report.get("peak_memory_bytes")
     lines.append(
@@ -433,14 +439,32 @@ def format_summary(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Fewer images than this and a measured accuracy is too noisy to set beside a published
+#: one (one image moves it by 1 % or more), so the comparison is not printed.
+MIN_COMPARE_IMAGES = 100
+
+
 def _published_lines(
-    published: Mapping[str, Any] | None, norm: str, metrics: Mapping[str, Any]
+    published: Mapping[str, Any] | None,
+    norm: str,
+    metrics: Mapping[str, Any],
+    *,
+    random: bool = False,
 ) -> list[str]:
-    """ "expected (published) vs measured" for the eps the model card has figures for."""
+    """ "expected (published) vs measured" for the eps the model card has figures for;
+    a note instead for random weights or fewer than :data:`MIN_COMPARE_IMAGES` images."""
     if not published or str(published.get("norm", "")).lower() != norm:
         return []
     for entry in metrics.get("per_eps", []):
         if entry["eps"] is not None and math.isclose(entry["eps"], published["eps"]):
+            if random:
+                return ["published figures not compared: the weights are random (untrained)"]
+            count = entry.get("num_images", metrics.get("num_images", 0)) or 0
+            if count < MIN_COMPARE_IMAGES:
+                return [
+                    f"published figures not compared: {plural(count, 'image')} are too few "
+                    f"(at least {MIN_COMPARE_IMAGES}; published: {published['images']})"
+                ]
             return [
                 f"expected (published, {published['attack']} on {published['images']} images) "
                 f"vs measured at eps {format_eps(entry['eps'])}: clean "

@@ -445,9 +445,10 @@ def _finish_main(
     config = spec.attack
     if status == "complete" and spec.want_plot and final["metrics"]:
         name = final["model"].get("name") or ""
-        if plot_curve(
-            final["metrics"], out.plot_path, title=f"{name} · {config.attack} {config.norm}"
-        ):
+        title = f"{name} · {config.attack} {config.norm}"
+        if final["model"].get("random_weights"):
+            title += " · RANDOM WEIGHTS (untrained; not a result)"
+        if plot_curve(final["metrics"], out.plot_path, title=title):
             final["outputs"]["plot"] = str(out.plot_path)
     out.write_report(final)
     if comm.is_distributed and gathered is not None:

@@ -28,6 +28,7 @@ __all__ = [
     "AttackConfig",
     "RunSpec",
     "dataset_info",
+    "effective_params",
     "model_context",
     "sample_seeds",
 ]
@@ -36,6 +37,8 @@ __all__ = [
 COMMANDS = ("generate", "evaluate")
 
 _MASK64 = (1 << 64) - 1
+#: Largest run seed: int64, as ``torch.manual_seed`` and the random-weights build take it.
+MAX_SEED = (1 << 63) - 1
 
 
 @dataclass(frozen=True)
@@ -63,11 +66,44 @@ class AttackConfig:
         """The budgets to run, ``(None,)`` for an attack without one."""
         return self.eps if self.eps else (None,)
 
+    def effective_params(self) -> dict[str, Any]:
+        """Every hyperparameter's value in this run: the given ones over the attack's
+        declared defaults (the radius excluded: it is ``eps``; the norm switch, if the
+        attack has one, is ``norm``), sorted by name."""
+        return effective_params(self.attack, self.norm, self.params)
+
     def to_dict(self) -> dict[str, Any]:
+        """The attack part of the resume key and of ``report.json``: every effective
+        hyperparameter (defaults included), so a report alone reproduces the run."""
         d = asdict(self)
         d["eps"] = list(self.eps) if self.eps is not None else None
-        d["params"] = dict(sorted(self.params.items()))
+        d["params"] = self.effective_params()
         return d
+
+
+def _plain(value: Any) -> Any:
+    # The value as JSON gives it back (tuples are lists), so a stored key compares equal.
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def effective_params(attack: str, norm: str | None, given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` over the declared defaults of ``attack`` (see
+    :meth:`AttackConfig.effective_params`); ``given`` alone for an unknown attack."""
+    from advtune import attacks
+
+    try:
+        spec = attacks.spec(attack)
+    except UserError:
+        return {k: _plain(v) for k, v in sorted(given.items())}
+    params = {k: v for k, v in spec.defaults.items() if k != spec.radius_key}
+    params.update(given)
+    if spec.norm_key is not None and norm is not None:
+        params[spec.norm_key] = norm
+    return {k: _plain(v) for k, v in sorted(params.items())}
 
 
 def sample_seeds(run_seed: int, indices: Iterable[int] | torch.Tensor) -> torch.Tensor:
@@ -93,7 +129,9 @@ def sample_seeds(run_seed: int, indices: Iterable[int] | torch.Tensor) -> torch.
 def dataset_info(dataset: Any) -> dict[str, Any]:
     """What identifies a dataset for resume checks: root, layout, size, paths digest."""
     paths = list(getattr(dataset, "paths", []))
-    digest = hashlib.sha256("\n".join(paths).encode("utf-8")).hexdigest()[:16]
+    # surrogateescape: a file name that is not UTF-8 (POSIX allows any bytes) hashes as
+    # the bytes it is, as the manifest writes it.
+    digest = hashlib.sha256("\n".join(paths).encode("utf-8", "surrogateescape")).hexdigest()[:16]
     root = getattr(dataset, "root", None)
     return {
         "root": str(Path(root).resolve()) if root is not None else None,
@@ -191,6 +229,9 @@ class RunSpec:
             raise UserError(f"batch size must be >= 1, got {self.batch_size}")
         if self.num_workers < 0:
             raise UserError(f"workers must be >= 0, got {self.num_workers}")
+        seed = self.attack.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise UserError(f"seed must be an integer in [0, {MAX_SEED}] (int64), got {seed!r}")
         if self.resume and self.overwrite:
             raise UserError("--resume and --overwrite exclude each other")
         if self.save_images and len(self.attack.eps_values()) > 1:
