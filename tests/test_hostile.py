@@ -475,7 +475,7 @@ def test_no_test_hook_in_the_cli():
 def test_model_sources_share_one_build_signature():
     from advtune import models
 
-    assert set(models._SOURCES) == {"torchvision", "timm", "robustbench"}
+    assert set(models._SOURCES) == {"torchvision", "timm", "hf", "robustbench"}
     card = models.model_card("resnet18", weights="random")
     net = models._SOURCES["torchvision"].arch(card)
     assert isinstance(net, nn.Module)

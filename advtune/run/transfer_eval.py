@@ -21,7 +21,6 @@ predictions, so "correctly classified" then means "agrees with the surrogate".
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import math
 import re
@@ -37,7 +36,13 @@ from torch import nn
 from advtune.errors import UserError
 from advtune.run.outputs import ADV_DIR, MANIFEST_NAME, REPORT_NAME, inside
 from advtune.run.spec import AttackConfig
-from advtune.storage import atomic_write_bytes, atomic_write_text, read_json, read_manifest
+from advtune.storage import (
+    atomic_write_bytes,
+    atomic_write_text,
+    file_sha256,
+    read_json,
+    read_manifest,
+)
 
 __all__ = [
     "SavedSet",
@@ -109,10 +114,6 @@ class SavedSet:
         return str(model.get("name", "?"))
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def load_saved_set(
     run_dir: str | Path, *, data: str | Path | None = None, transform: Any = None
 ) -> SavedSet:
@@ -169,7 +170,7 @@ def load_saved_set(
                 f"{str(manifest)!r} records no sha256 for {rel!r} (written before "
                 "adv_sha256 existed): it cannot be verified"
             )
-        if _sha256(path) != recorded:
+        if file_sha256(path) != recorded:
             raise UserError(
                 f"adversarial image {str(path)!r} differs from the one the run saved "
                 "(sha256 mismatch): it was replaced or edited"
