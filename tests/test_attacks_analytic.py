@@ -14,7 +14,8 @@ from torch import nn
 
 from advtune import attacks
 from advtune.attacks._random import sample_generators, uniform_l2_ball, uniform_linf_ball
-from advtune.attacks._result import margin_loss, project_l2, project_linf
+from advtune.attacks._result import margin_loss
+from advtune.attacks.threat import L2, Linf
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
@@ -266,17 +267,17 @@ def test_projections():
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(50, *SHAPE, generator=gen, dtype=F64)
     x_adv = x + torch.randn(50, *SHAPE, generator=gen, dtype=F64)
-    p = project_linf(x_adv, x, 0.1)
+    p = Linf(0.1).project(x_adv, x)
     assert float((p - x).abs().max()) <= 0.1 + 1e-15 and float(p.min()) >= 0 and float(p.max()) <= 1
     # Exact projection onto the intersection of two boxes: coordinate-wise clamp.
     lo, hi = (x - 0.1).clamp(min=0), (x + 0.1).clamp(max=1)
     torch.testing.assert_close(p, torch.maximum(torch.minimum(x_adv, hi), lo))
-    q = project_l2(x_adv, x, 0.5)
+    q = L2(0.5).project(x_adv, x)
     assert float((q - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-12
     assert float(q.min()) >= 0 and float(q.max()) <= 1
     inside = x + 0.01 * (x_adv - x) / (x_adv - x).flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(project_l2(inside.clamp(0, 1), x, 0.5), inside.clamp(0, 1))
-    assert torch.equal(project_l2(x, x, 0.0), x)
+    torch.testing.assert_close(L2(0.5).project(inside.clamp(0, 1), x), inside.clamp(0, 1))
+    assert torch.equal(L2(0.0).project(x, x), x)
 
 
 def test_margin_loss_masks_with_minus_inf():

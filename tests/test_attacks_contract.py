@@ -572,7 +572,7 @@ def test_spec_parse_types_and_errors():
         spec.parse("steps", "2.5")
     with pytest.raises(ValueError, match="invalid steps 'abc': expected an integer"):
         spec.parse("steps", "abc")
-    with pytest.raises(ValueError, match="unknown norm value 'l3'; choose from: l2, linf"):
+    with pytest.raises(ValueError, match="unknown norm value 'l3'; choose from: l1, l2, linf"):
         spec.parse("norm", "l3")
     with pytest.raises(ValueError, match="random_start must be true or false, got 'maybe'"):
         spec.parse("random_start", "maybe")
@@ -581,7 +581,7 @@ def test_spec_parse_types_and_errors():
     with pytest.raises(ValueError, match="'cw_l2' takes no eps"):
         attacks.spec("cw_l2").parse("eps", "0.5")
     assert spec.param("steps").describe() == "steps: integer >= 1, default 10"
-    assert spec.param("norm").describe() == "norm: one of l2, linf, default 'linf'"
+    assert spec.param("norm").describe() == "norm: one of l1, l2, linf, default 'linf'"
     untyped = Param("n_targets", object, None, nullable=True)
     assert untyped.parse("5") == 5 and untyped.parse("none") is None
 

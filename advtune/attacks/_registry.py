@@ -160,6 +160,13 @@ class Param:
         if value is None and self.nullable:
             return None
         name = self.name
+        if self.role == "norm" and isinstance(value, ThreatModel):
+            # A threat object in place of its name (an option such as L2's ``start``).
+            if self.choices is not None and value.name not in self.choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, self.choices))}; got {value!r}"
+                )
+            return value
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -368,18 +375,28 @@ class AttackSpec:
         keys = self._role("norm")
         return keys[0] if keys else None
 
-    def norm_of(self, hyperparameters: Mapping[str, Any]) -> str:
-        """The threat model's name for a call with ``hyperparameters``."""
+    def _norm_value(self, hyperparameters: Mapping[str, Any]) -> str | ThreatModel:
         for key in self._role("norm"):
-            return str(hyperparameters.get(key, self._by_name[key].default))
+            value = hyperparameters.get(key, self._by_name[key].default)
+            return value if isinstance(value, ThreatModel) else str(value)
         return self.norm
 
+    def norm_of(self, hyperparameters: Mapping[str, Any]) -> str:
+        """The threat model's name for a call with ``hyperparameters``."""
+        value = self._norm_value(hyperparameters)
+        return value.name if isinstance(value, ThreatModel) else value
+
     def threat(self, hyperparameters: Mapping[str, Any] | None = None) -> ThreatModel:
-        """The threat model of a call: its norm and radius (``eps=None`` if unbounded)."""
+        """The threat model of a call: its norm and radius (``eps=None`` if unbounded).
+
+        The one threat object of a call, for the run side (saving, quantisation, reports):
+        the ``norm`` hyperparameter (a name or a :class:`ThreatModel`) or the registered
+        norm, with the radius hyperparameter.
+        """
         hps = dict(hyperparameters or {})
         radius = self.radius_key
         eps = hps.get(radius) if radius is not None else None
-        return threat_model(self.norm_of(hps), eps)
+        return threat_model(self._norm_value(hps), eps)
 
     # ----------------------------------------------------------------- values
 

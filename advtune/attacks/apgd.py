@@ -16,12 +16,7 @@ import torch
 from torch import nn
 
 from advtune.attacks import _masking
-from advtune.attacks._random import (
-    resolve_seeds,
-    sample_generators,
-    uniform_l2_ball,
-    uniform_linf_ball,
-)
+from advtune.attacks._random import resolve_seeds, sample_generators
 from advtune.attacks._registry import register
 from advtune.attacks._result import (
     AttackResult,
@@ -31,15 +26,12 @@ from advtune.attacks._result import (
     check_inputs,
     check_int,
     check_nonnegative,
-    clip_unit,
     finish,
     margin_loss,
-    norms,
-    project_l2,
-    project_linf,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 
 __all__ = ["apgd", "apgd_t", "checkpoints", "dlr_loss"]
 
@@ -53,20 +45,26 @@ _STREAMS = {"ce": 0x41504743, "dlr": 0x41504744, "dlr_t": 0x41504754}
 
 
 def checkpoints(steps: int) -> list[int]:
-    """The iterations ``w_j`` at which APGD may halve its step size.
+    """The iterations ``w_j`` at which APGD may halve its step size (L∞ and L2).
 
-    ``w_j = ceil(p_j · steps)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
-    ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)`` (the paper's schedule), computed
-    in exact integer arithmetic (hundredths) so that 0.22 · 100 is 22, not 23. For 100
-    steps: 22, 41, 57, 70, 80, 87, 93, 99.
+    The official code's integer schedule, which published results use: the first
+    period is ``max(int(0.22 · steps), 1)`` iterations, each next one
+    ``max(int(0.03 · steps), 1)`` shorter, but never shorter than
+    ``max(int(0.06 · steps), 1)``. It equals the paper's
+    ``w_j = ⌈p_j · steps⌉`` (``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03,
+    0.06)``) at multiples of 100 steps (for 100: 22, 41, 57, 70, 80, 87, 93, 99) and
+    halves more often at small budgets (for 20: 4, 7, 9, 10, 11, ..., 20). The fractions
+    are computed in hundredths, so 0.22 · 100 is exactly 22.
     """
+    first = max(22 * steps // 100, 1)
+    shrink = max(3 * steps // 100, 1)
+    shortest = max(6 * steps // 100, 1)
     out: list[int] = []
-    prev, cur = 0, 22  # p in hundredths
-    while cur <= 100:
-        w = -(-cur * steps // 100)  # ceil without floats
-        if w >= 1 and (not out or w > out[-1]) and w <= steps:
-            out.append(w)
-        prev, cur = cur, cur + max(cur - prev - 3, 6)
+    w, period = first, first
+    while w <= steps:
+        out.append(w)
+        period = max(period - shrink, shortest)
+        w += period
     return out
 
 
@@ -106,27 +104,6 @@ LOSSES: dict[str, Objective] = {"ce": _ce, "dlr": dlr_loss}
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _start(gens: list[torch.Generator], x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """A random point at distance exactly ``eps`` (before clipping into [0, 1]).
-
-    L∞: a uniform draw from the cube rescaled so its largest coordinate is ``eps``; L2: a
-    uniformly random direction of length ``eps`` (as the reference implementation).
-    """
-    shape = tuple(x.shape[1:])
-    sampler = uniform_linf_ball if norm == "linf" else uniform_l2_ball
-    d = sampler(gens, shape, 1.0, x)
-    linf, l2 = norms(d)
-    size = linf if norm == "linf" else l2
-    return clip_unit(x + eps * d / _expand(size.clamp_min(1e-12), d))
-
-
-def _step(x_cur: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return x_cur + eta * g.sign()
-    gnorm = g.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
-    return x_cur + eta * g / _expand(gnorm, g)
 
 
 @dataclass
@@ -181,11 +158,10 @@ def _run(
     t_loss: torch.Tensor | None,
     t_goal: torch.Tensor | None,
     objective: Objective,
-    eps: float,
-    norm: str,
+    threat: ThreatModel,
     steps: int,
 ) -> _Run:
-    """One APGD run (Algorithm 1) from ``start``; broken samples stop being attacked.
+    """One APGD run (Algorithm 1, L∞ or L2) from ``start``; broken samples stop being attacked.
 
     ``t_loss`` is the target the loss aims at, ``t_goal`` the one success is judged on
     (``None``: untargeted). APGD-T uses a ``t_loss`` with ``t_goal=None``.
@@ -194,6 +170,7 @@ def _run(
     out_x, out_logits = start.clone(), logits.clone()
     out_broken = success_of(logits, y, t_goal)
     out_loss = loss.clone()
+    eps = threat._radius()
     marks = set(checkpoints(steps))
     last_mark = 0
     # Per-sample state of the samples still being attacked (``idx`` maps into the batch).
@@ -221,12 +198,12 @@ def _run(
         if idx.numel() == 0:
             break
         eta = _expand(s["eta"], s["cur"])
-        z = _proj(_step(s["cur"], s["g"], eta, norm), s["x0"], eps, norm)
+        z = threat.project(s["cur"] + eta * threat.ascent(s["g"]), s["x0"])
         if k > 0:
             # Momentum: a = 0.75 of the new step plus 0.25 of the last move.
             move = s["cur"] - s["prev"]
-            z = _proj(
-                s["cur"] + MOMENTUM * (z - s["cur"]) + (1 - MOMENTUM) * move, s["x0"], eps, norm
+            z = threat.project(
+                s["cur"] + MOMENTUM * (z - s["cur"]) + (1 - MOMENTUM) * move, s["x0"]
             )
         s["prev"] = s["cur"]
         g, logits, loss = grad(z, s["y"], s.get("tl"), objective)
@@ -263,10 +240,6 @@ def _run(
     if idx.numel():
         out_x[idx], out_logits[idx], out_loss[idx] = s["best"], s["best_logits"], s["loss_best"]
     return _Run(x=out_x, logits=out_logits, broken=out_broken, loss=out_loss)
-
-
-def _proj(z: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    return project_linf(z, x0, eps) if norm == "linf" else project_l2(z, x0, eps)
 
 
 class _Best:
@@ -309,7 +282,7 @@ def _drive(
     generator: torch.Generator | None,
     seeds: torch.Tensor | None,
     eps: float,
-    norm: str,
+    norm: str | ThreatModel,
     steps: int,
     restarts: int,
     eot_iter: int,
@@ -321,14 +294,18 @@ def _drive(
 
     ``rounds(guard, x0, y, target, restarts)`` (validated values) lists one ``(loss
     target, success target)`` pair of ``(N,)`` tensors (or ``None``) per run: restarts,
-    or APGD-T's targets in turn.
+    or APGD-T's targets in turn. ``norm`` and ``eps`` become one threat object here; its
+    name picks the inner loop (:data:`RUNS`).
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
+    if not isinstance(norm, ThreatModel):
+        norm = check_choice("norm", norm, tuple(RUNS))
+    threat = threat_model(norm, eps)
     steps = check_int("steps", steps, minimum=1)
     restarts = check_int("restarts", restarts, minimum=1)
     eot_iter = check_int("eot_iter", eot_iter, minimum=1)
+    run_once = RUNS[threat.name]
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
         n = x0.shape[0]
@@ -341,11 +318,32 @@ def _drive(
                 break
             tl = None if t_loss is None else t_loss[todo]
             tg = None if t_goal is None else t_goal[todo]
-            start = _start([gens[i] for i in todo.tolist()], x0[todo], eps, norm)
-            run = _run(grad, x0[todo], start, y[todo], tl, tg, objective, eps, norm, steps)
+            picked = [gens[i] for i in todo.tolist()]
+            run = run_once(grad, x0[todo], picked, y[todo], tl, tg, objective, threat, steps)
             best.update(todo, run)
             todo = todo[~best.broken[todo]]
         return finish(guard, x, best.x, y, target, logits=best.logits)
+
+
+def _run_from_surface(
+    grad: _Gradient,
+    x: torch.Tensor,
+    gens: list[torch.Generator],
+    y: torch.Tensor,
+    t_loss: torch.Tensor | None,
+    t_goal: torch.Tensor | None,
+    objective: Objective,
+    threat: ThreatModel,
+    steps: int,
+) -> _Run:
+    # L∞ and L2: Algorithm 1 from a random point at distance exactly eps.
+    start = threat.surface_start(x, gens)
+    return _run(grad, x, start, y, t_loss, t_goal, objective, threat, steps)
+
+
+#: The inner loop per threat model (by name): ``(grad, x, gens, y, t_loss, t_goal,
+#: objective, threat, steps) -> _Run``. A norm APGD supports is a key here.
+RUNS: dict[str, Callable[..., _Run]] = {"linf": _run_from_surface, "l2": _run_from_surface}
 
 
 @register("apgd", norm="linf", randomized=True)

@@ -32,6 +32,7 @@ from advtune.attacks._result import (
     finish,
     success_of,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 from advtune.errors import UserError, suggest
 
 __all__ = [
@@ -56,6 +57,8 @@ VERSIONS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "rand": ("apgd-ce", "apgd-dlr"),
 }
+#: The threat models of the official versions.
+NORMS = ("linf", "l2")
 #: Registry names of score-based (black-box) attacks, for the masking check.
 BLACK_BOX = frozenset({"square"})
 # The official budgets (AutoAttack's standard version).
@@ -235,7 +238,9 @@ def autoattack(
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
+    if not isinstance(norm, ThreatModel):
+        norm = check_choice("norm", norm, NORMS)
+    threat = threat_model(norm, eps)
     for key, value in (
         ("steps", steps),
         ("n_targets", n_targets),
@@ -280,7 +285,7 @@ def autoattack(
                     continue
                 get(reg)  # raises, naming it
             fn, accepted = get(reg), _accepted(reg)
-            wanted = {"eps": eps, "norm": norm} | _budget(
+            wanted = {"eps": threat.eps, "norm": threat} | _budget(
                 official, version, steps, n_targets, queries, eot_iter
             )
             kwargs = {k: v for k, v in wanted.items() if k in accepted} | fixed

@@ -17,6 +17,7 @@ from advtune.attacks._result import (
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import L2
 
 __all__ = ["ddn"]
 
@@ -95,9 +96,7 @@ def ddn(
         n, dev = x0.shape[0], x0.device
         view = (-1,) + (1,) * (x0.dim() - 1)
 
-        def l2(t: torch.Tensor) -> torch.Tensor:
-            return t.flatten(1).norm(p=2, dim=1)
-
+        l2 = L2().norm
         delta = torch.zeros_like(x0)
         eps = torch.full((n,), init_norm, dtype=wd, device=dev)
         worst = l2(torch.maximum(x0, 1.0 - x0))  # farthest point of the box from x

@@ -18,8 +18,13 @@ from advtune.attacks._result import (
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 
 __all__ = ["fmn"]
+
+#: The threat models FMN minimises (its step is the L2-normalised gradient; the norm
+#: decides the radius update and the projection, :meth:`ThreatModel.shrink`).
+NORMS = ("l2", "linf")
 
 _TINY = 1e-12  # floor for gradient norms (a flat gradient gives a zero step, not NaN)
 
@@ -85,7 +90,9 @@ def fmn(
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     steps = check_int("steps", steps, minimum=1)
-    norm = check_choice("norm", norm, ("l2", "linf"))
+    if not isinstance(norm, ThreatModel):
+        norm = check_choice("norm", norm, NORMS)
+    threat = threat_model(norm)
     alpha_init = check_positive("alpha_init", alpha_init)
     alpha_final = (
         alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
@@ -99,10 +106,7 @@ def fmn(
         n, dev = x0.shape[0], x0.device
         view = (-1,) + (1,) * (x0.dim() - 1)
 
-        def size(t: torch.Tensor) -> torch.Tensor:
-            flat = t.flatten(1)
-            return flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().amax(dim=1)
-
+        size = threat.norm
         delta = torch.zeros_like(x0)
         eps = torch.full((n,), float("inf"), dtype=wd, device=dev)
         # The farthest any image in the box can be from x: ε never needs to exceed it.
@@ -123,7 +127,7 @@ def fmn(
 
             flat = g.flatten(1)
             g_l2 = flat.norm(p=2, dim=1)
-            g_dual = g_l2 if norm == "l2" else flat.abs().sum(dim=1)
+            g_dual = threat.dual_norm(g)
             # First-order distance to the boundary along the steepest direction. Until the
             # first success, ε aims γ beyond it and never shrinks: the paper sets ε to
             # exactly this distance, which lands on the boundary of a piecewise-linear
@@ -136,11 +140,7 @@ def fmn(
             eps = torch.minimum(eps, worst)
 
             delta = delta + (alpha / g_l2.clamp_min(_TINY)).reshape(view) * g
-            if norm == "l2":
-                scale = (eps / size(delta).clamp_min(_TINY)).clamp(max=1.0)
-                delta = delta * scale.reshape(view)
-            else:
-                delta = torch.maximum(torch.minimum(delta, eps.reshape(view)), -eps.reshape(view))
+            delta = threat.shrink(delta, eps)
             delta = (x0 + delta).clamp(0.0, 1.0) - x0
 
         return smallest.result(guard, x, y, target)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,12 +30,33 @@ from advtune.attacks._result import (
     clip_unit,
     finish,
     norms,
-    project_linf,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 
 __all__ = ["p_schedule", "square"]
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """Square's per-norm proposal: the start and step methods of :class:`_Search` (by
+    name) and the window side for a nominal side ``round(sqrt(p · H · W))``."""
+
+    start: str
+    step: str
+    window: Callable[[int, int, int], int]
+
+
+#: Square's proposals per threat model (by name); a norm Square supports is a key here.
+_PROPOSALS: dict[str, _Proposal] = {
+    # L∞: a window at least 1 pixel wide.
+    "linf": _Proposal("_linf_start", "_linf_step", lambda s, h, w: min(max(s, 1), h, w)),
+    # L2: at least 3 and odd, so the two halves of the pattern have a centre.
+    "l2": _Proposal(
+        "_l2_start", "_l2_step", lambda s, h, w: min(max(s, 3) + 1 - max(s, 3) % 2, h, w)
+    ),
+}
 
 # Rescaled iteration counts (out of 10 000) after which p halves, as in the paper.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
@@ -102,7 +124,9 @@ def square(
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
+    if not isinstance(norm, ThreatModel):
+        norm = check_choice("norm", norm, tuple(_PROPOSALS))
+    threat = threat_model(norm, eps)
     queries = check_int("queries", queries, minimum=1)
     p_init = check_positive("p_init", p_init)
     if p_init > 1:
@@ -123,7 +147,7 @@ def square(
         gens = sample_generators(
             resolve_seeds(x.shape[0], generator=generator, seeds=seeds), STREAM_START
         )
-        search = _Search(guard, x.dtype, norm, eps, objective, y, target)
+        search = _Search(guard, x.dtype, threat, objective, y, target)
         xs = x0[todo]
         picked = [gens[i] for i in todo.tolist()]
         start = search.start(xs, picked)
@@ -211,13 +235,14 @@ class _Search:
         self,
         guard: ModelGuard,
         model_dtype: torch.dtype,
-        norm: str,
-        eps: float,
+        threat: ThreatModel,
         objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
         y: torch.Tensor,
         target: torch.Tensor | None,
     ) -> None:
-        self.guard, self.model_dtype, self.norm, self.eps = guard, model_dtype, norm, eps
+        self.guard, self.model_dtype, self.threat = guard, model_dtype, threat
+        self.eps = threat._radius()
+        self.proposal = _PROPOSALS[threat.name]
         self.objective, self.y, self.target = objective, y, target
 
     def evaluate(
@@ -230,11 +255,16 @@ class _Search:
         return -score, success_of(logits, ys, ts), logits
 
     def start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        return getattr(self, self.proposal.start)(xs, gens)
+
+    def _linf_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        m, c, _, w = xs.shape
+        # Vertical stripes: one sign per column and channel.
+        u = _draws(gens, c * w, xs.device).to(xs.dtype)
+        return clip_unit(xs + self.eps * _signs(u).reshape(m, c, 1, w))
+
+    def _l2_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         m, c, h, w = xs.shape
-        if self.norm == "linf":
-            # Vertical stripes: one sign per column and channel.
-            u = _draws(gens, c * w, xs.device).to(xs.dtype)
-            return clip_unit(xs + self.eps * _signs(u).reshape(m, c, 1, w))
         s = max(h // 5, 1)
         first = (h - 5 * s) // 2
         corners = [
@@ -271,11 +301,8 @@ class _Search:
             side = round(math.sqrt(p * h * w))
             cur_gens = [gens[j] for j in active.tolist()]
             xa, xb = xs[active], x_best[active]
-            if self.norm == "linf":
-                x_new = self._linf_step(xa, xb, cur_gens, min(max(side, 1), h, w))
-            else:
-                side = max(side, 3)
-                x_new = self._l2_step(xa, xb, cur_gens, min(side + 1 - side % 2, h, w))
+            step = getattr(self, self.proposal.step)
+            x_new = step(xa, xb, cur_gens, self.proposal.window(side, h, w))
             loss, success, logits = self.evaluate(x_new, idx[active])
             better = success | (loss < loss_best[active])
             keep = active[better]
@@ -291,7 +318,7 @@ class _Search:
         u = _draws(gens, 2 + c, xa.device).to(xa.dtype)
         mask = _window_mask(_offsets(u[:, 0], h, s), _offsets(u[:, 1], w, s), s, h, w)
         step = (2 * self.eps) * _signs(u[:, 2:])[:, :, None, None] * mask
-        return project_linf(xb + step, xa, self.eps)
+        return self.threat.project(xb + step, xa)
 
     def _l2_step(
         self, xa: torch.Tensor, xb: torch.Tensor, gens: list[torch.Generator], s: int
