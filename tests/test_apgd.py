@@ -253,9 +253,9 @@ def test_apgd_t_needs_four_classes():
     x, y = torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long)
     with pytest.raises(ValueError, match="at least 4 classes, got 3"):
         attacks.apgd_t(net, x, y, eps=0.1, steps=2)
-    with pytest.raises(ValueError, match="n_targets must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="n_targets must be >= 1, got 0"):
         attacks.apgd_t(net, x, y, eps=0.1, n_targets=0)
-    with pytest.raises(ValueError, match="eot_iter must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="eot_iter must be >= 1, got 0"):
         attacks.apgd(net, x, y, eps=0.1, eot_iter=0)
 
 

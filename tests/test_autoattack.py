@@ -196,7 +196,7 @@ def test_custom_list_entries_and_errors(tiny):
         attacks.autoattack(net, x, y, eps=0.1, attacks=["autoattack"])
     with pytest.raises(ValueError, match="version must be one of"):
         attacks.autoattack(net, x, y, eps=0.1, version="plus")
-    with pytest.raises(ValueError, match="queries must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="queries must be >= 1, got 0"):
         attacks.autoattack(net, x, y, eps=0.1, queries=0)
 
 

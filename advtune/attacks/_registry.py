@@ -25,10 +25,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from advtune._numbers import parse_number, parse_value
 from advtune.attacks.threat import ThreatModel, threat_model, threat_names
 from advtune.errors import UserError, suggest
 
 __all__ = [
+    "BUDGET_MAX",
     "CONVENTIONS",
     "NORMS",
     "REQUIRED",
@@ -62,15 +64,17 @@ class _Marker:
 REQUIRED: Any = _Marker("REQUIRED")
 _UNSET: Any = _Marker("UNSET")
 
+#: The upper bound of a budget that declares none: huge values fail before any work
+#: (a typo of ``steps=10**9`` is an error, not a run that never ends).
+BUDGET_MAX = 1_000_000
+
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def _number(text: str, what: str = "number") -> float:
-    # "4/255", "0.5", "1e-3"; the presets module owns the one number grammar.
-    from advtune.presets import parse_number
-
-    return parse_number(text, what=what)
+def _num(v: float) -> str:
+    # Bounds as written: 1000000 rather than 1e+06, 0.5 as 0.5.
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
 # Integers: digits, or a whole fraction/float such as "20/2" or "1e3".
@@ -86,8 +90,10 @@ class Param:
         type: ``int``, ``float``, ``bool`` or ``str``.
         default: Default value, or :data:`REQUIRED` (no default; ``eps``).
         low: Smallest allowed value (numbers), or ``None``.
-        high: Largest allowed value (numbers), or ``None``.
+        high: Largest allowed value (numbers), or ``None`` (a budget then gets
+            :data:`BUDGET_MAX`).
         low_open: ``low`` itself is excluded (``> low`` rather than ``>= low``).
+        high_open: ``high`` itself is excluded (``< high``).
         choices: Allowed values (strings), or ``None``.
         nullable: ``None`` is allowed (``step_size=None``: derived from other values).
         role: ``"radius"`` (the threat model's ``eps``), ``"budget"`` (a cost: run time
@@ -103,6 +109,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     role: str | None = None
@@ -116,6 +123,8 @@ class Param:
             raise ValueError(f"Param {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
         if self.role == "budget" and self.type is not int:
             raise ValueError(f"Param {self.name!r}: a budget must be an int")
+        if self.role == "budget" and self.high is None:
+            object.__setattr__(self, "high", BUDGET_MAX)
         if self.default is not REQUIRED:
             self.validate(self.default)
         if self.cheap is not _UNSET:
@@ -138,16 +147,26 @@ class Param:
             return self.cheap_value
         return math.floor(self.low) + (1 if self.low_open else 0)
 
+    def _range(self) -> str:
+        """``">= 1"``, ``"<= 5"`` or ``"in (0, 1]"``: the bounds as text (``""``: none)."""
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(low)}, {_num(high)}{right}"
+        if low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(low)}"
+        if high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(high)}"
+        return ""
+
     def describe(self) -> str:
-        """``"steps: int >= 1, default 10"``: one line for listings and messages."""
+        """``"steps: integer in [1, 1000000], default 10"``: one line for listings."""
         kind = {int: "integer", float: "number", bool: "bool", str: "string"}.get(
             self.type, "value"
         )
         parts = [kind]
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"<= {self.high:g}")
+        if self._range():
+            parts.append(self._range())
         if self.choices:
             parts = [f"one of {', '.join(map(str, self.choices))}"]
         if self.nullable:
@@ -156,7 +175,11 @@ class Param:
         return text + ("" if self.required else f", default {self.default!r}")
 
     def validate(self, value: Any) -> Any:
-        """``value`` normalised (ints to float for a float), or ``ValueError`` naming it."""
+        """``value`` normalised (ints to float for a float), or ``ValueError`` naming it.
+
+        Messages name the value and the bound it violates: ``"steps must be >= 1, got
+        0"``, ``"beta must lie in (0, 1], got 1.5"``.
+        """
         if value is None and self.nullable:
             return None
         name = self.name
@@ -195,10 +218,11 @@ class Param:
             value = float(value)
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             raise ValueError(
-                f"{name} must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+                f"{name} must be {'>' if self.low_open else '>='} {_num(self.low)}, got {value!r}"
             )
-        if self.high is not None and value > self.high:
-            raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            verb = "be" if self.low is None else "lie"
+            raise ValueError(f"{name} must {verb} {self._range()}, got {value!r}")
         return value
 
     def parse(self, text: str) -> Any:
@@ -218,16 +242,14 @@ class Param:
             if self.type is int:
                 if not _INT.fullmatch(raw):
                     raise ValueError(f"invalid {self.name} {raw!r}: expected an integer like 10")
-                number = _number(raw)
+                number = parse_number(raw)
                 if number != int(number):
                     raise ValueError(f"{self.name} must be a whole number, got {raw!r}")
                 return self.validate(int(number))
             if self.type is float:
-                return self.validate(_number(raw, self.name))
+                return self.validate(parse_number(raw, what=self.name))
             if self.type is object:
                 # Untyped (derived from a None default): the generic --param typing.
-                from advtune.presets import parse_value
-
                 return parse_value(raw)
             if self.choices is not None and raw not in self.choices:
                 raise UserError(

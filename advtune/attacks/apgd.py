@@ -9,6 +9,8 @@ adversarial robustness with an ensemble of diverse parameter-free attacks", ICML
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,16 +18,14 @@ import torch
 from torch import nn
 
 from advtune.attacks import _masking
+from advtune.attacks._loop import EPS
 from advtune.attacks._random import resolve_seeds, sample_generators
-from advtune.attacks._registry import register
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
     ce_loss,
-    check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
     finish,
     margin_loss,
     success_of,
@@ -33,7 +33,7 @@ from advtune.attacks._result import (
 )
 from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["apgd", "apgd_t", "checkpoints", "dlr_loss"]
+__all__ = ["APGD_PARAMS", "APGD_T_PARAMS", "RUNS", "apgd", "apgd_t", "checkpoints", "dlr_loss"]
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -286,26 +286,26 @@ def _drive(
     steps: int,
     restarts: int,
     eot_iter: int,
+    large_eps: bool,
     stream: int,
     objective: Objective,
     rounds: Callable[..., list[_Targets]],
 ) -> AttackResult:
-    """Validate, then run APGD rounds on the samples still robust, keeping each one's best.
+    """Run APGD rounds on the samples still robust, keeping each one's best.
 
-    ``rounds(guard, x0, y, target, restarts)`` (validated values) lists one ``(loss
+    Hyperparameters arrive validated against the declared :class:`Param` s (the
+    registry wraps the attack). ``rounds(guard, x0, y, target, restarts)`` lists one ``(loss
     target, success target)`` pair of ``(N,)`` tensors (or ``None``) per run: restarts,
     or APGD-T's targets in turn. ``norm`` and ``eps`` become one threat object here; its
     name picks the inner loop (:data:`RUNS`).
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    if not isinstance(norm, ThreatModel):
-        norm = check_choice("norm", norm, tuple(RUNS))
     threat = threat_model(norm, eps)
-    steps = check_int("steps", steps, minimum=1)
-    restarts = check_int("restarts", restarts, minimum=1)
-    eot_iter = check_int("eot_iter", eot_iter, minimum=1)
-    run_once = RUNS[threat.name]
+    if large_eps and threat.name != "l1":
+        raise ValueError(f"large_eps is for norm='l1' only, got norm={threat.name!r}")
+    if large_eps and steps < 3:
+        raise ValueError(f"large_eps needs steps >= 3 (three stages), got {steps}")
+    run_once = functools.partial(RUNS[threat.name], large_eps=large_eps)
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
         n = x0.shape[0]
@@ -335,18 +335,196 @@ def _run_from_surface(
     objective: Objective,
     threat: ThreatModel,
     steps: int,
+    *,
+    large_eps: bool,
 ) -> _Run:
     # L∞ and L2: Algorithm 1 from a random point at distance exactly eps.
     start = threat.surface_start(x, gens)
     return _run(grad, x, start, y, t_loss, t_goal, objective, threat, steps)
 
 
+L1_SHRINK = 1.5  # l1-APGD: step-size divisor at a checkpoint, and sparsity = L0 / 1.5
+L1_MIN_STEP = 10  # ... the step never falls below eps / 10
+L1_SPARSITY = 0.2  # the fraction of coordinates the first steps move
+
+
+def _l0(delta: torch.Tensor) -> torch.Tensor:
+    return (delta != 0).flatten(1).sum(dim=1).to(delta.dtype)
+
+
+def _run_l1(
+    grad: _Gradient,
+    x: torch.Tensor,
+    start: torch.Tensor,
+    y: torch.Tensor,
+    t_loss: torch.Tensor | None,
+    t_goal: torch.Tensor | None,
+    objective: Objective,
+    threat: ThreatModel,
+    steps: int,
+    *,
+    sparsity_from_start: bool,
+    stop_on_success: bool,
+) -> _Run:
+    """One l1-APGD run (Croce & Hein, ICML 2021) from ``start``.
+
+    Each step moves the ``k · D`` coordinates with the largest gradient by ``±η / count``
+    (:meth:`L1.ascent` with ``sparsity=k``) and projects exactly onto the L1 ball ∩ box;
+    no momentum. Every ``max(int(0.04 · steps), 1)`` steps ``k`` becomes the sparsity of
+    the best point over 1.5; where that sparsity fell below 95 % of the last one, ``η``
+    resets to ``eps`` and the iterate to the best point, elsewhere ``η`` is divided by
+    1.5 (never below ``eps / 10``). ``k`` starts at 0.2 (or, from a given start, at its
+    sparsity over 1.5). Without ``stop_on_success`` every sample runs every step and
+    returns its best-loss point (the larger-eps stages of :func:`_run_l1_stages`).
+    """
+    eps = threat._radius()
+    n_fts = x[0].numel()
+    g, logits, loss = grad(start, y, t_loss, objective)
+    out_x, out_logits = start.clone(), logits.clone()
+    out_broken = success_of(logits, y, t_goal)
+    if not stop_on_success:
+        out_broken = torch.zeros_like(out_broken)
+    out_loss = loss.clone()
+    period = max(4 * steps // 100, 1)
+    idx = (~out_broken).nonzero().flatten()
+    if sparsity_from_start:
+        sp_old = _l0(start[idx] - x[idx])
+        k = sp_old / n_fts / L1_SHRINK
+    else:
+        k = torch.full((idx.numel(),), L1_SPARSITY, dtype=x.dtype, device=x.device)
+        sp_old = torch.full_like(k, float(n_fts))
+    s = {
+        "x0": x[idx],
+        "y": y[idx],
+        "cur": start[idx],
+        "g": g[idx],
+        "best": start[idx],
+        "g_best": g[idx],
+        "best_logits": logits[idx],
+        "loss_best": loss[idx],
+        "eta": torch.full((idx.numel(),), eps, dtype=x.dtype, device=x.device),
+        "k": k,
+        "sp_old": sp_old,
+    }
+    for key, full in (("tl", t_loss), ("tg", t_goal)):
+        if full is not None:
+            s[key] = full[idx]
+    ascent = threat.ascent
+    for i in range(steps):
+        if idx.numel() == 0:
+            break
+        step = _expand(s["eta"], s["cur"]) * ascent(s["g"], sparsity=s["k"])  # type: ignore[call-arg]
+        z = threat.project(s["cur"] + step, s["x0"])
+        g, logits, loss = grad(z, s["y"], s.get("tl"), objective)
+        s["cur"], s["g"] = z, g
+        better = loss > s["loss_best"]
+        s["best"] = torch.where(_expand(better, z), z, s["best"])
+        s["g_best"] = torch.where(_expand(better, g), g, s["g_best"])
+        s["best_logits"] = torch.where(better[:, None], logits, s["best_logits"])
+        s["loss_best"] = torch.where(better, loss, s["loss_best"])
+        if (i + 1) % period == 0:
+            sp = _l0(s["best"] - s["x0"])
+            reset = sp / s["sp_old"] < 0.95
+            s["k"], s["sp_old"] = sp / n_fts / L1_SHRINK, sp
+            eta = torch.where(reset, torch.full_like(s["eta"], eps), s["eta"] / L1_SHRINK)
+            s["eta"] = eta.clamp(eps / L1_MIN_STEP, eps)
+            s["cur"] = torch.where(_expand(reset, z), s["best"], s["cur"])
+            s["g"] = torch.where(_expand(reset, g), s["g_best"], s["g"])
+        if not stop_on_success:
+            continue
+        won = success_of(logits, s["y"], s.get("tg"))
+        if bool(won.any()):
+            hit = idx[won]
+            out_x[hit], out_logits[hit], out_broken[hit] = z[won], logits[won], True
+            out_loss[hit] = loss[won]
+            keep = ~won
+            idx = idx[keep]
+            s = {key: v[keep] for key, v in s.items()}
+    if idx.numel():
+        out_x[idx], out_logits[idx], out_loss[idx] = s["best"], s["best_logits"], s["loss_best"]
+    return _Run(x=out_x, logits=out_logits, broken=out_broken, loss=out_loss)
+
+
+def _run_l1_stages(
+    grad: _Gradient,
+    x: torch.Tensor,
+    gens: list[torch.Generator],
+    y: torch.Tensor,
+    t_loss: torch.Tensor | None,
+    t_goal: torch.Tensor | None,
+    objective: Objective,
+    threat: ThreatModel,
+    steps: int,
+    *,
+    large_eps: bool,
+) -> _Run:
+    """l1-APGD from a projected Gaussian; with ``large_eps`` in three stages.
+
+    ``large_eps`` (the official L1 ensemble's setting): ``ceil(0.3 · steps)`` steps at
+    ``3 · eps``, as many at ``2 · eps``, the rest at ``eps``, each stage starting from
+    the previous stage's best point projected onto its ball; only the last stage's
+    successes count. ``0.3 · steps`` is a float, as in the official code
+    (``ceil(0.3 · 100) = 31``: stages of 31, 31 and 38 steps).
+    """
+    eps = threat._radius()
+    if not large_eps:
+        start = threat.surface_start(x, gens)
+        return _run_l1(
+            grad, x, start, y, t_loss, t_goal, objective, threat, steps,
+            sparsity_from_start=False, stop_on_success=True,
+        )  # fmt: skip
+    first = math.ceil(0.3 * steps)
+    current = threat.with_eps(3 * eps).surface_start(x, gens)
+    for radius in (3 * eps, 2 * eps):
+        stage = threat.with_eps(radius)
+        current = _run_l1(
+            grad, x, stage.project(current, x), y, t_loss, t_goal, objective, stage, first,
+            sparsity_from_start=True, stop_on_success=False,
+        ).x  # fmt: skip
+    return _run_l1(
+        grad, x, threat.project(current, x), y, t_loss, t_goal, objective, threat,
+        steps - 2 * first, sparsity_from_start=True, stop_on_success=True,
+    )  # fmt: skip
+
+
 #: The inner loop per threat model (by name): ``(grad, x, gens, y, t_loss, t_goal,
-#: objective, threat, steps) -> _Run``. A norm APGD supports is a key here.
-RUNS: dict[str, Callable[..., _Run]] = {"linf": _run_from_surface, "l2": _run_from_surface}
+#: objective, threat, steps, *, large_eps) -> _Run``. A norm APGD supports is a key here.
+RUNS: dict[str, Callable[..., _Run]] = {
+    "linf": _run_from_surface,
+    "l2": _run_from_surface,
+    "l1": _run_l1_stages,
+}
 
 
-@register("apgd", norm="linf", randomized=True)
+def _apgd_params(*extra: Param) -> tuple[Param, ...]:
+    norm = Param("norm", str, "linf", choices=tuple(RUNS), role="norm", help="threat model")
+    steps = Param("steps", int, 100, low=1, role="budget", cheap=3, help="iterations per run")
+    restarts = Param(
+        "restarts", int, 1, low=1, high=1000, role="budget", cheap=1,
+        help="runs per sample (per target class for apgd_t)",
+    )  # fmt: skip
+    eot_iter = Param("eot_iter", int, 1, low=1, high=1000, help="EOT gradients per step")
+    large_eps = Param(
+        "large_eps", bool, False,
+        help="l1 only: 30 % of the steps at 3·eps, 30 % at 2·eps, then eps (official L1)",
+    )  # fmt: skip
+    return (EPS, norm, steps, restarts, eot_iter, large_eps, *extra)
+
+
+#: APGD's hyperparameters, declared once (validation, presets, CLI, tests read them).
+APGD_PARAMS = _apgd_params(
+    Param("loss", str, "ce", choices=tuple(LOSSES), help="objective: ce or dlr"),
+)
+#: APGD-T's hyperparameters.
+APGD_T_PARAMS = _apgd_params(
+    Param(
+        "n_targets", int, 9, low=1, high=1000, role="budget", cheap=2,
+        help="target classes tried per sample",
+    ),
+)  # fmt: skip
+
+
+@register("apgd", norm="linf", randomized=True, params=APGD_PARAMS)
 def apgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -358,6 +536,7 @@ def apgd(
     steps: int = 100,
     restarts: int = 1,
     eot_iter: int = 1,
+    large_eps: bool = False,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
@@ -378,7 +557,9 @@ def apgd(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball (absolute pixel units), ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (l1-APGD, Croce & Hein, ICML 2021: sparse
+            steps, exact projection onto the L1 ball ∩ box, an adaptive sparsity; see
+            docs/autoattack.md), or a threat object of one of these.
         loss: ``"ce"`` (cross-entropy; −CE of the target when targeted) or ``"dlr"`` (the
             Difference of Logits Ratio, :func:`dlr_loss`; targeted DLR when targeted).
         steps: Iterations per run, ``>= 1`` (the checkpoints scale with it).
@@ -386,6 +567,8 @@ def apgd(
             remaining runs, the others keep the run with the highest loss.
         eot_iter: Gradients averaged per step (Expectation over Transformation, for
             randomised models); ``1`` for deterministic models.
+        large_eps: L1 only: 30 % of the steps at ``3 · eps``, 30 % at ``2 · eps``, the
+            rest at ``eps`` (the official L1 ensemble's setting); ``steps >= 3``.
         target: Optional ``(N,)`` target classes (each ≠ ``y``): success means the
             prediction equals the target.
         generator: Source of the random starts when ``seeds`` is not given.
@@ -399,10 +582,9 @@ def apgd(
     Raises:
         ValueError: Invalid inputs or hyperparameters; DLR with fewer than 3 classes.
     """
-    loss = check_choice("loss", loss, tuple(LOSSES))
     return _drive(
         model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
-        steps=steps, restarts=restarts, eot_iter=eot_iter,
+        steps=steps, restarts=restarts, eot_iter=eot_iter, large_eps=large_eps,
         stream=_STREAMS[loss if target is None or loss == "ce" else "dlr_t"],
         objective=LOSSES[loss], rounds=_restarts,
     )  # fmt: skip
@@ -414,7 +596,7 @@ def _restarts(
     return [(target, target)] * restarts
 
 
-@register("apgd_t", norm="linf", randomized=True)
+@register("apgd_t", norm="linf", randomized=True, params=APGD_T_PARAMS)
 def apgd_t(
     model: nn.Module,
     x: torch.Tensor,
@@ -426,6 +608,7 @@ def apgd_t(
     n_targets: int = 9,
     restarts: int = 1,
     eot_iter: int = 1,
+    large_eps: bool = False,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
@@ -443,12 +626,13 @@ def apgd_t(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball, ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (see :func:`apgd`).
         steps: Iterations per run, ``>= 1``.
         n_targets: Target classes tried per sample, ``>= 1``; at most ``K − 1`` are used
             (a larger value runs every other class, as there are no more).
         restarts: Runs per target class, ``>= 1``.
         eot_iter: Gradients averaged per step (EOT), ``>= 1``.
+        large_eps: L1 only: the three-stage radius schedule (see :func:`apgd`).
         target: If given, ``(N,)`` classes (each ≠ ``y``) used as the only target, and
             success then means the prediction equals it (a targeted attack, like every
             advtune attack with ``target=``); ``n_targets`` is ignored.
@@ -463,7 +647,6 @@ def apgd_t(
     Raises:
         ValueError: Invalid inputs or hyperparameters, fewer than 4 classes.
     """
-    n_targets = check_int("n_targets", n_targets, minimum=1)
 
     def rounds(
         guard: ModelGuard, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, runs: int
@@ -478,6 +661,7 @@ def apgd_t(
 
     return _drive(
         model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
-        steps=steps, restarts=restarts, eot_iter=eot_iter, stream=_STREAMS["dlr_t"],
+        steps=steps, restarts=restarts, eot_iter=eot_iter, large_eps=large_eps,
+        stream=_STREAMS["dlr_t"],
         objective=dlr_loss, rounds=rounds,
     )  # fmt: skip

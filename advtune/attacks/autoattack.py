@@ -19,23 +19,23 @@ import torch
 from torch import nn
 
 from advtune.attacks import _masking
+from advtune.attacks._loop import EPS
 from advtune.attacks._random import resolve_seeds
-from advtune.attacks._registry import get, names, register, spec
+from advtune.attacks._registry import Param, get, names, register, spec
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
     ce_loss,
     check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
     finish,
     success_of,
 )
-from advtune.attacks.threat import ThreatModel, threat_model
+from advtune.attacks.threat import threat_model
 from advtune.errors import UserError, suggest
 
 __all__ = [
+    "AUTOATTACK_PARAMS",
     "BLACK_BOX",
     "COMPONENTS",
     "VERSIONS",
@@ -63,6 +63,24 @@ NORMS = ("linf", "l2")
 BLACK_BOX = frozenset({"square"})
 # The official budgets (AutoAttack's standard version).
 _STEPS, _N_TARGETS, _QUERIES, _EOT_RAND = 100, 9, 5000, 20
+
+
+#: AutoAttack's hyperparameters, declared once (validation, presets, CLI, tests read them).
+AUTOATTACK_PARAMS = (
+    EPS,
+    Param("norm", str, "linf", choices=NORMS, role="norm", help="threat model"),
+    Param("version", str, None, choices=(*VERSIONS, "custom"), nullable=True,
+          help="official version (None: standard, or custom with attacks)"),
+    Param("attacks", object, None, nullable=True, help="custom list of components"),
+    Param("steps", int, None, low=1, nullable=True, role="budget", cheap=3,
+          help="iterations of the gradient components (official: 100)"),
+    Param("n_targets", int, None, low=1, high=1000, nullable=True, role="budget", cheap=2,
+          help="target classes of APGD-T and FAB-T (official: 9)"),
+    Param("queries", int, None, low=1, nullable=True, role="budget", cheap=20,
+          help="queries of Square (official: 5000)"),
+    Param("eot_iter", int, None, low=1, high=1000, nullable=True,
+          help="EOT gradients per APGD step (official: 1, or 20 with rand)"),
+)  # fmt: skip
 
 
 class MissingComponentWarning(UserWarning):
@@ -176,7 +194,7 @@ def _budget(
     }
 
 
-@register("autoattack", norm="linf", randomized=True)
+@register("autoattack", norm="linf", randomized=True, params=AUTOATTACK_PARAMS)
 def autoattack(
     model: nn.Module,
     x: torch.Tensor,
@@ -237,18 +255,7 @@ def autoattack(
         ValueError: Invalid inputs or hyperparameters, unknown components.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    if not isinstance(norm, ThreatModel):
-        norm = check_choice("norm", norm, NORMS)
     threat = threat_model(norm, eps)
-    for key, value in (
-        ("steps", steps),
-        ("n_targets", n_targets),
-        ("queries", queries),
-        ("eot_iter", eot_iter),
-    ):
-        if value is not None:
-            check_int(key, value, minimum=1)
     version, plan = _plan(version, attacks)
     n = x.shape[0]
     per_sample = resolve_seeds(n, generator=generator, seeds=seeds).to(x.device)

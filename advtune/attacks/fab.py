@@ -16,16 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from advtune.attacks._loop import EPS
 from advtune.attacks._random import STREAM_START, resolve_seeds, sample_generators
-from advtune.attacks._registry import register
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
-    check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
-    check_positive,
     clip_unit,
     finish,
     margin_loss,
@@ -34,10 +31,34 @@ from advtune.attacks._result import (
 )
 from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["fab", "project_hyperplane_box"]
+__all__ = ["FAB_PARAMS", "fab", "project_hyperplane_box"]
+
+#: Per threat model (by name), the weight ``v_i`` of coordinate *i* in the minimal move
+#: onto a hyperplane (see :func:`project_hyperplane_box`) from ``|w_i|``. A norm FAB
+#: supports is a key here.
+_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "linf": torch.ones_like,
+    "l2": lambda aw: aw,
+}
+
+#: FAB's hyperparameters, declared once (validation, presets, CLI, tests read them).
+FAB_PARAMS = (
+    EPS,
+    Param("norm", str, "linf", choices=tuple(_WEIGHTS), role="norm", help="threat model"),
+    Param("steps", int, 100, low=1, role="budget", cheap=3, help="iterations per run"),
+    Param("n_targets", int, 9, low=1, high=1000, role="budget", cheap=2,
+          help="FAB-T: runner-up classes tried"),
+    Param("targeted", bool, True, help="FAB-T (one boundary per run) or untargeted FAB"),
+    Param("restarts", int, 1, low=1, high=1000, role="budget", cheap=1,
+          help="runs per target class"),
+    Param("alpha_max", float, 0.1, low=0.0, high=1.0, help="largest weight of x's projection"),
+    Param("eta", float, 1.05, low=1.0, high=10.0, help="overshoot past the boundary"),
+    Param("beta", float, 0.9, low=0.0, low_open=True, high=1.0,
+          help="backward step towards x after a success"),
+)  # fmt: skip
 
 
-@register("fab", norm="linf", randomized=False)
+@register("fab", norm="linf", randomized=False, params=FAB_PARAMS)
 def fab(
     model: nn.Module,
     x: torch.Tensor,
@@ -107,24 +128,7 @@ def fab(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    if not isinstance(norm, ThreatModel):
-        norm = check_choice("norm", norm, tuple(_WEIGHTS))
     threat = threat_model(norm, eps)
-    steps = check_int("steps", steps, minimum=1)
-    n_targets = check_int("n_targets", n_targets, minimum=1)
-    restarts = check_int("restarts", restarts, minimum=1)
-    alpha_max = check_nonnegative("alpha_max", alpha_max)
-    if alpha_max > 1:
-        raise ValueError(f"alpha_max must lie in [0, 1], got {alpha_max!r}")
-    eta = check_positive("eta", eta)
-    if eta < 1:
-        raise ValueError(f"eta must be >= 1, got {eta!r}")
-    beta = check_positive("beta", beta)
-    if beta > 1:
-        raise ValueError(f"beta must lie in (0, 1], got {beta!r}")
-    if not isinstance(targeted, bool):
-        raise ValueError(f"targeted must be a bool, got {targeted!r}")
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
@@ -166,15 +170,6 @@ def fab(
                 best[todo[won]] = found[won]
                 robust[todo[won]] = False
         return finish(guard, x, best, y, target)
-
-
-#: Per threat model (by name), the weight ``v_i`` of coordinate *i* in the minimal move
-#: onto a hyperplane (see :func:`project_hyperplane_box`) from ``|w_i|``. A norm FAB
-#: supports is a key here.
-_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "linf": torch.ones_like,
-    "l2": lambda aw: aw,
-}
 
 
 def project_hyperplane_box(

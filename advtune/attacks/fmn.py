@@ -5,22 +5,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._minnorm import Smallest, check_fraction, cosine_anneal
-from advtune.attacks._registry import register
+from advtune.attacks._minnorm import FRACTION, Smallest, cosine_anneal
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
-    check_choice,
     check_inputs,
-    check_int,
-    check_positive,
     margin_loss,
     success_of,
     work_dtype,
 )
-from advtune.attacks.threat import ThreatModel, threat_model
+from advtune.attacks.threat import threat_model
 
-__all__ = ["fmn"]
+__all__ = ["FMN_PARAMS", "fmn"]
 
 #: The threat models FMN minimises (its step is the L2-normalised gradient; the norm
 #: decides the radius update and the projection, :meth:`ThreatModel.shrink`).
@@ -29,7 +26,19 @@ NORMS = ("l2", "linf")
 _TINY = 1e-12  # floor for gradient norms (a flat gradient gives a zero step, not NaN)
 
 
-@register("fmn", norm="l2")
+#: FMN's hyperparameters, declared once (validation, presets, CLI, tests read them).
+FMN_PARAMS = (
+    Param("steps", int, 100, low=1, role="budget", cheap=3, help="gradient steps"),
+    Param("norm", str, "l2", choices=NORMS, role="norm", help="the norm minimised"),
+    Param("alpha_init", float, 1.0, low=0.0, low_open=True, high=1e4, help="first step length"),
+    Param("alpha_final", float, None, low=0.0, low_open=True, high=1e4, nullable=True,
+          help="last step length; None: alpha_init / 100"),
+    Param("gamma_init", float, 0.05, **FRACTION, help="first relative change of the radius"),
+    Param("gamma_final", float, 0.001, **FRACTION, help="last relative change of the radius"),
+)  # fmt: skip
+
+
+@register("fmn", norm="l2", params=FMN_PARAMS)
 def fmn(
     model: nn.Module,
     x: torch.Tensor,
@@ -89,16 +98,8 @@ def fmn(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    steps = check_int("steps", steps, minimum=1)
-    if not isinstance(norm, ThreatModel):
-        norm = check_choice("norm", norm, NORMS)
     threat = threat_model(norm)
-    alpha_init = check_positive("alpha_init", alpha_init)
-    alpha_final = (
-        alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
-    )
-    gamma_init = check_fraction("gamma_init", gamma_init)
-    gamma_final = check_fraction("gamma_final", gamma_final)
+    alpha_final = alpha_init / 100 if alpha_final is None else alpha_final
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         wd = work_dtype(x)

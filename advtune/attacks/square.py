@@ -16,17 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from advtune.attacks._loop import EPS
 from advtune.attacks._random import STREAM_START, resolve_seeds, sample_generators
-from advtune.attacks._registry import register
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     LOSSES,
     AttackResult,
     ModelGuard,
-    check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
-    check_positive,
     clip_unit,
     finish,
     norms,
@@ -35,7 +32,7 @@ from advtune.attacks._result import (
 )
 from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["p_schedule", "square"]
+__all__ = ["SQUARE_PARAMS", "p_schedule", "square"]
 
 
 @dataclass(frozen=True)
@@ -58,11 +55,22 @@ _PROPOSALS: dict[str, _Proposal] = {
     ),
 }
 
+#: Square's hyperparameters, declared once (validation, presets, CLI, tests read them).
+SQUARE_PARAMS = (
+    EPS,
+    Param("norm", str, "linf", choices=tuple(_PROPOSALS), role="norm", help="threat model"),
+    Param("queries", int, 5000, low=1, role="budget", cheap=20, help="queries per sample"),
+    Param("p_init", float, 0.8, low=0.0, low_open=True, high=1.0,
+          help="initial fraction of the image a window covers"),
+    Param("loss", str, "margin", choices=tuple(LOSSES), help="objective: margin or ce"),
+    Param("rescale_schedule", bool, False, help="stretch p's schedule over queries"),
+)  # fmt: skip
+
 # Rescaled iteration counts (out of 10 000) after which p halves, as in the paper.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-@register("square", norm="linf", randomized=True)
+@register("square", norm="linf", randomized=True, params=SQUARE_PARAMS)
 def square(
     model: nn.Module,
     x: torch.Tensor,
@@ -123,17 +131,8 @@ def square(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    if not isinstance(norm, ThreatModel):
-        norm = check_choice("norm", norm, tuple(_PROPOSALS))
     threat = threat_model(norm, eps)
-    queries = check_int("queries", queries, minimum=1)
-    p_init = check_positive("p_init", p_init)
-    if p_init > 1:
-        raise ValueError(f"p_init must lie in (0, 1], got {p_init!r}")
-    objective = LOSSES[check_choice("loss", loss, tuple(LOSSES))]
-    if not isinstance(rescale_schedule, bool):
-        raise ValueError(f"rescale_schedule must be a bool, got {rescale_schedule!r}")
+    objective = LOSSES[loss]
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         wd = work_dtype(x)
