@@ -150,53 +150,128 @@ class _Gradient:
         return total, logits, losses[-1].to(x.dtype)
 
 
-def _run(
-    grad: _Gradient,
-    x: torch.Tensor,
-    start: torch.Tensor,
-    y: torch.Tensor,
-    t_loss: torch.Tensor | None,
-    t_goal: torch.Tensor | None,
-    objective: Objective,
-    threat: ThreatModel,
-    steps: int,
-) -> _Run:
-    """One APGD run (Algorithm 1, L∞ or L2) from ``start``; broken samples stop being attacked.
+@dataclass
+class _Task:
+    """What the runs of one round share: the samples, their targets and the objective.
 
     ``t_loss`` is the target the loss aims at, ``t_goal`` the one success is judged on
     (``None``: untargeted). APGD-T uses a ``t_loss`` with ``t_goal=None``.
     """
-    g, logits, loss = grad(start, y, t_loss, objective)
-    out_x, out_logits = start.clone(), logits.clone()
-    out_broken = success_of(logits, y, t_goal)
-    out_loss = loss.clone()
+
+    grad: _Gradient
+    x: torch.Tensor
+    y: torch.Tensor
+    t_loss: torch.Tensor | None
+    t_goal: torch.Tensor | None
+    objective: Objective
+
+    def __call__(self, z: torch.Tensor, s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``(grad, logits, loss)`` at iterates ``z`` of the samples in state ``s``."""
+        return self.grad(z, s["y"], s.get("tl"), self.objective)
+
+
+class _State:
+    """What one APGD run tracks: per-sample tensors of the samples still attacked (``s``,
+    ``idx`` maps them into the batch) and what the run returns for every sample."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        y: torch.Tensor,
+        t_loss: torch.Tensor | None,
+        t_goal: torch.Tensor | None,
+        first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        stop_on_success: bool = True,
+    ) -> None:
+        g, logits, loss = first
+        self.out_x, self.out_logits = start.clone(), logits.clone()
+        self.out_broken = success_of(logits, y, t_goal)
+        if not stop_on_success:
+            self.out_broken = torch.zeros_like(self.out_broken)
+        self.stop_on_success = stop_on_success
+        self.out_loss = loss.clone()
+        self.idx = (~self.out_broken).nonzero().flatten()
+        idx = self.idx
+        self.s = {
+            "x0": x[idx], "y": y[idx], "cur": start[idx], "g": g[idx], "best": start[idx],
+            "g_best": g[idx], "best_logits": logits[idx], "loss_best": loss[idx],
+        }  # fmt: skip
+        for key, full in (("tl", t_loss), ("tg", t_goal)):
+            if full is not None:
+                self.s[key] = full[idx]
+
+    def add(self, **values: torch.Tensor) -> None:
+        """More per-sample state (already restricted to the samples attacked)."""
+        self.s.update(values)
+
+    def record(
+        self, z: torch.Tensor, g: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor
+    ) -> None:
+        """The new iterate and its gradient; the best point where the loss rose."""
+        s = self.s
+        s["cur"], s["g"] = z, g
+        better = loss > s["loss_best"]
+        s["best"] = torch.where(_expand(better, z), z, s["best"])
+        s["g_best"] = torch.where(_expand(better, g), g, s["g_best"])
+        s["best_logits"] = torch.where(better[:, None], logits, s["best_logits"])
+        s["loss_best"] = torch.where(better, loss, s["loss_best"])
+
+    def restart(self, where: torch.Tensor) -> None:
+        """Move the samples ``where`` back to their best point and its gradient."""
+        s = self.s
+        s["cur"] = torch.where(_expand(where, s["cur"]), s["best"], s["cur"])
+        s["g"] = torch.where(_expand(where, s["g"]), s["g_best"], s["g"])
+
+    def drop_won(self, z: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor) -> None:
+        """Keep the successful iterates and stop attacking those samples."""
+        if not self.stop_on_success:
+            return
+        won = success_of(logits, self.s["y"], self.s.get("tg"))
+        if bool(won.any()):
+            hit = self.idx[won]
+            self.out_x[hit], self.out_logits[hit], self.out_broken[hit] = z[won], logits[won], True
+            self.out_loss[hit] = loss[won]
+            keep = ~won
+            self.idx = self.idx[keep]
+            self.s = {key: v[keep] for key, v in self.s.items()}
+
+    def result(self) -> _Run:
+        """Successful iterates where broken, the best-loss point elsewhere."""
+        idx, s = self.idx, self.s
+        if idx.numel():
+            self.out_x[idx], self.out_logits[idx] = s["best"], s["best_logits"]
+            self.out_loss[idx] = s["loss_best"]
+        return _Run(
+            x=self.out_x, logits=self.out_logits, broken=self.out_broken, loss=self.out_loss
+        )
+
+
+def _run(
+    task: _Task,
+    start: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+) -> _Run:
+    """One APGD run (Algorithm 1, L∞ or L2) from ``start``; broken samples stop being attacked."""
+    x = task.x
+    first = task.grad(start, task.y, task.t_loss, task.objective)
+    state = _State(x, start, task.y, task.t_loss, task.t_goal, first)
     eps = threat._radius()
     marks = set(checkpoints(steps))
     last_mark = 0
-    # Per-sample state of the samples still being attacked (``idx`` maps into the batch).
-    idx = (~out_broken).nonzero().flatten()
-    s = {
-        "x0": x[idx],
-        "y": y[idx],
-        "cur": start[idx],
-        "prev": start[idx],
-        "g": g[idx],
-        "best": start[idx],
-        "g_best": g[idx],
-        "best_logits": logits[idx],
-        "loss_best": loss[idx],
-        "loss_prev": loss[idx],
-        "loss_mark": loss[idx],
-        "eta": torch.full((idx.numel(),), 2.0 * eps, dtype=x.dtype, device=x.device),
-        "ups": torch.zeros(idx.numel(), dtype=torch.long, device=x.device),
-        "halved": torch.zeros(idx.numel(), dtype=torch.bool, device=x.device),
-    }
-    for key, full in (("tl", t_loss), ("tg", t_goal)):
-        if full is not None:
-            s[key] = full[idx]
+    n, loss0 = state.idx.numel(), first[2][state.idx]
+    state.add(
+        prev=state.s["cur"], loss_prev=loss0, loss_mark=loss0,
+        eta=torch.full((n,), 2.0 * eps, dtype=x.dtype, device=x.device),
+        ups=torch.zeros(n, dtype=torch.long, device=x.device),
+        halved=torch.zeros(n, dtype=torch.bool, device=x.device),
+    )  # fmt: skip
     for k in range(steps):
-        if idx.numel() == 0:
+        if state.idx.numel() == 0:
             break
+        s = state.s
         eta = _expand(s["eta"], s["cur"])
         z = threat.project(s["cur"] + eta * threat.ascent(s["g"]), s["x0"])
         if k > 0:
@@ -206,15 +281,10 @@ def _run(
                 s["cur"] + MOMENTUM * (z - s["cur"]) + (1 - MOMENTUM) * move, s["x0"]
             )
         s["prev"] = s["cur"]
-        g, logits, loss = grad(z, s["y"], s.get("tl"), objective)
-        s["cur"], s["g"] = z, g
+        g, logits, loss = task(z, s)
+        state.record(z, g, logits, loss)
         s["ups"] += (loss > s["loss_prev"]).long()
         s["loss_prev"] = loss
-        better = loss > s["loss_best"]
-        s["best"] = torch.where(_expand(better, z), z, s["best"])
-        s["g_best"] = torch.where(_expand(better, g), g, s["g_best"])
-        s["best_logits"] = torch.where(better[:, None], logits, s["best_logits"])
-        s["loss_best"] = torch.where(better, loss, s["loss_best"])
         if k + 1 in marks:
             w = k + 1
             # Condition 1: too few of the steps since the last checkpoint raised the loss.
@@ -224,22 +294,12 @@ def _run(
             halve = cond1 | cond2
             s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
             # Restart the halved samples from their best point (and its gradient).
-            s["cur"] = torch.where(_expand(halve, z), s["best"], s["cur"])
-            s["g"] = torch.where(_expand(halve, g), s["g_best"], s["g"])
+            state.restart(halve)
             s["halved"], s["loss_mark"] = halve, s["loss_best"].clone()
             s["ups"].zero_()
             last_mark = w
-        won = success_of(logits, s["y"], s.get("tg"))
-        if bool(won.any()):
-            hit = idx[won]
-            out_x[hit], out_logits[hit], out_broken[hit] = z[won], logits[won], True
-            out_loss[hit] = loss[won]
-            keep = ~won
-            idx = idx[keep]
-            s = {key: v[keep] for key, v in s.items()}
-    if idx.numel():
-        out_x[idx], out_logits[idx], out_loss[idx] = s["best"], s["best_logits"], s["loss_best"]
-    return _Run(x=out_x, logits=out_logits, broken=out_broken, loss=out_loss)
+        state.drop_won(z, logits, loss)
+    return state.result()
 
 
 class _Best:
@@ -271,6 +331,7 @@ class _Best:
 
 
 _Targets = tuple["torch.Tensor | None", "torch.Tensor | None"]
+_Gens = list[torch.Generator]
 
 
 def _drive(
@@ -319,28 +380,17 @@ def _drive(
             tl = None if t_loss is None else t_loss[todo]
             tg = None if t_goal is None else t_goal[todo]
             picked = [gens[i] for i in todo.tolist()]
-            run = run_once(grad, x0[todo], picked, y[todo], tl, tg, objective, threat, steps)
+            task = _Task(grad, x0[todo], y[todo], tl, tg, objective)
+            run = run_once(task, picked, threat, steps)
             best.update(todo, run)
             todo = todo[~best.broken[todo]]
         return finish(guard, x, best.x, y, target, logits=best.logits)
 
 
-def _run_from_surface(
-    grad: _Gradient,
-    x: torch.Tensor,
-    gens: list[torch.Generator],
-    y: torch.Tensor,
-    t_loss: torch.Tensor | None,
-    t_goal: torch.Tensor | None,
-    objective: Objective,
-    threat: ThreatModel,
-    steps: int,
-    *,
-    large_eps: bool,
-) -> _Run:
-    # L∞ and L2: Algorithm 1 from a random point at distance exactly eps.
-    start = threat.surface_start(x, gens)
-    return _run(grad, x, start, y, t_loss, t_goal, objective, threat, steps)
+def _run_from_surface(task: _Task, gens: _Gens, threat: ThreatModel, steps: int, **_: bool) -> _Run:
+    # L∞ and L2: Algorithm 1 from a random point at distance exactly eps (``large_eps``
+    # is refused for them before any work).
+    return _run(task, threat.surface_start(task.x, gens), threat, steps)
 
 
 L1_SHRINK = 1.5  # l1-APGD: step-size divisor at a checkpoint, and sparsity = L0 / 1.5
@@ -353,13 +403,8 @@ def _l0(delta: torch.Tensor) -> torch.Tensor:
 
 
 def _run_l1(
-    grad: _Gradient,
-    x: torch.Tensor,
+    task: _Task,
     start: torch.Tensor,
-    y: torch.Tensor,
-    t_loss: torch.Tensor | None,
-    t_goal: torch.Tensor | None,
-    objective: Objective,
     threat: ThreatModel,
     steps: int,
     *,
@@ -378,81 +423,44 @@ def _run_l1(
     returns its best-loss point (the larger-eps stages of :func:`_run_l1_stages`).
     """
     eps = threat._radius()
+    x = task.x
     n_fts = x[0].numel()
-    g, logits, loss = grad(start, y, t_loss, objective)
-    out_x, out_logits = start.clone(), logits.clone()
-    out_broken = success_of(logits, y, t_goal)
-    if not stop_on_success:
-        out_broken = torch.zeros_like(out_broken)
-    out_loss = loss.clone()
+    first = task.grad(start, task.y, task.t_loss, task.objective)
+    state = _State(
+        x, start, task.y, task.t_loss, task.t_goal, first, stop_on_success=stop_on_success
+    )
     period = max(4 * steps // 100, 1)
-    idx = (~out_broken).nonzero().flatten()
+    idx = state.idx
     if sparsity_from_start:
         sp_old = _l0(start[idx] - x[idx])
         k = sp_old / n_fts / L1_SHRINK
     else:
         k = torch.full((idx.numel(),), L1_SPARSITY, dtype=x.dtype, device=x.device)
         sp_old = torch.full_like(k, float(n_fts))
-    s = {
-        "x0": x[idx],
-        "y": y[idx],
-        "cur": start[idx],
-        "g": g[idx],
-        "best": start[idx],
-        "g_best": g[idx],
-        "best_logits": logits[idx],
-        "loss_best": loss[idx],
-        "eta": torch.full((idx.numel(),), eps, dtype=x.dtype, device=x.device),
-        "k": k,
-        "sp_old": sp_old,
-    }
-    for key, full in (("tl", t_loss), ("tg", t_goal)):
-        if full is not None:
-            s[key] = full[idx]
+    state.add(eta=torch.full_like(k, eps), k=k, sp_old=sp_old)
     ascent = threat.ascent
     for i in range(steps):
-        if idx.numel() == 0:
+        if state.idx.numel() == 0:
             break
+        s = state.s
         step = _expand(s["eta"], s["cur"]) * ascent(s["g"], sparsity=s["k"])  # type: ignore[call-arg]
         z = threat.project(s["cur"] + step, s["x0"])
-        g, logits, loss = grad(z, s["y"], s.get("tl"), objective)
-        s["cur"], s["g"] = z, g
-        better = loss > s["loss_best"]
-        s["best"] = torch.where(_expand(better, z), z, s["best"])
-        s["g_best"] = torch.where(_expand(better, g), g, s["g_best"])
-        s["best_logits"] = torch.where(better[:, None], logits, s["best_logits"])
-        s["loss_best"] = torch.where(better, loss, s["loss_best"])
+        g, logits, loss = task(z, s)
+        state.record(z, g, logits, loss)
         if (i + 1) % period == 0:
             sp = _l0(s["best"] - s["x0"])
             reset = sp / s["sp_old"] < 0.95
             s["k"], s["sp_old"] = sp / n_fts / L1_SHRINK, sp
             eta = torch.where(reset, torch.full_like(s["eta"], eps), s["eta"] / L1_SHRINK)
             s["eta"] = eta.clamp(eps / L1_MIN_STEP, eps)
-            s["cur"] = torch.where(_expand(reset, z), s["best"], s["cur"])
-            s["g"] = torch.where(_expand(reset, g), s["g_best"], s["g"])
-        if not stop_on_success:
-            continue
-        won = success_of(logits, s["y"], s.get("tg"))
-        if bool(won.any()):
-            hit = idx[won]
-            out_x[hit], out_logits[hit], out_broken[hit] = z[won], logits[won], True
-            out_loss[hit] = loss[won]
-            keep = ~won
-            idx = idx[keep]
-            s = {key: v[keep] for key, v in s.items()}
-    if idx.numel():
-        out_x[idx], out_logits[idx], out_loss[idx] = s["best"], s["best_logits"], s["loss_best"]
-    return _Run(x=out_x, logits=out_logits, broken=out_broken, loss=out_loss)
+            state.restart(reset)
+        state.drop_won(z, logits, loss)
+    return state.result()
 
 
 def _run_l1_stages(
-    grad: _Gradient,
-    x: torch.Tensor,
+    task: _Task,
     gens: list[torch.Generator],
-    y: torch.Tensor,
-    t_loss: torch.Tensor | None,
-    t_goal: torch.Tensor | None,
-    objective: Objective,
     threat: ThreatModel,
     steps: int,
     *,
@@ -466,29 +474,26 @@ def _run_l1_stages(
     successes count. ``0.3 · steps`` is a float, as in the official code
     (``ceil(0.3 · 100) = 31``: stages of 31, 31 and 38 steps).
     """
-    eps = threat._radius()
+    eps, x = threat._radius(), task.x
     if not large_eps:
         start = threat.surface_start(x, gens)
-        return _run_l1(
-            grad, x, start, y, t_loss, t_goal, objective, threat, steps,
-            sparsity_from_start=False, stop_on_success=True,
-        )  # fmt: skip
+        return _run_l1(task, start, threat, steps, sparsity_from_start=False, stop_on_success=True)
     first = math.ceil(0.3 * steps)
     current = threat.with_eps(3 * eps).surface_start(x, gens)
     for radius in (3 * eps, 2 * eps):
         stage = threat.with_eps(radius)
         current = _run_l1(
-            grad, x, stage.project(current, x), y, t_loss, t_goal, objective, stage, first,
+            task, stage.project(current, x), stage, first,
             sparsity_from_start=True, stop_on_success=False,
         ).x  # fmt: skip
     return _run_l1(
-        grad, x, threat.project(current, x), y, t_loss, t_goal, objective, threat,
-        steps - 2 * first, sparsity_from_start=True, stop_on_success=True,
+        task, threat.project(current, x), threat, steps - 2 * first,
+        sparsity_from_start=True, stop_on_success=True,
     )  # fmt: skip
 
 
-#: The inner loop per threat model (by name): ``(grad, x, gens, y, t_loss, t_goal,
-#: objective, threat, steps, *, large_eps) -> _Run``. A norm APGD supports is a key here.
+#: The inner loop per threat model (by name): ``(task, gens, threat, steps, *,
+#: large_eps) -> _Run``. A norm APGD supports is a key here.
 RUNS: dict[str, Callable[..., _Run]] = {
     "linf": _run_from_surface,
     "l2": _run_from_surface,
