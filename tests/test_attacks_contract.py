@@ -26,14 +26,17 @@ F64 = torch.float64
 K = 5  # classes of the tiny model
 N = 8
 # Radius per threat model: large enough that every attack succeeds on the tiny model.
-EPS = {"linf": 8 / 255, "l2": 0.5}
+EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 4.0}
 # Extra variants of attacks whose options change the code path.
 VARIANTS = {
     "pgd": [
         {"norm": "l2"},
         {"loss": "margin", "restarts": 2, "early_stop": True},
         {"norm": "l2", "random_start": False, "early_stop": True},
+        {"norm": "l1"},
     ],
+    "apgd": [{"norm": "l1"}, {"norm": "l1", "large_eps": True, "loss": "dlr"}],
+    "apgd_t": [{"norm": "l1", "large_eps": True}],
     "fab": [{"norm": "l2"}, {"targeted": False}],
     "square": [{"norm": "l2"}, {"loss": "ce", "rescale_schedule": True}],
 }

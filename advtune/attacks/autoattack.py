@@ -58,7 +58,16 @@ VERSIONS: dict[str, tuple[str, ...]] = {
     "rand": ("apgd-ce", "apgd-dlr"),
 }
 #: The threat models of the official versions.
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
+#: Per (version, norm), settings of official components that differ from the L∞/L2
+#: budgets: the official L1 version runs APGD-CE with 5 restarts and APGD-T with 5
+#: targets, both with the three-stage eps schedule (``large_eps``).
+NORM_SETTINGS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("standard", "l1"): {
+        "apgd-ce": {"restarts": 5, "large_eps": True},
+        "apgd-t": {"n_targets": 5, "large_eps": True},
+    },
+}
 #: Registry names of score-based (black-box) attacks, for the masking check.
 BLACK_BOX = frozenset({"square"})
 # The official budgets (AutoAttack's standard version).
@@ -234,7 +243,12 @@ def autoattack(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball, ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (or a threat object). The official L1
+            version runs APGD-CE (5 restarts) and APGD-T (5 targets), both with the
+            three-stage eps schedule (:func:`~advtune.attacks.apgd`'s ``large_eps``),
+            then FAB-T and Square, which advtune has no L1 version of: they are
+            skipped with a :class:`MissingComponentWarning`. A custom component
+            without the threat model raises.
         version: ``"standard"``, ``"rand"``, or ``"custom"`` with ``attacks``
             (``None``: ``"standard"``, or ``"custom"`` when ``attacks`` is given).
         attacks: The custom list of components (see above).
@@ -292,9 +306,24 @@ def autoattack(
                     continue
                 get(reg)  # raises, naming it
             fn, accepted = get(reg), _accepted(reg)
+            if not _supports(reg, threat.name):
+                if not official:
+                    raise ValueError(f"attack {reg!r} has no {threat.label} version")
+                skipped.append(label)
+                warnings.warn(
+                    f"autoattack: component {label!r} has no {threat.label} version in "
+                    "advtune; skipped (robust accuracy may be overestimated)",
+                    MissingComponentWarning,
+                    stacklevel=2,
+                )
+                continue
             wanted = {"eps": threat.eps, "norm": threat} | _budget(
                 official, version, steps, n_targets, queries, eot_iter
             )
+            if official:
+                tuned = NORM_SETTINGS.get((version, threat.name), {}).get(label, {})
+                given = {"n_targets": n_targets, "steps": steps}
+                wanted |= {k: v for k, v in tuned.items() if given.get(k) is None}
             kwargs = {k: v for k, v in wanted.items() if k in accepted} | fixed
             ran.append(label)
             if todo.numel() == 0:
@@ -332,6 +361,16 @@ def autoattack(
         component_calls=tuple(calls),
         checks=checks,
     )
+
+
+def _supports(name: str, norm: str) -> bool:
+    """Whether the attack ``name`` runs in the threat model ``norm``."""
+    s = spec(name)
+    key = s.norm_key
+    if key is None:
+        return s.norm == norm
+    choices = s.param(key).choices
+    return choices is None or norm in choices
 
 
 def _accepted(name: str) -> set[str]:

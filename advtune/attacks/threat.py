@@ -410,12 +410,13 @@ class L1(ThreatModel):
     (:meth:`project`) is what makes L1 attacks work: projecting onto the ball and then
     clipping wastes budget on coordinates the box cuts (Croce & Hein, "Mind the box:
     l1-APGD for sparse adversarial attacks on image classifiers", ICML 2021). ``eps``
-    is measured on [0, 1] images of the attacked size (CIFAR-10: 12; ImageNet: 60 or 75).
+    is measured on [0, 1] images of the attacked size; :attr:`default_eps` is 12, the
+    CIFAR-10 budget of that paper (advtune states no ImageNet L1 budget).
     """
 
     name = "l1"
     label = "L1"
-    default_eps = 75.0
+    default_eps = 12.0
     __slots__ = ()
 
     def norm(self, delta: torch.Tensor) -> torch.Tensor:
