@@ -23,14 +23,13 @@ declared :class:`~advtune.attacks.Param` s and threat model, and returns an
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from advtune._numbers import NUMBER_RE, parse_int, parse_number, parse_number_list, parse_value
 from advtune._resources import presets_dir
 from advtune.errors import UserError, suggest
 
@@ -58,74 +57,9 @@ TARGETED_MODES: tuple[str, ...] = ("random", "least-likely")
 # Keys of a preset file that are not attack keyword arguments.
 _RESERVED = frozenset({"attack", "description", "eps", "targeted"})
 
-_NUMBER = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?"
-_NUMBER_RE = re.compile(rf"^\s*({_NUMBER})\s*(?:/\s*({_NUMBER})\s*)?$")
-
-
-def parse_number(value: str | float, *, what: str = "number") -> float:
-    """Parse ``"0.5"``, ``"1e-3"`` or a fraction like ``"4/255"`` into a finite float.
-
-    Raises:
-        UserError: naming the value when it is not a finite number.
-    """
-    if isinstance(value, bool):
-        raise UserError(f"invalid {what} {value!r}: expected a number")
-    if isinstance(value, (int, float)):
-        result = float(value)
-    else:
-        match = _NUMBER_RE.match(str(value))
-        if not match:
-            raise UserError(f"invalid {what} {value!r}: expected a number like 0.5 or 4/255")
-        result = float(match.group(1))
-        if match.group(2) is not None:
-            denominator = float(match.group(2))
-            if denominator == 0:
-                raise UserError(f"invalid {what} {value!r}: division by zero")
-            result /= denominator
-    if not math.isfinite(result):
-        raise UserError(f"invalid {what} {value!r}: not a finite number")
-    return result
-
-
-def parse_int(value: str | int, *, what: str = "integer") -> int:
-    """Parse an integer; fractions and floats are accepted when they are whole (``"20/2"``)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    number = parse_number(value, what=what)
-    if number != int(number):
-        raise UserError(f"invalid {what} {value!r}: expected a whole number")
-    return int(number)
-
-
-def parse_number_list(value: str | float | Sequence[Any], *, what: str = "number") -> list[float]:
-    """Parse ``"1/255,2/255,4/255"`` (or a number, or a list) into a list of floats."""
-    if isinstance(value, (list, tuple)):
-        items = list(value)
-    elif isinstance(value, str):
-        items = [part for part in value.split(",")]
-    else:
-        items = [value]
-    if not items or any(isinstance(i, str) and not i.strip() for i in items):
-        raise UserError(f"invalid {what} list {value!r}: empty item")
-    return [parse_number(item, what=what) for item in items]
-
-
-def parse_value(text: str) -> Any:
-    """Type a ``--param KEY=VALUE`` value: int, float (fractions too), bool, None or str."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    if re.fullmatch(r"[+-]?\d+", text.strip()):
-        return int(text)
-    if _NUMBER_RE.match(text):
-        return parse_number(text)
-    return text
-
 
 def _coerce_preset_value(value: Any) -> Any:
-    if isinstance(value, str) and _NUMBER_RE.match(value):
+    if isinstance(value, str) and NUMBER_RE.match(value):
         return parse_number(value)
     return value
 

@@ -14,7 +14,8 @@ from torch import nn
 
 from advtune import attacks
 from advtune.attacks._random import sample_generators, uniform_l2_ball, uniform_linf_ball
-from advtune.attacks._result import margin_loss, project_l2, project_linf
+from advtune.attacks._result import margin_loss
+from advtune.attacks.threat import L2, Linf
 
 F64 = torch.float64
 SHAPE = (1, 4, 4)
@@ -266,17 +267,17 @@ def test_projections():
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(50, *SHAPE, generator=gen, dtype=F64)
     x_adv = x + torch.randn(50, *SHAPE, generator=gen, dtype=F64)
-    p = project_linf(x_adv, x, 0.1)
+    p = Linf(0.1).project(x_adv, x)
     assert float((p - x).abs().max()) <= 0.1 + 1e-15 and float(p.min()) >= 0 and float(p.max()) <= 1
     # Exact projection onto the intersection of two boxes: coordinate-wise clamp.
     lo, hi = (x - 0.1).clamp(min=0), (x + 0.1).clamp(max=1)
     torch.testing.assert_close(p, torch.maximum(torch.minimum(x_adv, hi), lo))
-    q = project_l2(x_adv, x, 0.5)
+    q = L2(0.5).project(x_adv, x)
     assert float((q - x).flatten(1).norm(dim=1).max()) <= 0.5 + 1e-12
     assert float(q.min()) >= 0 and float(q.max()) <= 1
     inside = x + 0.01 * (x_adv - x) / (x_adv - x).flatten(1).norm(dim=1).reshape(-1, 1, 1, 1)
-    torch.testing.assert_close(project_l2(inside.clamp(0, 1), x, 0.5), inside.clamp(0, 1))
-    assert torch.equal(project_l2(x, x, 0.0), x)
+    torch.testing.assert_close(L2(0.5).project(inside.clamp(0, 1), x), inside.clamp(0, 1))
+    assert torch.equal(L2(0.0).project(x, x), x)
 
 
 def test_margin_loss_masks_with_minus_inf():
@@ -406,3 +407,76 @@ def test_with_restarts_is_a_generic_combinator():
         attacks.with_restarts(
             bind(attacks.fgsm, eps=0.1), model, x, y, restarts=2, randomized=False
         )
+
+
+# --------------------------------------------------------------------------- L1 threat model
+
+
+def _l1_projection_by_bisection(z, x, eps):
+    """The projection onto the L1 ball ∩ [0, 1] by bisection on the threshold (reference)."""
+    d = z - x
+    room = torch.where(d > 0, 1 - x, x)
+    a = d.abs()
+    fitted = torch.minimum(a, room)
+    lo, hi = torch.zeros(len(z), dtype=F64), a.amax(dim=1)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        over = torch.minimum((a - mid[:, None]).clamp_min(0), room).sum(dim=1) > eps
+        lo, hi = torch.where(over, mid, lo), torch.where(over, hi, mid)
+    lam = torch.where(fitted.sum(dim=1) <= eps, torch.zeros_like(lo), hi)
+    return (x + d.sign() * torch.minimum((a - lam[:, None]).clamp_min(0), room)).clamp(0, 1)
+
+
+def test_l1_projection_is_exact_onto_ball_and_box():
+    from advtune.attacks import L1
+
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(50):
+        d = int(torch.randint(1, 60, (), generator=gen))
+        x = torch.rand(4, d, generator=gen, dtype=F64)
+        z = x + 2 * torch.rand((), generator=gen, dtype=F64) * torch.randn(
+            4, d, generator=gen, dtype=F64
+        )
+        eps = 3 * float(torch.rand((), generator=gen))
+        p = L1(eps).project(z, x)
+        torch.testing.assert_close(p, _l1_projection_by_bisection(z, x, eps), rtol=0, atol=1e-9)
+        assert bool(L1(eps).contains(p, x).all()), trial
+    inside = torch.full((2, 10), 0.5, dtype=F64)
+    assert torch.equal(L1(1.0).project(inside + 0.01, inside), inside + 0.01)  # unchanged
+    assert torch.equal(L1(0.0).project(inside + 0.3, inside), inside)
+
+
+def test_l1_geometry_start_ascent_dual_and_quantisation():
+    from advtune.attacks import L1
+
+    x = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    threat = L1(5.0)
+    start = threat.random_start(x, sample_generators(torch.arange(6), 1))
+    assert bool(threat.contains(start, x).all())
+    surface = threat.surface_start(x, sample_generators(torch.arange(6), 1))
+    torch.testing.assert_close(threat.norm(surface - x), torch.full((6,), 5.0), rtol=1e-5, atol=0)
+    again = threat.surface_start(x[2:4], sample_generators(torch.arange(2, 4), 1))
+    torch.testing.assert_close(again, surface[2:4], rtol=0, atol=0)  # per-sample draws
+    g = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    top = threat.ascent(g)  # exact steepest ascent: the largest coordinate only
+    assert bool(((top != 0).flatten(1).sum(1) == 1).all())
+    torch.testing.assert_close(threat.norm(top), torch.ones(6))
+    sparse = threat.ascent(g, sparsity=0.1)
+    assert bool(((sparse != 0).flatten(1).sum(1) == 20).all())  # 192 − ⌊0.9 · 192⌋, no ties
+    assert bool((sparse.sign() == torch.where(sparse != 0, g.sign(), 0)).all())
+    torch.testing.assert_close(threat.dual_norm(g), g.flatten(1).abs().amax(1))
+    clean = (x * 255).round() / 255
+    adv = threat.project(clean + 0.5 * torch.randn_like(clean), clean)
+    q = threat.quantize(adv, clean)
+    assert bool(threat.contains(q.float() / 255, clean).all())
+    shrunk = threat.shrink(g, torch.tensor([1.0, 2.0, 3.0, 1e9, 0.5, 0.0]))
+    torch.testing.assert_close(threat.norm(shrunk)[:3], torch.tensor([1.0, 2.0, 3.0]))
+    assert torch.equal(shrunk[3], g[3]) and bool((shrunk[5] == 0).all())
+
+
+def test_l2_start_option_is_part_of_the_value():
+    assert attacks.L2(0.5, start="volume").with_eps(1.0) == attacks.L2(1.0, start="volume")
+    assert attacks.L2(0.5) != attacks.L2(0.5, start="volume")
+    assert repr(attacks.L2(0.5, start="volume")) == "L2(eps=0.5, start='volume')"
+    with pytest.raises(ValueError, match="start must be one of radius, volume; got 'x'"):
+        attacks.L2(0.5, start="x")

@@ -26,14 +26,17 @@ F64 = torch.float64
 K = 5  # classes of the tiny model
 N = 8
 # Radius per threat model: large enough that every attack succeeds on the tiny model.
-EPS = {"linf": 8 / 255, "l2": 0.5}
+EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 4.0}
 # Extra variants of attacks whose options change the code path.
 VARIANTS = {
     "pgd": [
         {"norm": "l2"},
         {"loss": "margin", "restarts": 2, "early_stop": True},
         {"norm": "l2", "random_start": False, "early_stop": True},
+        {"norm": "l1"},
     ],
+    "apgd": [{"norm": "l1"}, {"norm": "l1", "large_eps": True, "loss": "dlr"}],
+    "apgd_t": [{"norm": "l1", "large_eps": True}],
     "fab": [{"norm": "l2"}, {"targeted": False}],
     "square": [{"norm": "l2"}, {"loss": "ce", "rescale_schedule": True}],
 }
@@ -572,7 +575,7 @@ def test_spec_parse_types_and_errors():
         spec.parse("steps", "2.5")
     with pytest.raises(ValueError, match="invalid steps 'abc': expected an integer"):
         spec.parse("steps", "abc")
-    with pytest.raises(ValueError, match="unknown norm value 'l3'; choose from: l2, linf"):
+    with pytest.raises(ValueError, match="unknown norm value 'l3'; choose from: l1, l2, linf"):
         spec.parse("norm", "l3")
     with pytest.raises(ValueError, match="random_start must be true or false, got 'maybe'"):
         spec.parse("random_start", "maybe")
@@ -580,8 +583,8 @@ def test_spec_parse_types_and_errors():
         spec.parse("stepz", "3")
     with pytest.raises(ValueError, match="'cw_l2' takes no eps"):
         attacks.spec("cw_l2").parse("eps", "0.5")
-    assert spec.param("steps").describe() == "steps: integer >= 1, default 10"
-    assert spec.param("norm").describe() == "norm: one of l2, linf, default 'linf'"
+    assert spec.param("steps").describe() == "steps: integer in [1, 1000000], default 10"
+    assert spec.param("norm").describe() == "norm: one of l1, l2, linf, default 'linf'"
     untyped = Param("n_targets", object, None, nullable=True)
     assert untyped.parse("5") == 5 and untyped.parse("none") is None
 
@@ -718,3 +721,34 @@ def test_run_refuses_params_whose_norm_disagrees_with_the_config():
     with pytest.raises(ValueError, match="params norm 'linf' disagrees with config norm 'l2'"):
         attack_kwargs(config, 0.5)
     assert attack_kwargs(AttackConfig(attack="pgd", norm="l2", eps=(0.5,)), 0.5)["norm"] == "l2"
+
+
+def test_every_public_attack_module_is_imported_once_by_the_package():
+    # The package imports its modules explicitly (no second pass through pkgutil): a new
+    # attack module must be imported in advtune/attacks/__init__.py to register.
+    import pkgutil
+    import sys
+
+    import advtune.attacks as package
+
+    public = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    assert public
+    missing = [m for m in public if f"advtune.attacks.{m}" not in sys.modules]
+    assert not missing, f"not imported by advtune/attacks/__init__.py: {missing}"
+
+
+@pytest.mark.parametrize("name", ["apgd", "apgd_t", "fab", "square", "autoattack", "fmn", "ddn"])
+def test_builtin_attacks_declare_params_with_bounded_budgets(name):
+    spec = attacks.spec(name)
+    assert spec.declared
+    for p in spec.params:
+        if p.type in (int, float) and p.name != "eps":
+            assert p.high is not None, (name, p.name)
+
+
+def test_huge_budget_fails_naming_the_bound_before_any_work(net, data):
+    x, y, _, _ = data
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 1000000\], got 10000000000"):
+        attacks.apgd(net, x, y, eps=0.01, steps=10**10)
+    with pytest.raises(ValueError, match=r"restarts must lie in \[1, 1000\], got 5000"):
+        attacks.fab(net, x, y, eps=0.01, restarts=5000)

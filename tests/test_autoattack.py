@@ -196,7 +196,7 @@ def test_custom_list_entries_and_errors(tiny):
         attacks.autoattack(net, x, y, eps=0.1, attacks=["autoattack"])
     with pytest.raises(ValueError, match="version must be one of"):
         attacks.autoattack(net, x, y, eps=0.1, version="plus")
-    with pytest.raises(ValueError, match="queries must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match="queries must be >= 1, got 0"):
         attacks.autoattack(net, x, y, eps=0.1, queries=0)
 
 
@@ -386,3 +386,61 @@ def test_bench_worker_measures_both_implementations():
     assert out["advtune"]["components"] == out["official"]["components"]
     for r in out.values():
         assert r["wall_s"] > 0 and r["peak_mib"] >= 0 and 0 <= r["robust_accuracy"] <= 1
+
+
+# --------------------------------------------------------------------------- L1
+
+
+def test_l1_version_runs_the_official_apgd_settings_and_skips_what_has_no_l1(tiny, monkeypatch):
+    net, x, y, _ = tiny
+    calls = []
+    real = {name: attacks.get(name) for name in ("apgd", "apgd_t")}
+
+    def spy(name):
+        def run(*args, **kwargs):
+            calls.append(
+                (
+                    name,
+                    {k: kwargs[k] for k in ("restarts", "n_targets", "large_eps") if k in kwargs},
+                )
+            )
+            return real[name](*args, **kwargs)
+
+        return run
+
+    for name in real:
+        monkeypatch.setitem(_registry._ATTACKS, name, (spy(name), attacks.spec(name)))
+    with pytest.warns(MissingComponentWarning, match="'fab-t' has no L1 version"):
+        res = attacks.autoattack(net, x, y, eps=2.0, norm="l1", steps=3,
+                                 seeds=torch.arange(len(y)))  # fmt: skip
+    assert res.components == ("apgd-ce", "apgd-t")
+    assert res.checks["skipped"] == ["fab-t", "square"]
+    assert calls[0] == ("apgd", {"restarts": 5, "large_eps": True})
+    if len(calls) > 1:
+        assert calls[1] == ("apgd_t", {"restarts": 1, "n_targets": 5, "large_eps": True})
+    assert bool(attacks.L1(2.0).contains(res.x_adv, x).all())
+    with pytest.raises(ValueError, match="attack 'fgsm' has no L1 version"):
+        attacks.autoattack(net, x, y, eps=2.0, norm="l1", attacks=["fgsm"])
+
+
+@pytest.mark.slow
+def test_l1_ensemble_never_weaker_than_official(digits, one_thread):
+    """autoattack(norm="l1") against the official L1 standard version (which also runs
+    FAB-T and Square), 100 images, eps 3: advtune at most 0.5 points above."""
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        pytest.skip("the official AutoAttack (pyautoattack) is not installed")
+    model, x, y = digits
+    xs, ys = x[:100], y[:100]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MissingComponentWarning)
+        ours = attacks.autoattack(model, xs, ys, eps=3.0, norm="l1", seeds=torch.arange(100))
+    ref = AutoAttack(model, norm="L1", eps=3.0, version="standard", seed=0, device="cpu")
+    with torch.no_grad():
+        adv = ref.run_standard_evaluation(xs, ys, batch_size=100)
+        adv = adv[0] if isinstance(adv, tuple) else adv
+        acc_ref = float((model(adv).argmax(1) == ys).float().mean())
+    acc = 1 - float(ours.success.float().mean())
+    print(f"autoattack L1 eps=3: advtune {acc:.3f} official {acc_ref:.3f}")
+    assert acc <= acc_ref + 0.005

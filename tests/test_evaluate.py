@@ -125,8 +125,8 @@ def test_quantize_without_budget_rounds():
     x_adv = torch.rand(x.shape, generator=g, dtype=x.dtype)
     q = quantize_adv(x_adv, x, norm="l2", eps=None)
     assert torch.equal(q, torch.round(x_adv * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match="threat model 'l1'"):
-        quantize_adv(x_adv, x, norm="l1", eps=0.1)
+    with pytest.raises(ValueError, match="threat model 'l0'"):
+        quantize_adv(x_adv, x, norm="l0", eps=0.1)
 
 
 # --------------------------------------------------------------------------- one batch

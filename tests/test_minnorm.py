@@ -143,18 +143,18 @@ def test_fmn_linf_stays_small(digits):
 
 BAD = [
     ("fmn", {"norm": "l1"}, "norm must be one of 'l2', 'linf'; got 'l1'"),
-    ("fmn", {"alpha_init": 0.0}, "alpha_init must be a finite number > 0, got 0.0"),
-    ("fmn", {"alpha_final": -1.0}, "alpha_final must be a finite number > 0, got -1.0"),
-    ("fmn", {"gamma_init": 1.0}, "gamma_init must be < 1, got 1.0"),
-    ("fmn", {"gamma_final": float("nan")}, "gamma_final must be a finite number > 0, got nan"),
-    ("fmn", {"steps": 0}, "steps must be an integer >= 1, got 0"),
-    ("ddn", {"gamma": 1.5}, "gamma must be < 1, got 1.5"),
-    ("ddn", {"gamma": 0}, "gamma must be a finite number > 0, got 0"),
-    ("ddn", {"init_norm": -1.0}, "init_norm must be a finite number > 0, got -1.0"),
-    ("ddn", {"alpha": "1"}, "alpha must be a finite number > 0, got '1'"),
-    ("ddn", {"levels": 1}, "levels must be an integer >= 2, got 1"),
-    ("ddn", {"levels": 255.0}, "levels must be an integer >= 2, got 255.0"),
-    ("ddn", {"steps": True}, "steps must be an integer >= 1, got True"),
+    ("fmn", {"alpha_init": 0.0}, "alpha_init must be > 0, got 0.0"),
+    ("fmn", {"alpha_final": -1.0}, "alpha_final must be > 0, got -1.0"),
+    ("fmn", {"gamma_init": 1.0}, "gamma_init must lie in (0, 1), got 1.0"),
+    ("fmn", {"gamma_final": float("nan")}, "gamma_final must be a finite number, got nan"),
+    ("fmn", {"steps": 0}, "steps must be >= 1, got 0"),
+    ("ddn", {"gamma": 1.5}, "gamma must lie in (0, 1), got 1.5"),
+    ("ddn", {"gamma": 0}, "gamma must be > 0, got 0.0"),
+    ("ddn", {"init_norm": -1.0}, "init_norm must be > 0, got -1.0"),
+    ("ddn", {"alpha": "1"}, "alpha must be a finite number, got '1'"),
+    ("ddn", {"levels": 1}, "levels must be >= 2, got 1"),
+    ("ddn", {"levels": 255.0}, "levels must be an integer, got 255.0"),
+    ("ddn", {"steps": True}, "steps must be an integer, got True"),
 ]
 
 

@@ -122,7 +122,10 @@ def test_defaults_without_preset():
         ({"attack": "pgd", "overrides": {"steps": 0}}, "steps must be >= 1, got 0"),
         ({"attack": "pgd", "overrides": {"step_size": -1.0}}, "step_size must be > 0"),
         ({"attack": "pgd", "overrides": {"norm": "l3"}}, "unknown norm value 'l3'"),
-        ({"attack": "pgd", "overrides": {"norm": 3}}, "norm must be one of 'l2', 'linf'; got 3"),
+        (
+            {"attack": "pgd", "overrides": {"norm": 3}},
+            "norm must be one of 'l1', 'l2', 'linf'; got 3",
+        ),
         ({"attack": "pgd", "overrides": {"eps": "4/255"}}, "eps is the budget of attack 'pgd'"),
         ({"attack": "pgd", "overrides": {"steps": "abc"}}, "invalid steps 'abc': expected an"),
         ({"attack": "pgd", "overrides": {"steps": 2.5}}, "steps must be an integer, got 2.5"),

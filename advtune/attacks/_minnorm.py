@@ -7,20 +7,16 @@ and a sample that never succeeds comes back as ``x`` itself with ``success=False
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
-from advtune.attacks._result import AttackResult, ModelGuard, check_positive, finish
+from advtune.attacks._result import AttackResult, ModelGuard, finish
 
-__all__ = ["Smallest", "check_fraction", "cosine_anneal", "finish_min_norm"]
+__all__ = ["FRACTION", "Smallest", "cosine_anneal", "finish_min_norm"]
 
-
-def check_fraction(name: str, value: object) -> float:
-    """``value`` as a float; ``ValueError`` unless it is a real number in (0, 1)."""
-    value = check_positive(name, value)
-    if value >= 1:
-        raise ValueError(f"{name} must be < 1, got {value!r}")
-    return value
+#: Bounds of a :class:`~advtune.attacks.Param` in (0, 1) (the relative radius changes).
+FRACTION: dict[str, Any] = {"low": 0.0, "low_open": True, "high": 1.0, "high_open": True}
 
 
 class Smallest:

@@ -25,10 +25,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from advtune._numbers import parse_number, parse_value
 from advtune.attacks.threat import ThreatModel, threat_model, threat_names
 from advtune.errors import UserError, suggest
 
 __all__ = [
+    "BUDGET_MAX",
     "CONVENTIONS",
     "NORMS",
     "REQUIRED",
@@ -68,16 +70,17 @@ INT_CEILING = 10**9
 #: The same for a float hyperparameter (and ``eps``): finite is not enough, an L2 eps of
 #: 1e308 overflows the 8-bit level arithmetic; no real budget or constant comes near.
 FLOAT_CEILING = 1e12
+#: The upper bound of a budget that declares none: huge values fail before any work
+#: (a typo of ``steps=10**9`` is an error, not a run that never ends).
+BUDGET_MAX = 1_000_000
 
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")
 
 
-def _number(text: str, what: str = "number") -> float:
-    # "4/255", "0.5", "1e-3"; the presets module owns the one number grammar.
-    from advtune.presets import parse_number
-
-    return parse_number(text, what=what)
+def _num(v: float) -> str:
+    # Bounds as written: 1000000 rather than 1e+06, 0.5 as 0.5.
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:g}"
 
 
 # Integers: digits, or a whole fraction/float such as "20/2" or "1e3".
@@ -93,8 +96,10 @@ class Param:
         type: ``int``, ``float``, ``bool`` or ``str``.
         default: Default value, or :data:`REQUIRED` (no default; ``eps``).
         low: Smallest allowed value (numbers), or ``None``.
-        high: Largest allowed value (numbers), or ``None``.
+        high: Largest allowed value (numbers), or ``None`` (a budget then gets
+            :data:`BUDGET_MAX`).
         low_open: ``low`` itself is excluded (``> low`` rather than ``>= low``).
+        high_open: ``high`` itself is excluded (``< high``).
         choices: Allowed values (strings), or ``None``.
         nullable: ``None`` is allowed (``step_size=None``: derived from other values).
         role: ``"radius"`` (the threat model's ``eps``), ``"budget"`` (a cost: run time
@@ -110,6 +115,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     low_open: bool = False
+    high_open: bool = False
     choices: tuple[Any, ...] | None = None
     nullable: bool = False
     role: str | None = None
@@ -123,6 +129,8 @@ class Param:
             raise ValueError(f"Param {self.name!r}: role must be one of {ROLES}, got {self.role!r}")
         if self.role == "budget" and self.type is not int:
             raise ValueError(f"Param {self.name!r}: a budget must be an int")
+        if self.role == "budget" and self.high is None:
+            object.__setattr__(self, "high", BUDGET_MAX)
         if self.default is not REQUIRED:
             self.validate(self.default)
         if self.cheap is not _UNSET:
@@ -145,16 +153,26 @@ class Param:
             return self.cheap_value
         return math.floor(self.low) + (1 if self.low_open else 0)
 
+    def _range(self) -> str:
+        """``">= 1"``, ``"<= 5"`` or ``"in (0, 1]"``: the bounds as text (``""``: none)."""
+        low, high = self.low, self.high
+        if low is not None and high is not None:
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            return f"in {left}{_num(low)}, {_num(high)}{right}"
+        if low is not None:
+            return f"{'>' if self.low_open else '>='} {_num(low)}"
+        if high is not None:
+            return f"{'<' if self.high_open else '<='} {_num(high)}"
+        return ""
+
     def describe(self) -> str:
-        """``"steps: int >= 1, default 10"``: one line for listings and messages."""
+        """``"steps: integer in [1, 1000000], default 10"``: one line for listings."""
         kind = {int: "integer", float: "number", bool: "bool", str: "string"}.get(
             self.type, "value"
         )
         parts = [kind]
-        if self.low is not None:
-            parts.append(f"{'>' if self.low_open else '>='} {self.low:g}")
-        if self.high is not None:
-            parts.append(f"<= {self.high:g}")
+        if self._range():
+            parts.append(self._range())
         if self.choices:
             parts = [f"one of {', '.join(map(str, self.choices))}"]
         if self.nullable:
@@ -163,10 +181,21 @@ class Param:
         return text + ("" if self.required else f", default {self.default!r}")
 
     def validate(self, value: Any) -> Any:
-        """``value`` normalised (ints to float for a float), or ``ValueError`` naming it."""
+        """``value`` normalised (ints to float for a float), or ``ValueError`` naming it.
+
+        Messages name the value and the bound it violates: ``"steps must be >= 1, got
+        0"``, ``"beta must lie in (0, 1], got 1.5"``.
+        """
         if value is None and self.nullable:
             return None
         name = self.name
+        if self.role == "norm" and isinstance(value, ThreatModel):
+            # A threat object in place of its name (an option such as L2's ``start``).
+            if self.choices is not None and value.name not in self.choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(map(repr, self.choices))}; got {value!r}"
+                )
+            return value
         if self.type is bool:
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool, got {value!r}")
@@ -195,10 +224,11 @@ class Param:
             value = float(value)
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             raise ValueError(
-                f"{name} must be {'>' if self.low_open else '>='} {self.low:g}, got {value!r}"
+                f"{name} must be {'>' if self.low_open else '>='} {_num(self.low)}, got {value!r}"
             )
-        if self.high is not None and value > self.high:
-            raise ValueError(f"{name} must be <= {self.high:g}, got {value!r}")
+        if self.high is not None and (value >= self.high if self.high_open else value > self.high):
+            verb = "be" if self.low is None else "lie"
+            raise ValueError(f"{name} must {verb} {self._range()}, got {value!r}")
         ceiling = INT_CEILING if self.type is int else FLOAT_CEILING
         if self.high is None and value > ceiling:
             raise ValueError(
@@ -224,16 +254,14 @@ class Param:
             if self.type is int:
                 if not _INT.fullmatch(raw):
                     raise ValueError(f"invalid {self.name} {raw!r}: expected an integer like 10")
-                number = _number(raw)
+                number = parse_number(raw)
                 if number != int(number):
                     raise ValueError(f"{self.name} must be a whole number, got {raw!r}")
                 return self.validate(int(number))
             if self.type is float:
-                return self.validate(_number(raw, self.name))
+                return self.validate(parse_number(raw, what=self.name))
             if self.type is object:
                 # Untyped (derived from a None default): the generic --param typing.
-                from advtune.presets import parse_value
-
                 return parse_value(raw)
             if self.choices is not None and raw not in self.choices:
                 raise UserError(
@@ -381,18 +409,28 @@ class AttackSpec:
         keys = self._role("norm")
         return keys[0] if keys else None
 
-    def norm_of(self, hyperparameters: Mapping[str, Any]) -> str:
-        """The threat model's name for a call with ``hyperparameters``."""
+    def _norm_value(self, hyperparameters: Mapping[str, Any]) -> str | ThreatModel:
         for key in self._role("norm"):
-            return str(hyperparameters.get(key, self._by_name[key].default))
+            value = hyperparameters.get(key, self._by_name[key].default)
+            return value if isinstance(value, ThreatModel) else str(value)
         return self.norm
 
+    def norm_of(self, hyperparameters: Mapping[str, Any]) -> str:
+        """The threat model's name for a call with ``hyperparameters``."""
+        value = self._norm_value(hyperparameters)
+        return value.name if isinstance(value, ThreatModel) else value
+
     def threat(self, hyperparameters: Mapping[str, Any] | None = None) -> ThreatModel:
-        """The threat model of a call: its norm and radius (``eps=None`` if unbounded)."""
+        """The threat model of a call: its norm and radius (``eps=None`` if unbounded).
+
+        The one threat object of a call, for the run side (saving, quantisation, reports):
+        the ``norm`` hyperparameter (a name or a :class:`ThreatModel`) or the registered
+        norm, with the radius hyperparameter.
+        """
         hps = dict(hyperparameters or {})
         radius = self.radius_key
         eps = hps.get(radius) if radius is not None else None
-        return threat_model(self.norm_of(hps), eps)
+        return threat_model(self._norm_value(hps), eps)
 
     # ----------------------------------------------------------------- values
 

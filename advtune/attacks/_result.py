@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from advtune.attacks.threat import L2, Linf, clip_unit
+from advtune.attacks.threat import clip_unit
 
 __all__ = [
     "LOSSES",
@@ -42,8 +42,6 @@ __all__ = [
     "least_likely_target",
     "margin_loss",
     "norms",
-    "project_l2",
-    "project_linf",
     "refuse_training_layers",
     "success_of",
     "work_dtype",
@@ -446,18 +444,6 @@ def norms(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(linf, l2)`` per sample of ``delta`` ``(N, ...)``; each ``(N,)``."""
     flat = delta.flatten(1)
     return flat.abs().amax(dim=1), flat.norm(p=2, dim=1)
-
-
-def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Nearest point to ``x_adv`` in the L∞ ball of radius ``eps`` around ``x``, in [0, 1]
-    (:meth:`advtune.attacks.Linf.project`)."""
-    return Linf(eps).project(x_adv, x)
-
-
-def project_l2(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    """Scale ``x_adv − x`` into the L2 ball of radius ``eps``, then clip into [0, 1]
-    (:meth:`advtune.attacks.L2.project`)."""
-    return L2(eps).project(x_adv, x)
 
 
 def finish(

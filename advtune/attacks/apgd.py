@@ -9,6 +9,8 @@ adversarial robustness with an ensemble of diverse parameter-free attacks", ICML
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,32 +18,22 @@ import torch
 from torch import nn
 
 from advtune.attacks import _masking
-from advtune.attacks._random import (
-    resolve_seeds,
-    sample_generators,
-    uniform_l2_ball,
-    uniform_linf_ball,
-)
-from advtune.attacks._registry import register
+from advtune.attacks._loop import EPS
+from advtune.attacks._random import resolve_seeds, sample_generators
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
     ce_loss,
-    check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
-    clip_unit,
     finish,
     margin_loss,
-    norms,
-    project_l2,
-    project_linf,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["apgd", "apgd_t", "checkpoints", "dlr_loss"]
+__all__ = ["APGD_PARAMS", "APGD_T_PARAMS", "RUNS", "apgd", "apgd_t", "checkpoints", "dlr_loss"]
 
 Objective = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -53,20 +45,26 @@ _STREAMS = {"ce": 0x41504743, "dlr": 0x41504744, "dlr_t": 0x41504754}
 
 
 def checkpoints(steps: int) -> list[int]:
-    """The iterations ``w_j`` at which APGD may halve its step size.
+    """The iterations ``w_j`` at which APGD may halve its step size (L∞ and L2).
 
-    ``w_j = ceil(p_j · steps)`` with ``p_0 = 0``, ``p_1 = 0.22`` and
-    ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)`` (the paper's schedule), computed
-    in exact integer arithmetic (hundredths) so that 0.22 · 100 is 22, not 23. For 100
-    steps: 22, 41, 57, 70, 80, 87, 93, 99.
+    The official code's integer schedule, which published results use: the first
+    period is ``max(int(0.22 · steps), 1)`` iterations, each next one
+    ``max(int(0.03 · steps), 1)`` shorter, but never shorter than
+    ``max(int(0.06 · steps), 1)``. It equals the paper's
+    ``w_j = ⌈p_j · steps⌉`` (``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03,
+    0.06)``) at multiples of 100 steps (for 100: 22, 41, 57, 70, 80, 87, 93, 99) and
+    halves more often at small budgets (for 20: 4, 7, 9, 10, 11, ..., 20). The fractions
+    are computed in hundredths, so 0.22 · 100 is exactly 22.
     """
+    first = max(22 * steps // 100, 1)
+    shrink = max(3 * steps // 100, 1)
+    shortest = max(6 * steps // 100, 1)
     out: list[int] = []
-    prev, cur = 0, 22  # p in hundredths
-    while cur <= 100:
-        w = -(-cur * steps // 100)  # ceil without floats
-        if w >= 1 and (not out or w > out[-1]) and w <= steps:
-            out.append(w)
-        prev, cur = cur, cur + max(cur - prev - 3, 6)
+    w, period = first, first
+    while w <= steps:
+        out.append(w)
+        period = max(period - shrink, shortest)
+        w += period
     return out
 
 
@@ -106,27 +104,6 @@ LOSSES: dict[str, Objective] = {"ce": _ce, "dlr": dlr_loss}
 
 def _expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (like.dim() - 1)))
-
-
-def _start(gens: list[torch.Generator], x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    """A random point at distance exactly ``eps`` (before clipping into [0, 1]).
-
-    L∞: a uniform draw from the cube rescaled so its largest coordinate is ``eps``; L2: a
-    uniformly random direction of length ``eps`` (as the reference implementation).
-    """
-    shape = tuple(x.shape[1:])
-    sampler = uniform_linf_ball if norm == "linf" else uniform_l2_ball
-    d = sampler(gens, shape, 1.0, x)
-    linf, l2 = norms(d)
-    size = linf if norm == "linf" else l2
-    return clip_unit(x + eps * d / _expand(size.clamp_min(1e-12), d))
-
-
-def _step(x_cur: torch.Tensor, g: torch.Tensor, eta: torch.Tensor, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return x_cur + eta * g.sign()
-    gnorm = g.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
-    return x_cur + eta * g / _expand(gnorm, g)
 
 
 @dataclass
@@ -173,71 +150,141 @@ class _Gradient:
         return total, logits, losses[-1].to(x.dtype)
 
 
-def _run(
-    grad: _Gradient,
-    x: torch.Tensor,
-    start: torch.Tensor,
-    y: torch.Tensor,
-    t_loss: torch.Tensor | None,
-    t_goal: torch.Tensor | None,
-    objective: Objective,
-    eps: float,
-    norm: str,
-    steps: int,
-) -> _Run:
-    """One APGD run (Algorithm 1) from ``start``; broken samples stop being attacked.
+@dataclass
+class _Task:
+    """What the runs of one round share: the samples, their targets and the objective.
 
     ``t_loss`` is the target the loss aims at, ``t_goal`` the one success is judged on
     (``None``: untargeted). APGD-T uses a ``t_loss`` with ``t_goal=None``.
     """
-    g, logits, loss = grad(start, y, t_loss, objective)
-    out_x, out_logits = start.clone(), logits.clone()
-    out_broken = success_of(logits, y, t_goal)
-    out_loss = loss.clone()
-    marks = set(checkpoints(steps))
-    last_mark = 0
-    # Per-sample state of the samples still being attacked (``idx`` maps into the batch).
-    idx = (~out_broken).nonzero().flatten()
-    s = {
-        "x0": x[idx],
-        "y": y[idx],
-        "cur": start[idx],
-        "prev": start[idx],
-        "g": g[idx],
-        "best": start[idx],
-        "g_best": g[idx],
-        "best_logits": logits[idx],
-        "loss_best": loss[idx],
-        "loss_prev": loss[idx],
-        "loss_mark": loss[idx],
-        "eta": torch.full((idx.numel(),), 2.0 * eps, dtype=x.dtype, device=x.device),
-        "ups": torch.zeros(idx.numel(), dtype=torch.long, device=x.device),
-        "halved": torch.zeros(idx.numel(), dtype=torch.bool, device=x.device),
-    }
-    for key, full in (("tl", t_loss), ("tg", t_goal)):
-        if full is not None:
-            s[key] = full[idx]
-    for k in range(steps):
-        if idx.numel() == 0:
-            break
-        eta = _expand(s["eta"], s["cur"])
-        z = _proj(_step(s["cur"], s["g"], eta, norm), s["x0"], eps, norm)
-        if k > 0:
-            # Momentum: a = 0.75 of the new step plus 0.25 of the last move.
-            move = s["cur"] - s["prev"]
-            z = _proj(
-                s["cur"] + MOMENTUM * (z - s["cur"]) + (1 - MOMENTUM) * move, s["x0"], eps, norm
-            )
-        s["prev"] = s["cur"]
-        g, logits, loss = grad(z, s["y"], s.get("tl"), objective)
+
+    grad: _Gradient
+    x: torch.Tensor
+    y: torch.Tensor
+    t_loss: torch.Tensor | None
+    t_goal: torch.Tensor | None
+    objective: Objective
+
+    def __call__(self, z: torch.Tensor, s: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """``(grad, logits, loss)`` at iterates ``z`` of the samples in state ``s``."""
+        return self.grad(z, s["y"], s.get("tl"), self.objective)
+
+
+class _State:
+    """What one APGD run tracks: per-sample tensors of the samples still attacked (``s``,
+    ``idx`` maps them into the batch) and what the run returns for every sample."""
+
+    def __init__(
+        self,
+        x: torch.Tensor,
+        start: torch.Tensor,
+        y: torch.Tensor,
+        t_loss: torch.Tensor | None,
+        t_goal: torch.Tensor | None,
+        first: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        *,
+        stop_on_success: bool = True,
+    ) -> None:
+        g, logits, loss = first
+        self.out_x, self.out_logits = start.clone(), logits.clone()
+        self.out_broken = success_of(logits, y, t_goal)
+        if not stop_on_success:
+            self.out_broken = torch.zeros_like(self.out_broken)
+        self.stop_on_success = stop_on_success
+        self.out_loss = loss.clone()
+        self.idx = (~self.out_broken).nonzero().flatten()
+        idx = self.idx
+        self.s = {
+            "x0": x[idx], "y": y[idx], "cur": start[idx], "g": g[idx], "best": start[idx],
+            "g_best": g[idx], "best_logits": logits[idx], "loss_best": loss[idx],
+        }  # fmt: skip
+        for key, full in (("tl", t_loss), ("tg", t_goal)):
+            if full is not None:
+                self.s[key] = full[idx]
+
+    def add(self, **values: torch.Tensor) -> None:
+        """More per-sample state (already restricted to the samples attacked)."""
+        self.s.update(values)
+
+    def record(
+        self, z: torch.Tensor, g: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor
+    ) -> None:
+        """The new iterate and its gradient; the best point where the loss rose."""
+        s = self.s
         s["cur"], s["g"] = z, g
-        s["ups"] += (loss > s["loss_prev"]).long()
-        s["loss_prev"] = loss
         better = loss > s["loss_best"]
         s["best"] = torch.where(_expand(better, z), z, s["best"])
         s["g_best"] = torch.where(_expand(better, g), g, s["g_best"])
         s["best_logits"] = torch.where(better[:, None], logits, s["best_logits"])
         s["loss_best"] = torch.where(better, loss, s["loss_best"])
+
+    def restart(self, where: torch.Tensor) -> None:
+        """Move the samples ``where`` back to their best point and its gradient."""
+        s = self.s
+        s["cur"] = torch.where(_expand(where, s["cur"]), s["best"], s["cur"])
+        s["g"] = torch.where(_expand(where, s["g"]), s["g_best"], s["g"])
+
+    def drop_won(self, z: torch.Tensor, logits: torch.Tensor, loss: torch.Tensor) -> None:
+        """Keep the successful iterates and stop attacking those samples."""
+        if not self.stop_on_success:
+            return
+        won = success_of(logits, self.s["y"], self.s.get("tg"))
+        if bool(won.any()):
+            hit = self.idx[won]
+            self.out_x[hit], self.out_logits[hit], self.out_broken[hit] = z[won], logits[won], True
+            self.out_loss[hit] = loss[won]
+            keep = ~won
+            self.idx = self.idx[keep]
+            self.s = {key: v[keep] for key, v in self.s.items()}
+
+    def result(self) -> _Run:
+        """Successful iterates where broken, the best-loss point elsewhere."""
+        idx, s = self.idx, self.s
+        if idx.numel():
+            self.out_x[idx], self.out_logits[idx] = s["best"], s["best_logits"]
+            self.out_loss[idx] = s["loss_best"]
+        return _Run(
+            x=self.out_x, logits=self.out_logits, broken=self.out_broken, loss=self.out_loss
+        )
+
+
+def _run(
+    task: _Task,
+    start: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+) -> _Run:
+    """One APGD run (Algorithm 1, L∞ or L2) from ``start``; broken samples stop being attacked."""
+    x = task.x
+    first = task.grad(start, task.y, task.t_loss, task.objective)
+    state = _State(x, start, task.y, task.t_loss, task.t_goal, first)
+    eps = threat._radius()
+    marks = set(checkpoints(steps))
+    last_mark = 0
+    n, loss0 = state.idx.numel(), first[2][state.idx]
+    state.add(
+        prev=state.s["cur"], loss_prev=loss0, loss_mark=loss0,
+        eta=torch.full((n,), 2.0 * eps, dtype=x.dtype, device=x.device),
+        ups=torch.zeros(n, dtype=torch.long, device=x.device),
+        halved=torch.zeros(n, dtype=torch.bool, device=x.device),
+    )  # fmt: skip
+    for k in range(steps):
+        if state.idx.numel() == 0:
+            break
+        s = state.s
+        eta = _expand(s["eta"], s["cur"])
+        z = threat.project(s["cur"] + eta * threat.ascent(s["g"]), s["x0"])
+        if k > 0:
+            # Momentum: a = 0.75 of the new step plus 0.25 of the last move.
+            move = s["cur"] - s["prev"]
+            z = threat.project(
+                s["cur"] + MOMENTUM * (z - s["cur"]) + (1 - MOMENTUM) * move, s["x0"]
+            )
+        s["prev"] = s["cur"]
+        g, logits, loss = task(z, s)
+        state.record(z, g, logits, loss)
+        s["ups"] += (loss > s["loss_prev"]).long()
+        s["loss_prev"] = loss
         if k + 1 in marks:
             w = k + 1
             # Condition 1: too few of the steps since the last checkpoint raised the loss.
@@ -247,26 +294,12 @@ def _run(
             halve = cond1 | cond2
             s["eta"] = torch.where(halve, s["eta"] / 2, s["eta"])
             # Restart the halved samples from their best point (and its gradient).
-            s["cur"] = torch.where(_expand(halve, z), s["best"], s["cur"])
-            s["g"] = torch.where(_expand(halve, g), s["g_best"], s["g"])
+            state.restart(halve)
             s["halved"], s["loss_mark"] = halve, s["loss_best"].clone()
             s["ups"].zero_()
             last_mark = w
-        won = success_of(logits, s["y"], s.get("tg"))
-        if bool(won.any()):
-            hit = idx[won]
-            out_x[hit], out_logits[hit], out_broken[hit] = z[won], logits[won], True
-            out_loss[hit] = loss[won]
-            keep = ~won
-            idx = idx[keep]
-            s = {key: v[keep] for key, v in s.items()}
-    if idx.numel():
-        out_x[idx], out_logits[idx], out_loss[idx] = s["best"], s["best_logits"], s["loss_best"]
-    return _Run(x=out_x, logits=out_logits, broken=out_broken, loss=out_loss)
-
-
-def _proj(z: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
-    return project_linf(z, x0, eps) if norm == "linf" else project_l2(z, x0, eps)
+        state.drop_won(z, logits, loss)
+    return state.result()
 
 
 class _Best:
@@ -298,6 +331,7 @@ class _Best:
 
 
 _Targets = tuple["torch.Tensor | None", "torch.Tensor | None"]
+_Gens = list[torch.Generator]
 
 
 def _drive(
@@ -309,26 +343,30 @@ def _drive(
     generator: torch.Generator | None,
     seeds: torch.Tensor | None,
     eps: float,
-    norm: str,
+    norm: str | ThreatModel,
     steps: int,
     restarts: int,
     eot_iter: int,
+    large_eps: bool,
     stream: int,
     objective: Objective,
     rounds: Callable[..., list[_Targets]],
 ) -> AttackResult:
-    """Validate, then run APGD rounds on the samples still robust, keeping each one's best.
+    """Run APGD rounds on the samples still robust, keeping each one's best.
 
-    ``rounds(guard, x0, y, target, restarts)`` (validated values) lists one ``(loss
+    Hyperparameters arrive validated against the declared :class:`Param` s (the
+    registry wraps the attack). ``rounds(guard, x0, y, target, restarts)`` lists one ``(loss
     target, success target)`` pair of ``(N,)`` tensors (or ``None``) per run: restarts,
-    or APGD-T's targets in turn.
+    or APGD-T's targets in turn. ``norm`` and ``eps`` become one threat object here; its
+    name picks the inner loop (:data:`RUNS`).
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
-    steps = check_int("steps", steps, minimum=1)
-    restarts = check_int("restarts", restarts, minimum=1)
-    eot_iter = check_int("eot_iter", eot_iter, minimum=1)
+    threat = threat_model(norm, eps)
+    if large_eps and threat.name != "l1":
+        raise ValueError(f"large_eps is for norm='l1' only, got norm={threat.name!r}")
+    if large_eps and steps < 3:
+        raise ValueError(f"large_eps needs steps >= 3 (three stages), got {steps}")
+    run_once = functools.partial(RUNS[threat.name], large_eps=large_eps)
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
         n = x0.shape[0]
@@ -341,14 +379,157 @@ def _drive(
                 break
             tl = None if t_loss is None else t_loss[todo]
             tg = None if t_goal is None else t_goal[todo]
-            start = _start([gens[i] for i in todo.tolist()], x0[todo], eps, norm)
-            run = _run(grad, x0[todo], start, y[todo], tl, tg, objective, eps, norm, steps)
+            picked = [gens[i] for i in todo.tolist()]
+            task = _Task(grad, x0[todo], y[todo], tl, tg, objective)
+            run = run_once(task, picked, threat, steps)
             best.update(todo, run)
             todo = todo[~best.broken[todo]]
         return finish(guard, x, best.x, y, target, logits=best.logits)
 
 
-@register("apgd", norm="linf", randomized=True)
+def _run_from_surface(task: _Task, gens: _Gens, threat: ThreatModel, steps: int, **_: bool) -> _Run:
+    # L∞ and L2: Algorithm 1 from a random point at distance exactly eps (``large_eps``
+    # is refused for them before any work).
+    return _run(task, threat.surface_start(task.x, gens), threat, steps)
+
+
+L1_SHRINK = 1.5  # l1-APGD: step-size divisor at a checkpoint, and sparsity = L0 / 1.5
+L1_MIN_STEP = 10  # ... the step never falls below eps / 10
+L1_SPARSITY = 0.2  # the fraction of coordinates the first steps move
+
+
+def _l0(delta: torch.Tensor) -> torch.Tensor:
+    return (delta != 0).flatten(1).sum(dim=1).to(delta.dtype)
+
+
+def _run_l1(
+    task: _Task,
+    start: torch.Tensor,
+    threat: ThreatModel,
+    steps: int,
+    *,
+    sparsity_from_start: bool,
+    stop_on_success: bool,
+) -> _Run:
+    """One l1-APGD run (Croce & Hein, ICML 2021) from ``start``.
+
+    Each step moves the ``k · D`` coordinates with the largest gradient by ``±η / count``
+    (:meth:`L1.ascent` with ``sparsity=k``) and projects exactly onto the L1 ball ∩ box;
+    no momentum. Every ``max(int(0.04 · steps), 1)`` steps ``k`` becomes the sparsity of
+    the best point over 1.5; where that sparsity fell below 95 % of the last one, ``η``
+    resets to ``eps`` and the iterate to the best point, elsewhere ``η`` is divided by
+    1.5 (never below ``eps / 10``). ``k`` starts at 0.2 (or, from a given start, at its
+    sparsity over 1.5). Without ``stop_on_success`` every sample runs every step and
+    returns its best-loss point (the larger-eps stages of :func:`_run_l1_stages`).
+    """
+    eps = threat._radius()
+    x = task.x
+    n_fts = x[0].numel()
+    first = task.grad(start, task.y, task.t_loss, task.objective)
+    state = _State(
+        x, start, task.y, task.t_loss, task.t_goal, first, stop_on_success=stop_on_success
+    )
+    period = max(4 * steps // 100, 1)
+    idx = state.idx
+    if sparsity_from_start:
+        sp_old = _l0(start[idx] - x[idx])
+        k = sp_old / n_fts / L1_SHRINK
+    else:
+        k = torch.full((idx.numel(),), L1_SPARSITY, dtype=x.dtype, device=x.device)
+        sp_old = torch.full_like(k, float(n_fts))
+    state.add(eta=torch.full_like(k, eps), k=k, sp_old=sp_old)
+    ascent = threat.ascent
+    for i in range(steps):
+        if state.idx.numel() == 0:
+            break
+        s = state.s
+        step = _expand(s["eta"], s["cur"]) * ascent(s["g"], sparsity=s["k"])  # type: ignore[call-arg]
+        z = threat.project(s["cur"] + step, s["x0"])
+        g, logits, loss = task(z, s)
+        state.record(z, g, logits, loss)
+        if (i + 1) % period == 0:
+            sp = _l0(s["best"] - s["x0"])
+            reset = sp / s["sp_old"] < 0.95
+            s["k"], s["sp_old"] = sp / n_fts / L1_SHRINK, sp
+            eta = torch.where(reset, torch.full_like(s["eta"], eps), s["eta"] / L1_SHRINK)
+            s["eta"] = eta.clamp(eps / L1_MIN_STEP, eps)
+            state.restart(reset)
+        state.drop_won(z, logits, loss)
+    return state.result()
+
+
+def _run_l1_stages(
+    task: _Task,
+    gens: list[torch.Generator],
+    threat: ThreatModel,
+    steps: int,
+    *,
+    large_eps: bool,
+) -> _Run:
+    """l1-APGD from a projected Gaussian; with ``large_eps`` in three stages.
+
+    ``large_eps`` (the official L1 ensemble's setting): ``ceil(0.3 · steps)`` steps at
+    ``3 · eps``, as many at ``2 · eps``, the rest at ``eps``, each stage starting from
+    the previous stage's best point projected onto its ball; only the last stage's
+    successes count. ``0.3 · steps`` is a float, as in the official code
+    (``ceil(0.3 · 100) = 31``: stages of 31, 31 and 38 steps).
+    """
+    eps, x = threat._radius(), task.x
+    if not large_eps:
+        start = threat.surface_start(x, gens)
+        return _run_l1(task, start, threat, steps, sparsity_from_start=False, stop_on_success=True)
+    first = math.ceil(0.3 * steps)
+    current = threat.with_eps(3 * eps).surface_start(x, gens)
+    for radius in (3 * eps, 2 * eps):
+        stage = threat.with_eps(radius)
+        current = _run_l1(
+            task, stage.project(current, x), stage, first,
+            sparsity_from_start=True, stop_on_success=False,
+        ).x  # fmt: skip
+    return _run_l1(
+        task, threat.project(current, x), threat, steps - 2 * first,
+        sparsity_from_start=True, stop_on_success=True,
+    )  # fmt: skip
+
+
+#: The inner loop per threat model (by name): ``(task, gens, threat, steps, *,
+#: large_eps) -> _Run``. A norm APGD supports is a key here.
+RUNS: dict[str, Callable[..., _Run]] = {
+    "linf": _run_from_surface,
+    "l2": _run_from_surface,
+    "l1": _run_l1_stages,
+}
+
+
+def _apgd_params(*extra: Param) -> tuple[Param, ...]:
+    norm = Param("norm", str, "linf", choices=tuple(RUNS), role="norm", help="threat model")
+    steps = Param("steps", int, 100, low=1, role="budget", cheap=3, help="iterations per run")
+    restarts = Param(
+        "restarts", int, 1, low=1, high=1000, role="budget", cheap=1,
+        help="runs per sample (per target class for apgd_t)",
+    )  # fmt: skip
+    eot_iter = Param("eot_iter", int, 1, low=1, high=1000, help="EOT gradients per step")
+    large_eps = Param(
+        "large_eps", bool, False,
+        help="l1 only: 30 % of the steps at 3·eps, 30 % at 2·eps, then eps (official L1)",
+    )  # fmt: skip
+    return (EPS, norm, steps, restarts, eot_iter, large_eps, *extra)
+
+
+#: APGD's hyperparameters, declared once (validation, presets, CLI, tests read them).
+APGD_PARAMS = _apgd_params(
+    Param("loss", str, "ce", choices=tuple(LOSSES), help="objective: ce or dlr"),
+)
+#: APGD-T's hyperparameters.
+APGD_T_PARAMS = _apgd_params(
+    Param(
+        "n_targets", int, 9, low=1, high=1000, role="budget", cheap=2,
+        help="target classes tried per sample",
+    ),
+)  # fmt: skip
+
+
+@register("apgd", norm="linf", randomized=True, params=APGD_PARAMS)
 def apgd(
     model: nn.Module,
     x: torch.Tensor,
@@ -360,6 +541,7 @@ def apgd(
     steps: int = 100,
     restarts: int = 1,
     eot_iter: int = 1,
+    large_eps: bool = False,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
@@ -380,7 +562,9 @@ def apgd(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball (absolute pixel units), ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (l1-APGD, Croce & Hein, ICML 2021: sparse
+            steps, exact projection onto the L1 ball ∩ box, an adaptive sparsity; see
+            docs/autoattack.md), or a threat object of one of these.
         loss: ``"ce"`` (cross-entropy; −CE of the target when targeted) or ``"dlr"`` (the
             Difference of Logits Ratio, :func:`dlr_loss`; targeted DLR when targeted).
         steps: Iterations per run, ``>= 1`` (the checkpoints scale with it).
@@ -388,6 +572,8 @@ def apgd(
             remaining runs, the others keep the run with the highest loss.
         eot_iter: Gradients averaged per step (Expectation over Transformation, for
             randomised models); ``1`` for deterministic models.
+        large_eps: L1 only: 30 % of the steps at ``3 · eps``, 30 % at ``2 · eps``, the
+            rest at ``eps`` (the official L1 ensemble's setting); ``steps >= 3``.
         target: Optional ``(N,)`` target classes (each ≠ ``y``): success means the
             prediction equals the target.
         generator: Source of the random starts when ``seeds`` is not given.
@@ -401,10 +587,9 @@ def apgd(
     Raises:
         ValueError: Invalid inputs or hyperparameters; DLR with fewer than 3 classes.
     """
-    loss = check_choice("loss", loss, tuple(LOSSES))
     return _drive(
         model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
-        steps=steps, restarts=restarts, eot_iter=eot_iter,
+        steps=steps, restarts=restarts, eot_iter=eot_iter, large_eps=large_eps,
         stream=_STREAMS[loss if target is None or loss == "ce" else "dlr_t"],
         objective=LOSSES[loss], rounds=_restarts,
     )  # fmt: skip
@@ -416,7 +601,7 @@ def _restarts(
     return [(target, target)] * restarts
 
 
-@register("apgd_t", norm="linf", randomized=True)
+@register("apgd_t", norm="linf", randomized=True, params=APGD_T_PARAMS)
 def apgd_t(
     model: nn.Module,
     x: torch.Tensor,
@@ -428,6 +613,7 @@ def apgd_t(
     n_targets: int = 9,
     restarts: int = 1,
     eot_iter: int = 1,
+    large_eps: bool = False,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
@@ -445,12 +631,13 @@ def apgd_t(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball, ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (see :func:`apgd`).
         steps: Iterations per run, ``>= 1``.
         n_targets: Target classes tried per sample, ``>= 1``; at most ``K − 1`` are used
             (a larger value runs every other class, as there are no more).
         restarts: Runs per target class, ``>= 1``.
         eot_iter: Gradients averaged per step (EOT), ``>= 1``.
+        large_eps: L1 only: the three-stage radius schedule (see :func:`apgd`).
         target: If given, ``(N,)`` classes (each ≠ ``y``) used as the only target, and
             success then means the prediction equals it (a targeted attack, like every
             advtune attack with ``target=``); ``n_targets`` is ignored.
@@ -465,7 +652,6 @@ def apgd_t(
     Raises:
         ValueError: Invalid inputs or hyperparameters, fewer than 4 classes.
     """
-    n_targets = check_int("n_targets", n_targets, minimum=1)
 
     def rounds(
         guard: ModelGuard, x0: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None, runs: int
@@ -480,6 +666,7 @@ def apgd_t(
 
     return _drive(
         model, x, y, target=target, generator=generator, seeds=seeds, eps=eps, norm=norm,
-        steps=steps, restarts=restarts, eot_iter=eot_iter, stream=_STREAMS["dlr_t"],
+        steps=steps, restarts=restarts, eot_iter=eot_iter, large_eps=large_eps,
+        stream=_STREAMS["dlr_t"],
         objective=dlr_loss, rounds=rounds,
     )  # fmt: skip

@@ -20,22 +20,23 @@ import torch
 from torch import nn
 
 from advtune.attacks import _masking
+from advtune.attacks._loop import EPS
 from advtune.attacks._random import resolve_seeds
-from advtune.attacks._registry import get, names, register, spec
+from advtune.attacks._registry import Param, get, names, register, spec
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
     ce_loss,
     check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
     finish,
     success_of,
 )
+from advtune.attacks.threat import threat_model
 from advtune.errors import UserError, suggest
 
 __all__ = [
+    "AUTOATTACK_PARAMS",
     "BLACK_BOX",
     "COMPONENTS",
     "VERSIONS",
@@ -64,10 +65,39 @@ VERSIONS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "rand": ("apgd-ce", "apgd-dlr"),
 }
+#: The threat models of the official versions.
+NORMS = ("linf", "l2", "l1")
+#: Per (version, norm), settings of official components that differ from the L∞/L2
+#: budgets: the official L1 version runs APGD-CE with 5 restarts and APGD-T with 5
+#: targets, both with the three-stage eps schedule (``large_eps``).
+NORM_SETTINGS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("standard", "l1"): {
+        "apgd-ce": {"restarts": 5, "large_eps": True},
+        "apgd-t": {"n_targets": 5, "large_eps": True},
+    },
+}
 #: Registry names of score-based (black-box) attacks, for the masking check.
 BLACK_BOX = frozenset({"square"})
 # The official budgets (AutoAttack's standard version).
 _STEPS, _N_TARGETS, _QUERIES, _EOT_RAND = 100, 9, 5000, 20
+
+
+#: AutoAttack's hyperparameters, declared once (validation, presets, CLI, tests read them).
+AUTOATTACK_PARAMS = (
+    EPS,
+    Param("norm", str, "linf", choices=NORMS, role="norm", help="threat model"),
+    Param("version", str, None, choices=(*VERSIONS, "custom"), nullable=True,
+          help="official version (None: standard, or custom with attacks)"),
+    Param("attacks", object, None, nullable=True, help="custom list of components"),
+    Param("steps", int, None, low=1, nullable=True, role="budget", cheap=3,
+          help="iterations of the gradient components (official: 100)"),
+    Param("n_targets", int, None, low=1, high=1000, nullable=True, role="budget", cheap=2,
+          help="target classes of APGD-T and FAB-T (official: 9)"),
+    Param("queries", int, None, low=1, nullable=True, role="budget", cheap=20,
+          help="queries of Square (official: 5000)"),
+    Param("eot_iter", int, None, low=1, high=1000, nullable=True,
+          help="EOT gradients per APGD step (official: 1, or 20 with rand)"),
+)  # fmt: skip
 
 
 class MissingComponentWarning(UserWarning):
@@ -181,7 +211,7 @@ def _budget(
     }
 
 
-@register("autoattack", norm="linf", randomized=True)
+@register("autoattack", norm="linf", randomized=True, params=AUTOATTACK_PARAMS)
 def autoattack(
     model: nn.Module,
     x: torch.Tensor,
@@ -221,7 +251,12 @@ def autoattack(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball, ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"`` (or a threat object). The official L1
+            version runs APGD-CE (5 restarts) and APGD-T (5 targets), both with the
+            three-stage eps schedule (:func:`~advtune.attacks.apgd`'s ``large_eps``),
+            then FAB-T and Square, which advtune has no L1 version of: they are
+            skipped with a :class:`MissingComponentWarning`. A custom component
+            without the threat model raises.
         version: ``"standard"``, ``"rand"``, or ``"custom"`` with ``attacks``
             (``None``: ``"standard"``, or ``"custom"`` when ``attacks`` is given).
         attacks: The custom list of components (see above).
@@ -242,16 +277,7 @@ def autoattack(
         ValueError: Invalid inputs or hyperparameters, unknown components.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
-    for key, value in (
-        ("steps", steps),
-        ("n_targets", n_targets),
-        ("queries", queries),
-        ("eot_iter", eot_iter),
-    ):
-        if value is not None:
-            check_int(key, value, minimum=1)
+    threat = threat_model(norm, eps)
     version, plan = _plan(version, attacks)
     n = x.shape[0]
     per_sample = resolve_seeds(n, generator=generator, seeds=seeds).to(x.device)
@@ -288,9 +314,24 @@ def autoattack(
                     continue
                 get(reg)  # raises, naming it
             fn, accepted = get(reg), _accepted(reg)
-            wanted = {"eps": eps, "norm": norm} | _budget(
+            if not _supports(reg, threat.name):
+                if not official:
+                    raise ValueError(f"attack {reg!r} has no {threat.label} version")
+                skipped.append(label)
+                warnings.warn(
+                    f"autoattack: component {label!r} has no {threat.label} version in "
+                    "advtune; skipped (robust accuracy may be overestimated)",
+                    MissingComponentWarning,
+                    stacklevel=2,
+                )
+                continue
+            wanted = {"eps": threat.eps, "norm": threat} | _budget(
                 official, version, steps, n_targets, queries, eot_iter
             )
+            if official:
+                tuned = NORM_SETTINGS.get((version, threat.name), {}).get(label, {})
+                given = {"n_targets": n_targets, "steps": steps}
+                wanted |= {k: v for k, v in tuned.items() if given.get(k) is None}
             kwargs = {k: v for k, v in wanted.items() if k in accepted} | fixed
             ran.append(label)
             if todo.numel() == 0:
@@ -330,6 +371,16 @@ def autoattack(
         component_calls=tuple(calls),
         checks=checks,
     )
+
+
+def _supports(name: str, norm: str) -> bool:
+    """Whether the attack ``name`` runs in the threat model ``norm``."""
+    s = spec(name)
+    key = s.norm_key
+    if key is None:
+        return s.norm == norm
+    choices = s.param(key).choices
+    return choices is None or norm in choices
 
 
 def _accepted(name: str) -> set[str]:

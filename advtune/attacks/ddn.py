@@ -5,26 +5,36 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._minnorm import Smallest, check_fraction, cosine_anneal
-from advtune.attacks._registry import register
+from advtune.attacks._minnorm import FRACTION, Smallest, cosine_anneal
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
     ce_loss,
     check_inputs,
-    check_int,
-    check_positive,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import L2
 
-__all__ = ["ddn"]
+__all__ = ["DDN_PARAMS", "ddn"]
 
 _TINY = 1e-12  # floor for norms: a zero gradient or perturbation gives no step, not NaN
 _ALPHA_FINAL = 0.01  # the step decays from alpha to alpha · 0.01 (cosine)
 
 
-@register("ddn", norm="l2")
+#: DDN's hyperparameters, declared once (validation, presets, CLI, tests read them).
+DDN_PARAMS = (
+    Param("steps", int, 100, low=1, role="budget", cheap=3, help="gradient steps"),
+    Param("gamma", float, 0.05, **FRACTION, help="relative change of the radius per step"),
+    Param("init_norm", float, 1.0, low=0.0, low_open=True, high=1e4, help="starting radius"),
+    Param("alpha", float, 1.0, low=0.0, low_open=True, high=1e4, help="first step length"),
+    Param("levels", int, None, low=2, high=65536, nullable=True,
+          help="round iterates to this many grey levels (256: 8-bit)"),
+)  # fmt: skip
+
+
+@register("ddn", norm="l2", params=DDN_PARAMS)
 def ddn(
     model: nn.Module,
     x: torch.Tensor,
@@ -82,12 +92,6 @@ def ddn(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    steps = check_int("steps", steps, minimum=1)
-    gamma = check_fraction("gamma", gamma)
-    init_norm = check_positive("init_norm", init_norm)
-    alpha = check_positive("alpha", alpha)
-    if levels is not None:
-        levels = check_int("levels", levels, minimum=2)
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         wd = work_dtype(x)
@@ -95,9 +99,7 @@ def ddn(
         n, dev = x0.shape[0], x0.device
         view = (-1,) + (1,) * (x0.dim() - 1)
 
-        def l2(t: torch.Tensor) -> torch.Tensor:
-            return t.flatten(1).norm(p=2, dim=1)
-
+        l2 = L2().norm
         delta = torch.zeros_like(x0)
         eps = torch.full((n,), init_norm, dtype=wd, device=dev)
         worst = l2(torch.maximum(x0, 1.0 - x0))  # farthest point of the box from x

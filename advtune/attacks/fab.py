@@ -11,37 +11,54 @@ image (``beta``), so the search keeps shrinking the perturbation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
-from advtune.attacks._random import (
-    STREAM_START,
-    resolve_seeds,
-    sample_generators,
-    uniform_l2_ball,
-    uniform_linf_ball,
-)
-from advtune.attacks._registry import register
+from advtune.attacks._loop import EPS
+from advtune.attacks._random import STREAM_START, resolve_seeds, sample_generators
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
-    check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
-    check_positive,
     clip_unit,
     finish,
     margin_loss,
-    norms,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["fab", "project_hyperplane_box"]
+__all__ = ["FAB_PARAMS", "fab", "project_hyperplane_box"]
+
+#: Per threat model (by name), the weight ``v_i`` of coordinate *i* in the minimal move
+#: onto a hyperplane (see :func:`project_hyperplane_box`) from ``|w_i|``. A norm FAB
+#: supports is a key here.
+_WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "linf": torch.ones_like,
+    "l2": lambda aw: aw,
+}
+
+#: FAB's hyperparameters, declared once (validation, presets, CLI, tests read them).
+FAB_PARAMS = (
+    EPS,
+    Param("norm", str, "linf", choices=tuple(_WEIGHTS), role="norm", help="threat model"),
+    Param("steps", int, 100, low=1, role="budget", cheap=3, help="iterations per run"),
+    Param("n_targets", int, 9, low=1, high=1000, role="budget", cheap=2,
+          help="FAB-T: runner-up classes tried"),
+    Param("targeted", bool, True, help="FAB-T (one boundary per run) or untargeted FAB"),
+    Param("restarts", int, 1, low=1, high=1000, role="budget", cheap=1,
+          help="runs per target class"),
+    Param("alpha_max", float, 0.1, low=0.0, high=1.0, help="largest weight of x's projection"),
+    Param("eta", float, 1.05, low=1.0, high=10.0, help="overshoot past the boundary"),
+    Param("beta", float, 0.9, low=0.0, low_open=True, high=1.0,
+          help="backward step towards x after a success"),
+)  # fmt: skip
 
 
-@register("fab", norm="linf", randomized=False)
+@register("fab", norm="linf", randomized=False, params=FAB_PARAMS)
 def fab(
     model: nn.Module,
     x: torch.Tensor,
@@ -111,22 +128,7 @@ def fab(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
-    steps = check_int("steps", steps, minimum=1)
-    n_targets = check_int("n_targets", n_targets, minimum=1)
-    restarts = check_int("restarts", restarts, minimum=1)
-    alpha_max = check_nonnegative("alpha_max", alpha_max)
-    if alpha_max > 1:
-        raise ValueError(f"alpha_max must lie in [0, 1], got {alpha_max!r}")
-    eta = check_positive("eta", eta)
-    if eta < 1:
-        raise ValueError(f"eta must be >= 1, got {eta!r}")
-    beta = check_positive("beta", beta)
-    if beta > 1:
-        raise ValueError(f"beta must lie in (0, 1], got {beta!r}")
-    if not isinstance(targeted, bool):
-        raise ValueError(f"targeted must be a bool, got {targeted!r}")
+    threat = threat_model(norm, eps)
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         x0 = x.detach().to(work_dtype(x))
@@ -142,7 +144,7 @@ def fab(
             if restarts > 1
             else []
         )
-        run = _Run(guard, x.dtype, norm, steps, alpha_max, eta, beta)
+        run = _Run(guard, x.dtype, threat, steps, alpha_max, eta, beta)
         if target is not None:
             plans: list[torch.Tensor | None] = [target]
         elif targeted:
@@ -161,7 +163,7 @@ def fab(
                 xs = x0[todo]
                 start = xs
                 if restart > 0:
-                    start = _random_start([gens[i] for i in todo.tolist()], xs, eps / 2, norm)
+                    start = threat.surface_start(xs, [gens[i] for i in todo.tolist()], eps / 2)
                 cls = None if plan is None else plan[todo]
                 found, dist = run(xs, start, y[todo], cls, user_target=target is not None)
                 won = dist <= eps
@@ -170,18 +172,8 @@ def fab(
         return finish(guard, x, best, y, target)
 
 
-def _random_start(
-    gens: list[torch.Generator], xs: torch.Tensor, radius: float, norm: str
-) -> torch.Tensor:
-    """A point at exactly ``radius`` (in ``norm``) from ``xs``, clipped into [0, 1]."""
-    ball = uniform_linf_ball if norm == "linf" else uniform_l2_ball
-    u = ball(gens, tuple(xs.shape[1:]), 1.0, xs)
-    size = norms(u)[0 if norm == "linf" else 1].clamp_min(1e-12)
-    return clip_unit(xs + u * (radius / size).reshape(-1, *([1] * (xs.dim() - 1))))
-
-
 def project_hyperplane_box(
-    t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str
+    t: torch.Tensor, w: torch.Tensor, b: torch.Tensor, norm: str | ThreatModel
 ) -> torch.Tensor:
     """Smallest move ``d`` (in ``norm``) with ``w·(t + d) = b`` and ``t + d`` in [0, 1].
 
@@ -197,7 +189,7 @@ def project_hyperplane_box(
         t: ``(M, D)`` points in [0, 1].
         w: ``(M, D)`` hyperplane normals.
         b: ``(M,)`` offsets.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"`` or ``"l2"``, or a threat model of that name.
 
     Returns:
         ``(M, D)`` moves ``d``.
@@ -207,7 +199,7 @@ def project_hyperplane_box(
     s = -torch.sign(gap)[:, None] * torch.sign(w)
     room = torch.where(s > 0, 1 - t, t).clamp_min(0) * (s != 0)
     aw = w.abs()
-    v = torch.ones_like(w) if norm == "linf" else aw
+    v = _WEIGHTS[threat_model(norm).name](aw)
     need = gap.abs()
     whole = (aw * room).sum(dim=1)
     # Breakpoints where a coordinate hits the box; coordinates that cannot move get 0 and
@@ -239,18 +231,17 @@ class _Run:
         self,
         guard: ModelGuard,
         model_dtype: torch.dtype,
-        norm: str,
+        threat: ThreatModel,
         steps: int,
         alpha_max: float,
         eta: float,
         beta: float,
     ) -> None:
-        self.guard, self.model_dtype, self.norm = guard, model_dtype, norm
+        self.guard, self.model_dtype, self.threat = guard, model_dtype, threat
         self.steps, self.alpha_max, self.eta, self.beta = steps, alpha_max, eta, beta
 
     def _size(self, delta: torch.Tensor) -> torch.Tensor:
-        linf, l2 = norms(delta)
-        return linf if self.norm == "linf" else l2
+        return self.threat.norm(delta)
 
     def _boundary(
         self, x1: torch.Tensor, y: torch.Tensor, cls: torch.Tensor | None, user_target: bool
@@ -274,8 +265,7 @@ class _Run:
         z, jac = logits.to(wd), jac.to(wd)
         f = z - z[rows, y][:, None]  # (M, K)
         g = jac - jac[rows, y][:, None]  # (M, K, C, H, W)
-        gflat = g.flatten(2)
-        dual = gflat.abs().sum(dim=2) if self.norm == "linf" else gflat.norm(dim=2)
+        dual = self.threat.dual_norm(g.flatten(0, 1)).view(f.shape)
         dist = f.abs() / (dual + 1e-12)
         dist[rows, y] = float("inf")
         j = dist.argmin(dim=1)
@@ -300,7 +290,7 @@ class _Run:
             w = g.flatten(1)
             b = (w * x1.flatten(1)).sum(dim=1) - f  # the linearised boundary: w·x = b
             d = project_hyperplane_box(
-                torch.cat([x1.flatten(1), x0f]), torch.cat([w, w]), torch.cat([b, b]), self.norm
+                torch.cat([x1.flatten(1), x0f]), torch.cat([w, w]), torch.cat([b, b]), self.threat
             )
             size = self._size(d).clamp_min(1e-8)
             d1, d2 = d[:m].view_as(xs), d[m:].view_as(xs)

@@ -5,26 +5,40 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from advtune.attacks._minnorm import Smallest, check_fraction, cosine_anneal
-from advtune.attacks._registry import register
+from advtune.attacks._minnorm import FRACTION, Smallest, cosine_anneal
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
-    check_choice,
     check_inputs,
-    check_int,
-    check_positive,
     margin_loss,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import threat_model
 
-__all__ = ["fmn"]
+__all__ = ["FMN_PARAMS", "fmn"]
+
+#: The threat models FMN minimises (its step is the L2-normalised gradient; the norm
+#: decides the radius update and the projection, :meth:`ThreatModel.shrink`).
+NORMS = ("l2", "linf")
 
 _TINY = 1e-12  # floor for gradient norms (a flat gradient gives a zero step, not NaN)
 
 
-@register("fmn", norm="l2")
+#: FMN's hyperparameters, declared once (validation, presets, CLI, tests read them).
+FMN_PARAMS = (
+    Param("steps", int, 100, low=1, role="budget", cheap=3, help="gradient steps"),
+    Param("norm", str, "l2", choices=NORMS, role="norm", help="the norm minimised"),
+    Param("alpha_init", float, 1.0, low=0.0, low_open=True, high=1e4, help="first step length"),
+    Param("alpha_final", float, None, low=0.0, low_open=True, high=1e4, nullable=True,
+          help="last step length; None: alpha_init / 100"),
+    Param("gamma_init", float, 0.05, **FRACTION, help="first relative change of the radius"),
+    Param("gamma_final", float, 0.001, **FRACTION, help="last relative change of the radius"),
+)  # fmt: skip
+
+
+@register("fmn", norm="l2", params=FMN_PARAMS)
 def fmn(
     model: nn.Module,
     x: torch.Tensor,
@@ -84,14 +98,8 @@ def fmn(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    steps = check_int("steps", steps, minimum=1)
-    norm = check_choice("norm", norm, ("l2", "linf"))
-    alpha_init = check_positive("alpha_init", alpha_init)
-    alpha_final = (
-        alpha_init / 100 if alpha_final is None else check_positive("alpha_final", alpha_final)
-    )
-    gamma_init = check_fraction("gamma_init", gamma_init)
-    gamma_final = check_fraction("gamma_final", gamma_final)
+    threat = threat_model(norm)
+    alpha_final = alpha_init / 100 if alpha_final is None else alpha_final
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         wd = work_dtype(x)
@@ -99,10 +107,7 @@ def fmn(
         n, dev = x0.shape[0], x0.device
         view = (-1,) + (1,) * (x0.dim() - 1)
 
-        def size(t: torch.Tensor) -> torch.Tensor:
-            flat = t.flatten(1)
-            return flat.norm(p=2, dim=1) if norm == "l2" else flat.abs().amax(dim=1)
-
+        size = threat.norm
         delta = torch.zeros_like(x0)
         eps = torch.full((n,), float("inf"), dtype=wd, device=dev)
         # The farthest any image in the box can be from x: ε never needs to exceed it.
@@ -123,7 +128,7 @@ def fmn(
 
             flat = g.flatten(1)
             g_l2 = flat.norm(p=2, dim=1)
-            g_dual = g_l2 if norm == "l2" else flat.abs().sum(dim=1)
+            g_dual = threat.dual_norm(g)
             # First-order distance to the boundary along the steepest direction. Until the
             # first success, ε aims γ beyond it and never shrinks: the paper sets ε to
             # exactly this distance, which lands on the boundary of a piecewise-linear
@@ -136,11 +141,7 @@ def fmn(
             eps = torch.minimum(eps, worst)
 
             delta = delta + (alpha / g_l2.clamp_min(_TINY)).reshape(view) * g
-            if norm == "l2":
-                scale = (eps / size(delta).clamp_min(_TINY)).clamp(max=1.0)
-                delta = delta * scale.reshape(view)
-            else:
-                delta = torch.maximum(torch.minimum(delta, eps.reshape(view)), -eps.reshape(view))
+            delta = threat.shrink(delta, eps)
             delta = (x0 + delta).clamp(0.0, 1.0) - x0
 
         return smallest.result(guard, x, y, target)

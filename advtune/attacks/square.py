@@ -11,36 +11,66 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from advtune.attacks._loop import EPS
 from advtune.attacks._random import STREAM_START, resolve_seeds, sample_generators
-from advtune.attacks._registry import register
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     LOSSES,
     AttackResult,
     ModelGuard,
-    check_choice,
     check_inputs,
-    check_int,
-    check_nonnegative,
-    check_positive,
     clip_unit,
     finish,
     norms,
-    project_linf,
     success_of,
     work_dtype,
 )
+from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["p_schedule", "square"]
+__all__ = ["SQUARE_PARAMS", "p_schedule", "square"]
+
+
+@dataclass(frozen=True)
+class _Proposal:
+    """Square's per-norm proposal: the start and step methods of :class:`_Search` (by
+    name) and the window side for a nominal side ``round(sqrt(p · H · W))``."""
+
+    start: str
+    step: str
+    window: Callable[[int, int, int], int]
+
+
+#: Square's proposals per threat model (by name); a norm Square supports is a key here.
+_PROPOSALS: dict[str, _Proposal] = {
+    # L∞: a window at least 1 pixel wide.
+    "linf": _Proposal("_linf_start", "_linf_step", lambda s, h, w: min(max(s, 1), h, w)),
+    # L2: at least 3 and odd, so the two halves of the pattern have a centre.
+    "l2": _Proposal(
+        "_l2_start", "_l2_step", lambda s, h, w: min(max(s, 3) + 1 - max(s, 3) % 2, h, w)
+    ),
+}
+
+#: Square's hyperparameters, declared once (validation, presets, CLI, tests read them).
+SQUARE_PARAMS = (
+    EPS,
+    Param("norm", str, "linf", choices=tuple(_PROPOSALS), role="norm", help="threat model"),
+    Param("queries", int, 5000, low=1, role="budget", cheap=20, help="queries per sample"),
+    Param("p_init", float, 0.8, low=0.0, low_open=True, high=1.0,
+          help="initial fraction of the image a window covers"),
+    Param("loss", str, "margin", choices=tuple(LOSSES), help="objective: margin or ce"),
+    Param("rescale_schedule", bool, False, help="stretch p's schedule over queries"),
+)  # fmt: skip
 
 # Rescaled iteration counts (out of 10 000) after which p halves, as in the paper.
 _HALVINGS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-@register("square", norm="linf", randomized=True)
+@register("square", norm="linf", randomized=True, params=SQUARE_PARAMS)
 def square(
     model: nn.Module,
     x: torch.Tensor,
@@ -101,15 +131,8 @@ def square(
         ValueError: Invalid inputs or hyperparameters.
     """
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
-    eps = check_nonnegative("eps", eps)
-    norm = check_choice("norm", norm, ("linf", "l2"))
-    queries = check_int("queries", queries, minimum=1)
-    p_init = check_positive("p_init", p_init)
-    if p_init > 1:
-        raise ValueError(f"p_init must lie in (0, 1], got {p_init!r}")
-    objective = LOSSES[check_choice("loss", loss, tuple(LOSSES))]
-    if not isinstance(rescale_schedule, bool):
-        raise ValueError(f"rescale_schedule must be a bool, got {rescale_schedule!r}")
+    threat = threat_model(norm, eps)
+    objective = LOSSES[loss]
 
     with ModelGuard(model, y=y, target=target) as guard, torch.no_grad():
         wd = work_dtype(x)
@@ -123,7 +146,7 @@ def square(
         gens = sample_generators(
             resolve_seeds(x.shape[0], generator=generator, seeds=seeds), STREAM_START
         )
-        search = _Search(guard, x.dtype, norm, eps, objective, y, target)
+        search = _Search(guard, x.dtype, threat, objective, y, target)
         xs = x0[todo]
         picked = [gens[i] for i in todo.tolist()]
         start = search.start(xs, picked)
@@ -211,13 +234,14 @@ class _Search:
         self,
         guard: ModelGuard,
         model_dtype: torch.dtype,
-        norm: str,
-        eps: float,
+        threat: ThreatModel,
         objective: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
         y: torch.Tensor,
         target: torch.Tensor | None,
     ) -> None:
-        self.guard, self.model_dtype, self.norm, self.eps = guard, model_dtype, norm, eps
+        self.guard, self.model_dtype, self.threat = guard, model_dtype, threat
+        self.eps = threat._radius()
+        self.proposal = _PROPOSALS[threat.name]
         self.objective, self.y, self.target = objective, y, target
 
     def evaluate(
@@ -230,11 +254,16 @@ class _Search:
         return -score, success_of(logits, ys, ts), logits
 
     def start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        return getattr(self, self.proposal.start)(xs, gens)
+
+    def _linf_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        m, c, _, w = xs.shape
+        # Vertical stripes: one sign per column and channel.
+        u = _draws(gens, c * w, xs.device).to(xs.dtype)
+        return clip_unit(xs + self.eps * _signs(u).reshape(m, c, 1, w))
+
+    def _l2_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         m, c, h, w = xs.shape
-        if self.norm == "linf":
-            # Vertical stripes: one sign per column and channel.
-            u = _draws(gens, c * w, xs.device).to(xs.dtype)
-            return clip_unit(xs + self.eps * _signs(u).reshape(m, c, 1, w))
         s = max(h // 5, 1)
         first = (h - 5 * s) // 2
         corners = [
@@ -271,11 +300,8 @@ class _Search:
             side = round(math.sqrt(p * h * w))
             cur_gens = [gens[j] for j in active.tolist()]
             xa, xb = xs[active], x_best[active]
-            if self.norm == "linf":
-                x_new = self._linf_step(xa, xb, cur_gens, min(max(side, 1), h, w))
-            else:
-                side = max(side, 3)
-                x_new = self._l2_step(xa, xb, cur_gens, min(side + 1 - side % 2, h, w))
+            step = getattr(self, self.proposal.step)
+            x_new = step(xa, xb, cur_gens, self.proposal.window(side, h, w))
             loss, success, logits = self.evaluate(x_new, idx[active])
             better = success | (loss < loss_best[active])
             keep = active[better]
@@ -291,7 +317,7 @@ class _Search:
         u = _draws(gens, 2 + c, xa.device).to(xa.dtype)
         mask = _window_mask(_offsets(u[:, 0], h, s), _offsets(u[:, 1], w, s), s, h, w)
         step = (2 * self.eps) * _signs(u[:, 2:])[:, :, None, None] * mask
-        return project_linf(xb + step, xa, self.eps)
+        return self.threat.project(xb + step, xa)
 
     def _l2_step(
         self, xa: torch.Tensor, xb: torch.Tensor, gens: list[torch.Generator], s: int
