@@ -428,7 +428,7 @@ def test_a_failed_start_leaves_no_empty_folder_and_downloads_talk_on_stderr(
     import torchvision
 
     def offline(name, weights=None, progress=True):
-        print('Downloading: "https://download.pytorch.org/x.pth" to /cache/x.pth')
+        print('Downloading: "https://example.invalid/x.pth" to /cache/x.pth')
         raise OSError("no network")
 
     monkeypatch.setattr(torchvision.models, "get_model", offline)
