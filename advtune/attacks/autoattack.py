@@ -23,6 +23,7 @@ from advtune.attacks._random import resolve_seeds
 from advtune.attacks._registry import get, names, register, spec
 from advtune.attacks._result import (
     AttackResult,
+    ModelCalls,
     ModelGuard,
     ce_loss,
     check_choice,
@@ -37,6 +38,7 @@ from advtune.errors import UserError, suggest
 __all__ = [
     "BLACK_BOX",
     "COMPONENTS",
+    "RESTARTS",
     "VERSIONS",
     "EnsembleResult",
     "MissingComponentWarning",
@@ -48,14 +50,20 @@ COMPONENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "apgd-ce": ("apgd", {"loss": "ce"}),
     "apgd-dlr": ("apgd", {"loss": "dlr"}),
     "apgd-t": ("apgd_t", {}),
+    "fab": ("fab", {"targeted": False}),
     "fab-t": ("fab", {}),
     "square": ("square", {"p_init": 0.8}),
 }
 #: The official versions: which components run, in order.
 VERSIONS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
     "rand": ("apgd-ce", "apgd-dlr"),
 }
+#: Restarts per component where a version's official budget is not one run
+#: (pyautoattack's ``_set_version``: ``plus`` gives APGD and untargeted FAB 5 restarts;
+#: its Square, APGD-T and FAB-T keep 1).
+RESTARTS: dict[str, dict[str, int]] = {"plus": {"apgd-ce": 5, "apgd-dlr": 5, "fab": 5}}
 #: Registry names of score-based (black-box) attacks, for the masking check.
 BLACK_BOX = frozenset({"square"})
 # The official budgets (AutoAttack's standard version).
@@ -71,24 +79,32 @@ class EnsembleResult(AttackResult):
     """An :class:`AttackResult` that also says which component broke each sample.
 
     Attributes:
+        version: The version that ran (``"standard"``, ``"plus"``, ``"rand"``,
+            ``"fast"`` or ``"custom"``).
         components: Names of the components that ran, in order (``"apgd-ce"``, ...).
         broken_by: ``(N,)`` int64 on ``x``'s device: index into ``components`` of the
             attack that broke the sample, :attr:`ROBUST` (−1) if none did, or
             :attr:`CLEAN` (−2) if the clean image already counted as a success
             (misclassified; with ``target``, already the target) and was not attacked.
         component_calls: Model calls used by each component.
+        component_cost: Each component's calls as :class:`ModelCalls` (forward-only and
+            forward+backward apart, with the images they processed; ``None`` for a
+            component whose result carried no counts).
         checks: Gradient-masking checks (JSON-ready dicts from
             :mod:`advtune.attacks._masking`) and ``"skipped"`` components.
 
     ``x_adv`` is the breaking attack's image for broken samples and the clean image
-    otherwise (as in the reference implementation); ``model_calls`` includes every
-    component's calls.
+    otherwise (as in the reference implementation); ``model_calls`` and ``calls`` include
+    every component's calls and the ensemble's own (clean pass, randomness check,
+    gradient check, final evaluation).
     """
 
     # Keyword-only: AttackResult may end with fields that have defaults.
+    version: str = field(kw_only=True, default="custom")
     components: tuple[str, ...] = field(kw_only=True)
     broken_by: torch.Tensor = field(kw_only=True)
     component_calls: tuple[int, ...] = field(kw_only=True)
+    component_cost: tuple[ModelCalls | None, ...] = field(kw_only=True, default=())
     checks: Mapping[str, Any] = field(kw_only=True)
 
     ROBUST: ClassVar[int] = -1
@@ -154,6 +170,7 @@ def _plan(
 def _budget(
     official: bool,
     version: str,
+    label: str,
     steps: int | None,
     n_targets: int | None,
     queries: int | None,
@@ -168,7 +185,7 @@ def _budget(
         "steps": _STEPS if steps is None else steps,
         "n_targets": _N_TARGETS if n_targets is None else n_targets,
         "queries": _QUERIES if queries is None else queries,
-        "restarts": 1,
+        "restarts": RESTARTS.get(version, {}).get(label, 1),
         "eot_iter": eot,
     }
 
@@ -195,10 +212,13 @@ def autoattack(
 
     ``version="standard"`` (the default) runs the official ensemble with its budgets:
     APGD-CE 100 steps, APGD-T 100 steps × 9 targets, FAB-T 100 steps × 9 targets and
-    Square 5000 queries (p_init 0.8), one restart each. ``version="rand"`` (randomised
+    Square 5000 queries (p_init 0.8), one restart each. ``version="plus"`` runs the
+    official plus version: APGD-CE and APGD-DLR with 5 restarts, untargeted FAB with 5
+    restarts, Square (5000 queries, one run, as in the official code), APGD-T and
+    FAB-T (9 targets each). ``version="rand"`` (randomised
     defences) runs APGD-CE and APGD-DLR with 20 EOT gradients per step. ``attacks=[...]``
     runs a custom list: AutoAttack's component names (``"apgd-ce"``, ``"apgd-dlr"``,
-    ``"apgd-t"``, ``"fab-t"``, ``"square"``), any registered attack name, or
+    ``"apgd-t"``, ``"fab"``, ``"fab-t"``, ``"square"``), any registered attack name, or
     ``(name, {kwargs})`` pairs. Components are looked up in the registry when called;
     an unregistered component of an official version is skipped with a
     :class:`MissingComponentWarning` (recorded in ``checks["skipped"]``).
@@ -214,7 +234,7 @@ def autoattack(
         y: ``(N,)`` true labels.
         eps: Radius of the ``norm`` ball, ``>= 0``.
         norm: ``"linf"`` or ``"l2"``.
-        version: ``"standard"``, ``"rand"``, or ``"custom"`` with ``attacks``
+        version: ``"standard"``, ``"plus"``, ``"rand"``, or ``"custom"`` with ``attacks``
             (``None``: ``"standard"``, or ``"custom"`` when ``attacks`` is given).
         attacks: The custom list of components (see above).
         steps: Iterations of the gradient components (official: 100).
@@ -265,6 +285,7 @@ def autoattack(
         x_adv, logits = x.detach().clone(), clean_logits.clone()
         ran: list[str] = []
         calls: list[int] = []
+        costs: list[ModelCalls | None] = []
         broken_counts: dict[str, int] = {}
         skipped: list[str] = []
         for label, reg, fixed, official in plan:
@@ -281,12 +302,13 @@ def autoattack(
                 get(reg)  # raises, naming it
             fn, accepted = get(reg), _accepted(reg)
             wanted = {"eps": eps, "norm": norm} | _budget(
-                official, version, steps, n_targets, queries, eot_iter
+                official, version, label, steps, n_targets, queries, eot_iter
             )
             kwargs = {k: v for k, v in wanted.items() if k in accepted} | fixed
             ran.append(label)
             if todo.numel() == 0:
                 calls.append(0)
+                costs.append(ModelCalls())
                 broken_counts[label] = 0
                 continue
             sub_t = None if target is None else target[todo]
@@ -296,6 +318,7 @@ def autoattack(
                 warnings.simplefilter("ignore", _masking.NonFiniteGradientWarning)
                 res = fn(model, x[todo], y[todo], target=sub_t, seeds=per_sample[todo], **kwargs)
             calls.append(int(res.model_calls))
+            costs.append(res.calls)
             won = res.success
             hit = todo[won]
             x_adv[hit] = res.x_adv[won].to(x_adv.dtype)
@@ -313,11 +336,17 @@ def autoattack(
         base = finish(guard, x, x_adv, y, target, logits=logits)
     fields_ = {f.name: getattr(base, f.name) for f in fields(AttackResult)}
     fields_["model_calls"] = base.model_calls + sum(calls)
+    known = [c for c in costs if c is not None]
+    fields_["calls"] = (
+        sum(known, base.calls) if base.calls is not None and len(known) == len(costs) else None
+    )
     return EnsembleResult(
         **fields_,
+        version=version,
         components=tuple(ran),
         broken_by=broken_by,
         component_calls=tuple(calls),
+        component_cost=tuple(costs),
         checks=checks,
     )
 
