@@ -33,6 +33,7 @@ from advtune.attacks._result import (
     finish,
     success_of,
 )
+from advtune.attacks.autoattack_fast import FAST, FAST_COMPONENTS
 from advtune.errors import UserError, suggest
 
 __all__ = [
@@ -53,12 +54,15 @@ COMPONENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "fab": ("fab", {"targeted": False}),
     "fab-t": ("fab", {}),
     "square": ("square", {"p_init": 0.8}),
+    **{k: v for k, v in FAST_COMPONENTS.items() if k == "apgd-malt"},
 }
 #: The official versions: which components run, in order.
 VERSIONS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
     "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
     "rand": ("apgd-ce", "apgd-dlr"),
+    # advtune's cost-aware version (not official): advtune/attacks/autoattack_fast.py.
+    "fast": tuple(FAST_COMPONENTS),
 }
 #: Restarts per component where a version's official budget is not one run
 #: (pyautoattack's ``_set_version``: ``plus`` gives APGD and untargeted FAB 5 restarts;
@@ -180,6 +184,9 @@ def _budget(
     if not official:
         given = {"steps": steps, "n_targets": n_targets, "queries": queries, "eot_iter": eot_iter}
         return {k: v for k, v in given.items() if v is not None}
+    if version == "fast":
+        given = {"steps": steps, "n_targets": n_targets, "queries": queries, "eot_iter": eot_iter}
+        return FAST[label] | {k: v for k, v in given.items() if v is not None and k in FAST[label]}
     eot = eot_iter if eot_iter is not None else (_EOT_RAND if version == "rand" else 1)
     return {
         "steps": _STEPS if steps is None else steps,
