@@ -154,8 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         assert name == "standard" or name in ROBUST_RECIPES
         rows.append(
             measure(
-                name, norm, eps, images=args.images, timing_images=args.timing_images,
-                repeats=args.repeats, cache=args.cache, extra=extra,
+                name,
+                norm,
+                eps,
+                images=args.images,
+                timing_images=args.timing_images,
+                repeats=args.repeats,
+                cache=args.cache,
+                extra=extra,
             )  # fmt: skip
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

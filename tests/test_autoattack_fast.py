@@ -116,3 +116,49 @@ def test_fast_apgd_ce_stage_is_the_standard_one(digits):
     std = attacks.autoattack(model, x, y, **kw)
     assert torch.equal(fast.broken_by == 0, std.broken_by == 0)
     assert fast.component_cost[0] == std.component_cost[0]
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        ["--attack", "autoattack", "--eps", "4/255", "-p", "version=fast"],
+        ["--preset", "autoattack-fast-imagenet-linf"],
+    ],
+)
+def test_fast_from_the_cli_reports_version_and_cost_and_resumes(how, tmp_path, capsys, monkeypatch):
+    import json
+
+    from fakes import write_run_inputs
+
+    from advtune.cli import STOP_HOOK_ENV, main
+    from advtune.storage import read_manifest
+
+    data, ckpt = write_run_inputs(tmp_path / "in")
+    out = tmp_path / "o"
+    argv = [
+        "evaluate", "--model", "resnet18", "--weights", str(ckpt), "--data", str(data),
+        "--out", str(out), "--image-size", "32", "--batch-size", "2", "--workers", "0",
+        *how, "-p", "steps=2", "-p", "queries=5", "--limit", "4",
+    ]  # fmt: skip
+    monkeypatch.setenv(STOP_HOOK_ENV, "1")  # interrupted after the first batch
+    assert main(argv) == 130
+    monkeypatch.delenv(STOP_HOOK_ENV)
+    assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
+    captured = capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["metrics"]["robust_after"]) == ["clean", "apgd-ce", "apgd-malt", "square"]
+    cost = report["cost"]
+    assert cost["versions"] == ["fast"] and set(cost["components"]) == {
+        "apgd-ce", "apgd-malt", "square",
+    }  # fmt: skip
+    sessions = report["timings"]["sessions"]
+    assert [s["images"] for s in sessions] == [2, 2]
+    for key in ("forward_images", "gradient_images"):
+        assert cost[key] == sum(s["cost"].get(key, 0) for s in sessions)
+    # At least the clean pass and the re-check of each image.
+    assert cost["images"] == 4 and cost["per_image"]["forward_images"] >= 2
+    assert "autoattack version fast · model calls per image:" in captured.out
+    assert len(read_manifest(out / "manifest.csv")) == 4
