@@ -152,18 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, norm, eps in picked:
         assert name == "standard" or name in ROBUST_RECIPES
-        rows.append(
-            measure(
-                name,
-                norm,
-                eps,
-                images=args.images,
-                timing_images=args.timing_images,
-                repeats=args.repeats,
-                cache=args.cache,
-                extra=extra,
-            )  # fmt: skip
-        )
+        row = measure(
+            name, norm, eps, images=args.images, timing_images=args.timing_images,
+            repeats=args.repeats, cache=args.cache, extra=extra,
+        )  # fmt: skip
+        rows.append(row)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     print(f"{dt.date.today()} · {platform.processor() or platform.machine()} · torch "
           f"{torch.__version__} · one thread · fast extra {extra}")  # fmt: skip
