@@ -162,3 +162,23 @@ def test_fast_from_the_cli_reports_version_and_cost_and_resumes(how, tmp_path, c
     assert cost["images"] == 4 and cost["per_image"]["forward_images"] >= 2
     assert "autoattack version fast · model calls per image:" in captured.out
     assert len(read_manifest(out / "manifest.csv")) == 4
+
+
+def test_evaluate_defaults_to_autoattack(tmp_path, capsys):
+    import json
+
+    from fakes import write_run_inputs
+
+    from advtune.cli import main
+
+    data, ckpt = write_run_inputs(tmp_path / "in")
+    out = tmp_path / "o"
+    argv = [
+        "evaluate", "--model", "resnet18", "--weights", str(ckpt), "--data", str(data),
+        "--out", str(out), "--image-size", "32", "--batch-size", "2", "--workers", "0",
+        "-p", "steps=2", "-p", "queries=5", "-p", "n_targets=2", "--limit", "2",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["attack"]["attack"] == "autoattack"
+    assert report["cost"]["versions"] == ["standard"]
