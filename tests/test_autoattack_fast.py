@@ -8,7 +8,7 @@ import importlib
 import pytest
 import torch
 from digits import digits_model, digits_test_set
-from fakes import linear_classifier
+from fakes import linear_classifier, spy_autoattack_components
 
 from advtune import attacks
 from advtune.attacks import ModelCalls
@@ -80,19 +80,7 @@ def test_apgd_malt_breaks_a_linear_model_just_past_its_distance():
 
 
 def test_fast_version_components_budgets_and_overrides(monkeypatch):
-    seen: list[tuple[str, dict]] = []
-    real_get = aa_module.get
-
-    def spying_get(name):
-        fn = real_get(name)
-
-        def spy(model, x, y, **kw):
-            seen.append((name, {k: v for k, v in kw.items() if k not in ("target", "seeds")}))
-            return fn(model, x, y, **kw)
-
-        return spy
-
-    monkeypatch.setattr(aa_module, "get", spying_get)
+    seen = spy_autoattack_components(monkeypatch)
     net = linear_classifier(0, size=4, classes=10)
     x = torch.rand(4, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     y = net(x).argmax(1)

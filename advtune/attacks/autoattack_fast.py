@@ -145,21 +145,13 @@ def apgd_malt(
     nearest first. Melamed, Yehudai & Shamir, NeurIPS 2024 (arXiv:2407.02240).
 
     Args:
-        model: Classifier on [0, 1] images returning logits ``(N, K)``, ``K >= 4``.
-        x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
-        y: ``(N,)`` true labels.
-        eps: Radius of the ``norm`` ball, ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
-        steps: Iterations per target, ``>= 1``.
-        n_targets: Targets tried per sample, ``>= 1`` (at most ``K − 1`` are used).
+        model, x, y, eps, norm, steps, restarts, eot_iter, generator, seeds: As for
+            :func:`~advtune.attacks.apgd_t` (``K >= 4`` classes; the same random
+            streams, so sample *i*'s starts depend only on ``seeds[i]``).
+        n_targets: Targets tried per sample, nearest first (at most ``K − 1``).
         candidates: Top-logit classes scored, ``>= 1`` (each costs a backward pass).
-        restarts: Runs per target, ``>= 1``.
-        eot_iter: Gradients averaged per step (EOT), ``>= 1``.
         target: If given, the only target and success means reaching it (as
             :func:`~advtune.attacks.apgd_t`); no ranking is done.
-        generator: Source of the random starts when ``seeds`` is not given.
-        seeds: ``(N,)`` integer seeds; sample *i*'s random starts depend only on
-            ``seeds[i]`` (the same streams as ``apgd_t``).
 
     Returns:
         :class:`AttackResult`; ``calls`` includes the ranking's ``1 + min(candidates,
