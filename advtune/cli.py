@@ -371,6 +371,10 @@ def _attack_config(args: argparse.Namespace) -> Any:
 
     preset = load_preset(args.preset) if args.preset is not None else None
     name = args.attack if args.attack is not None else getattr(preset, "attack", None)
+    if name is None and getattr(args, "command", None) == "evaluate":
+        # A robustness number needs a strong attack: AutoAttack (standard version) unless
+        # one is named. PGD at its defaults overstates robust accuracy (docs/attacks.md).
+        name = "autoattack"
     overrides: dict[str, Any] = dict(args.param)
     for flag in _PARAM_FLAGS:
         value = getattr(args, flag.strip("-").replace("-", "_"))

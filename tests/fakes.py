@@ -182,3 +182,27 @@ def write_run_inputs(base: Path) -> tuple[Path, Path]:
     data = write_imagenet_folder(base / "val")
     ckpt = write_checkpoint(base / "resnet18.pt", "resnet18", seed=1)
     return data, ckpt
+
+
+def spy_autoattack_components(monkeypatch) -> list:
+    """Record ``(registry name, kwargs)`` of every component ``autoattack`` calls.
+
+    Returns the list that fills as the ensemble runs (``target`` and ``seeds`` left out).
+    """
+    import importlib
+
+    module = importlib.import_module("advtune.attacks.autoattack")
+    seen: list = []
+    real_get = module.get
+
+    def spying_get(name):
+        fn = real_get(name)
+
+        def spy(model, x, y, **kw):
+            seen.append((name, {k: v for k, v in kw.items() if k not in ("target", "seeds")}))
+            return fn(model, x, y, **kw)
+
+        return spy
+
+    monkeypatch.setattr(module, "get", spying_get)
+    return seen

@@ -195,7 +195,7 @@ def test_custom_list_entries_and_errors(tiny):
     with pytest.raises(ValueError, match="cannot contain 'autoattack'"):
         attacks.autoattack(net, x, y, eps=0.1, attacks=["autoattack"])
     with pytest.raises(ValueError, match="version must be one of"):
-        attacks.autoattack(net, x, y, eps=0.1, version="plus")
+        attacks.autoattack(net, x, y, eps=0.1, version="bogus")
     with pytest.raises(ValueError, match="queries must be >= 1, got 0"):
         attacks.autoattack(net, x, y, eps=0.1, queries=0)
 

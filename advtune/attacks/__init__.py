@@ -19,7 +19,7 @@ fails for a public module that is not imported).
 from advtune.attacks._loop import with_restarts
 from advtune.attacks._random import random_target
 from advtune.attacks._registry import REQUIRED, AttackSpec, Param, get, names, register, spec
-from advtune.attacks._result import AttackResult, least_likely_target
+from advtune.attacks._result import AttackResult, ModelCalls, least_likely_target
 from advtune.attacks.apgd import apgd, apgd_t
 from advtune.attacks.autoattack import EnsembleResult, autoattack
 from advtune.attacks.cw import cw_l2
@@ -56,6 +56,7 @@ __all__ = [
     "EnsembleResult",
     "Linf",
     "MissingDependencyError",
+    "ModelCalls",
     "Param",
     "ThreatModel",
     "TorchattacksAttack",

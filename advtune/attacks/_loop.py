@@ -33,6 +33,7 @@ from advtune.attacks._random import (
 from advtune.attacks._registry import Param
 from advtune.attacks._result import (
     AttackResult,
+    ModelCalls,
     ModelGuard,
     check_inputs,
     finish,
@@ -313,12 +314,14 @@ def with_restarts(
     success = torch.zeros(n, dtype=torch.bool, device=x.device)
     score = torch.full((n,), float("-inf"), dtype=torch.float64, device=x.device)
     calls = 0
+    cost: ModelCalls | None = ModelCalls()
     todo = torch.arange(n, device=x.device)
     for r in range(restarts):
         ts = None if target is None else target[todo]
         seeds_r = restart_seeds(base, r)[todo.cpu()]
         part = run(model, x[todo], y[todo], target=ts, generator=None, seeds=seeds_r)
         calls += part.model_calls
+        cost = None if cost is None or part.calls is None else cost + part.calls
         if logits is None:
             logits = part.logits.new_empty(n, part.logits.shape[1])
         s = margin_loss(part.logits.double(), y[todo], ts)
@@ -335,8 +338,8 @@ def with_restarts(
         todo = todo[~success[todo]]
         if todo.numel() == 0:
             break
-    # AttackResult fields in order: x_adv, success, logits, (linf, l2), model_calls.
-    return AttackResult(x_adv, success, logits, *norms(x_adv - x.detach()), calls)  # type: ignore[arg-type]
+    linf, l2 = norms(x_adv - x.detach())
+    return AttackResult(x_adv, success, logits, linf, l2, calls, calls=cost)  # type: ignore[arg-type]
 
 
 def bind(fn: Callable[..., AttackResult], **hyperparameters: Any) -> Callable[..., AttackResult]:

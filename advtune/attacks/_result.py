@@ -27,6 +27,7 @@ from advtune.attacks.threat import clip_unit
 __all__ = [
     "LOSSES",
     "AttackResult",
+    "ModelCalls",
     "ModelGuard",
     "ce_loss",
     "check_choice",
@@ -51,6 +52,52 @@ __all__ = [
 
 
 @dataclass(frozen=True)
+class ModelCalls:
+    """What an attack paid in model calls, forward-only and forward+backward apart.
+
+    A *call* is one pass of the model on all or part of a batch; the ``*_images`` counts
+    add up the images in those calls, so they measure work whatever the batch size (an
+    ensemble that attacks 3 survivors pays 3 images per call, not a batch's worth).
+
+    Attributes:
+        forward: Calls without gradient (evaluations, Square's queries).
+        gradient: Calls with a backward pass (an input gradient; a K-class Jacobian of
+            one forward pass counts once, though it takes K backward passes).
+        forward_images: Images summed over the ``forward`` calls.
+        gradient_images: Images summed over the ``gradient`` calls.
+    """
+
+    forward: int = 0
+    gradient: int = 0
+    forward_images: int = 0
+    gradient_images: int = 0
+
+    @property
+    def total(self) -> int:
+        """All calls: ``forward + gradient`` (what ``AttackResult.model_calls`` holds)."""
+        return self.forward + self.gradient
+
+    def __add__(self, other: ModelCalls) -> ModelCalls:
+        if not isinstance(other, ModelCalls):
+            return NotImplemented
+        return ModelCalls(
+            self.forward + other.forward,
+            self.gradient + other.gradient,
+            self.forward_images + other.forward_images,
+            self.gradient_images + other.gradient_images,
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        """JSON-ready ``{"forward": ..., "gradient": ..., "forward_images": ..., ...}``."""
+        return {
+            "forward": self.forward,
+            "gradient": self.gradient,
+            "forward_images": self.forward_images,
+            "gradient_images": self.gradient_images,
+        }
+
+
+@dataclass(frozen=True)
 class AttackResult:
     """The outcome of one attack on one batch.
 
@@ -68,6 +115,9 @@ class AttackResult:
             or infinite logit is never a success (its prediction means nothing), and a
             run should flag it rather than count it robust. When not given it is
             computed from ``logits``; ``success`` is always masked with it.
+        calls: The same calls split into forward-only and forward+backward, with the
+            images each kind processed (:class:`ModelCalls`; ``calls.total ==
+            model_calls``). ``None`` only for a result built by hand without counts.
     """
 
     x_adv: torch.Tensor
@@ -77,8 +127,13 @@ class AttackResult:
     l2: torch.Tensor
     model_calls: int
     finite: torch.Tensor | None = None
+    calls: ModelCalls | None = None
 
     def __post_init__(self) -> None:
+        if self.calls is not None and self.calls.total != self.model_calls:
+            raise ValueError(
+                f"calls.total ({self.calls.total}) must equal model_calls ({self.model_calls})"
+            )
         finite = self.finite
         if finite is None:
             finite = finite_rows(self.logits)
@@ -289,12 +344,13 @@ class ModelGuard:
     (torchattacks calls ``model.eval()``) leave no trace.
 
     Use as ``with ModelGuard(model) as guard:``; :meth:`logits` and :meth:`grad` count
-    calls in :attr:`calls`.
+    calls (:attr:`calls`, split in :meth:`counted`); code that runs the model itself
+    reports its passes with :meth:`count`.
     """
 
     def __init__(self, model: nn.Module, *, y: torch.Tensor, target: torch.Tensor | None):
         self.model = model
-        self.calls = 0
+        self._counts = [0, 0, 0, 0]  # forward, gradient, forward images, gradient images
         self._labels = (y, target)
         self._checked = False
         self._training: list[tuple[nn.Module, bool]] = []
@@ -307,6 +363,21 @@ class ModelGuard:
         for p, _ in self._requires_grad:
             p.requires_grad_(False)
         return self
+
+    @property
+    def calls(self) -> int:
+        """Model calls so far, forward-only and forward+backward together."""
+        return self._counts[0] + self._counts[1]
+
+    def count(self, images: int, *, gradient: bool) -> None:
+        """Record one model call on ``images`` images (``gradient``: with a backward pass)."""
+        k = 1 if gradient else 0
+        self._counts[k] += 1
+        self._counts[k + 2] += int(images)
+
+    def counted(self) -> ModelCalls:
+        """The calls so far as :class:`ModelCalls`."""
+        return ModelCalls(*self._counts)
 
     def restore_modes(self) -> None:
         """Put every submodule's ``training`` flag back as it was on entry."""
@@ -335,7 +406,7 @@ class ModelGuard:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(N, K)`` of ``x`` without building a graph (one model call)."""
-        self.calls += 1
+        self.count(x.shape[0], gradient=False)
         with torch.no_grad():
             out = self.model(x)
         self.check_logits(out, x.shape[0])
@@ -352,7 +423,7 @@ class ModelGuard:
         Returns:
             ``(grad, logits)``: ``grad`` shaped like ``x``; ``logits`` detached.
         """
-        self.calls += 1
+        self.count(x.shape[0], gradient=True)
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             out = self.model(xr)
@@ -475,4 +546,5 @@ def finish(
         linf=linf,
         l2=l2,
         model_calls=guard.calls,
+        calls=guard.counted(),
     )

@@ -25,6 +25,7 @@ from advtune.attacks._random import resolve_seeds
 from advtune.attacks._registry import Param, get, names, register, spec
 from advtune.attacks._result import (
     AttackResult,
+    ModelCalls,
     ModelGuard,
     ce_loss,
     check_choice,
@@ -32,6 +33,7 @@ from advtune.attacks._result import (
     finish,
     success_of,
 )
+from advtune.attacks.autoattack_fast import FAST, FAST_COMPONENTS
 from advtune.attacks.threat import threat_model
 from advtune.errors import UserError, suggest
 
@@ -39,6 +41,7 @@ __all__ = [
     "AUTOATTACK_PARAMS",
     "BLACK_BOX",
     "COMPONENTS",
+    "RESTARTS",
     "VERSIONS",
     "EnsembleResult",
     "MissingComponentWarning",
@@ -57,13 +60,18 @@ COMPONENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "apgd-ce": ("apgd", {"loss": "ce"}),
     "apgd-dlr": ("apgd", {"loss": "dlr"}),
     "apgd-t": ("apgd_t", {}),
+    "fab": ("fab", {"targeted": False}),
     "fab-t": ("fab", {}),
     "square": ("square", {"p_init": 0.8}),
+    **{k: v for k, v in FAST_COMPONENTS.items() if k == "apgd-malt"},
 }
 #: The official versions: which components run, in order.
 VERSIONS: dict[str, tuple[str, ...]] = {
     "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
     "rand": ("apgd-ce", "apgd-dlr"),
+    # advtune's cost-aware version (not official): advtune/attacks/autoattack_fast.py.
+    "fast": tuple(FAST_COMPONENTS),
 }
 #: The threat models of the official versions.
 NORMS = ("linf", "l2", "l1")
@@ -76,6 +84,10 @@ NORM_SETTINGS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
         "apgd-t": {"n_targets": 5, "large_eps": True},
     },
 }
+#: Restarts per component where a version's official budget is not one run
+#: (pyautoattack's ``_set_version``: ``plus`` gives APGD and untargeted FAB 5 restarts;
+#: its Square, APGD-T and FAB-T keep 1).
+RESTARTS: dict[str, dict[str, int]] = {"plus": {"apgd-ce": 5, "apgd-dlr": 5, "fab": 5}}
 #: Registry names of score-based (black-box) attacks, for the masking check.
 BLACK_BOX = frozenset({"square"})
 # The official budgets (AutoAttack's standard version).
@@ -109,24 +121,32 @@ class EnsembleResult(AttackResult):
     """An :class:`AttackResult` that also says which component broke each sample.
 
     Attributes:
+        version: The version that ran (``"standard"``, ``"plus"``, ``"rand"``,
+            ``"fast"`` or ``"custom"``).
         components: Names of the components that ran, in order (``"apgd-ce"``, ...).
         broken_by: ``(N,)`` int64 on ``x``'s device: index into ``components`` of the
             attack that broke the sample, :attr:`ROBUST` (−1) if none did, or
             :attr:`CLEAN` (−2) if the clean image already counted as a success
             (misclassified; with ``target``, already the target) and was not attacked.
         component_calls: Model calls used by each component.
+        component_cost: Each component's calls as :class:`ModelCalls` (forward-only and
+            forward+backward apart, with the images they processed; ``None`` for a
+            component whose result carried no counts).
         checks: Gradient-masking checks (JSON-ready dicts from
             :mod:`advtune.attacks._masking`) and ``"skipped"`` components.
 
     ``x_adv`` is the breaking attack's image for broken samples and the clean image
-    otherwise (as in the reference implementation); ``model_calls`` includes every
-    component's calls.
+    otherwise (as in the reference implementation); ``model_calls`` and ``calls`` include
+    every component's calls and the ensemble's own (clean pass, randomness check,
+    gradient check, final evaluation).
     """
 
     # Keyword-only: AttackResult may end with fields that have defaults.
+    version: str = field(kw_only=True, default="custom")
     components: tuple[str, ...] = field(kw_only=True)
     broken_by: torch.Tensor = field(kw_only=True)
     component_calls: tuple[int, ...] = field(kw_only=True)
+    component_cost: tuple[ModelCalls | None, ...] = field(kw_only=True, default=())
     checks: Mapping[str, Any] = field(kw_only=True)
 
     ROBUST: ClassVar[int] = -1
@@ -192,6 +212,7 @@ def _plan(
 def _budget(
     official: bool,
     version: str,
+    label: str,
     steps: int | None,
     n_targets: int | None,
     queries: int | None,
@@ -201,12 +222,15 @@ def _budget(
     if not official:
         given = {"steps": steps, "n_targets": n_targets, "queries": queries, "eot_iter": eot_iter}
         return {k: v for k, v in given.items() if v is not None}
+    if version == "fast":
+        given = {"steps": steps, "n_targets": n_targets, "queries": queries, "eot_iter": eot_iter}
+        return FAST[label] | {k: v for k, v in given.items() if v is not None and k in FAST[label]}
     eot = eot_iter if eot_iter is not None else (_EOT_RAND if version == "rand" else 1)
     return {
         "steps": _STEPS if steps is None else steps,
         "n_targets": _N_TARGETS if n_targets is None else n_targets,
         "queries": _QUERIES if queries is None else queries,
-        "restarts": 1,
+        "restarts": RESTARTS.get(version, {}).get(label, 1),
         "eot_iter": eot,
     }
 
@@ -233,10 +257,13 @@ def autoattack(
 
     ``version="standard"`` (the default) runs the official ensemble with its budgets:
     APGD-CE 100 steps, APGD-T 100 steps × 9 targets, FAB-T 100 steps × 9 targets and
-    Square 5000 queries (p_init 0.8), one restart each. ``version="rand"`` (randomised
+    Square 5000 queries (p_init 0.8), one restart each. ``version="plus"`` runs the
+    official plus version: APGD-CE and APGD-DLR with 5 restarts, untargeted FAB with 5
+    restarts, Square (5000 queries, one run, as in the official code), APGD-T and
+    FAB-T (9 targets each). ``version="rand"`` (randomised
     defences) runs APGD-CE and APGD-DLR with 20 EOT gradients per step. ``attacks=[...]``
     runs a custom list: AutoAttack's component names (``"apgd-ce"``, ``"apgd-dlr"``,
-    ``"apgd-t"``, ``"fab-t"``, ``"square"``), any registered attack name, or
+    ``"apgd-t"``, ``"fab"``, ``"fab-t"``, ``"square"``), any registered attack name, or
     ``(name, {kwargs})`` pairs. Components are looked up in the registry when called;
     an unregistered component of an official version is skipped with a
     :class:`MissingComponentWarning` (recorded in ``checks["skipped"]``).
@@ -257,7 +284,7 @@ def autoattack(
             then FAB-T and Square, which advtune has no L1 version of: they are
             skipped with a :class:`MissingComponentWarning`. A custom component
             without the threat model raises.
-        version: ``"standard"``, ``"rand"``, or ``"custom"`` with ``attacks``
+        version: ``"standard"``, ``"plus"``, ``"rand"``, ``"fast"``, or ``"custom"`` with ``attacks``
             (``None``: ``"standard"``, or ``"custom"`` when ``attacks`` is given).
         attacks: The custom list of components (see above).
         steps: Iterations of the gradient components (official: 100).
@@ -299,6 +326,7 @@ def autoattack(
         x_adv, logits = x.detach().clone(), clean_logits.clone()
         ran: list[str] = []
         calls: list[int] = []
+        costs: list[ModelCalls | None] = []
         broken_counts: dict[str, int] = {}
         skipped: list[str] = []
         for label, reg, fixed, official in plan:
@@ -326,7 +354,7 @@ def autoattack(
                 )
                 continue
             wanted = {"eps": threat.eps, "norm": threat} | _budget(
-                official, version, steps, n_targets, queries, eot_iter
+                official, version, label, steps, n_targets, queries, eot_iter
             )
             if official:
                 tuned = NORM_SETTINGS.get((version, threat.name), {}).get(label, {})
@@ -336,6 +364,7 @@ def autoattack(
             ran.append(label)
             if todo.numel() == 0:
                 calls.append(0)
+                costs.append(ModelCalls())
                 broken_counts[label] = 0
                 continue
             sub_t = None if target is None else target[todo]
@@ -345,6 +374,7 @@ def autoattack(
                 warnings.simplefilter("ignore", _masking.NonFiniteGradientWarning)
                 res = fn(model, x[todo], y[todo], target=sub_t, seeds=per_sample[todo], **kwargs)
             calls.append(int(res.model_calls))
+            costs.append(res.calls)
             won = res.success
             hit = todo[won]
             x_adv[hit] = res.x_adv[won].to(x_adv.dtype)
@@ -364,11 +394,17 @@ def autoattack(
         base = finish(guard, x, x_adv, y, target, logits=logits)
     fields_ = {f.name: getattr(base, f.name) for f in fields(AttackResult)}
     fields_["model_calls"] = base.model_calls + sum(calls)
+    known = [c for c in costs if c is not None]
+    fields_["calls"] = (
+        sum(known, base.calls) if base.calls is not None and len(known) == len(costs) else None
+    )
     return EnsembleResult(
         **fields_,
+        version=version,
         components=tuple(ran),
         broken_by=broken_by,
         component_calls=tuple(calls),
+        component_cost=tuple(costs),
         checks=checks,
     )
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from advtune.attacks._minnorm import finish_min_norm
-from advtune.attacks._registry import register
+from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     AttackResult,
     ModelGuard,
@@ -31,7 +31,21 @@ _ADAM_EPS = 1e-8
 _UPPER_INIT = 1e10  # "no successful constant yet" (the reference implementation's value)
 
 
-@register("cw_l2", norm="l2")
+CW_PARAMS = (
+    Param("steps", int, 100, low=1, role="budget", cheap=3, help="Adam iterations per round"),
+    Param("lr", float, 0.01, low=0.0, low_open=True, help="Adam learning rate"),
+    Param(
+        "initial_const", float, None, low=0.0, low_open=True, nullable=True,
+        help="starting c; None: 10 ** max(-3, 2 - binary_search_steps)",
+    ),
+    Param("binary_search_steps", int, 9, low=1, role="budget", cheap=2, help="rounds over c"),
+    Param("kappa", float, 0.0, low=0.0, help="confidence margin"),
+    Param("abort_early", bool, False, help="stop a stalled sample's round"),
+    Param("warm_start", bool, True, help="start each round where the last one ended"),
+)  # fmt: skip
+
+
+@register("cw_l2", norm="l2", params=CW_PARAMS)
 def cw_l2(
     model: nn.Module,
     x: torch.Tensor,
@@ -39,10 +53,11 @@ def cw_l2(
     *,
     steps: int = 100,
     lr: float = 0.01,
-    initial_const: float = 1e-3,
+    initial_const: float | None = None,
     binary_search_steps: int = 9,
     kappa: float = 0.0,
     abort_early: bool = False,
+    warm_start: bool = True,
     target: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
@@ -55,7 +70,8 @@ def cw_l2(
     the true class with −∞ (torchattacks' ``(1 − onehot)·z`` is wrong when every other
     logit is negative), and ``δ`` keeps pixels at exactly 0 or 1 movable. A binary
     search over ``c`` per sample (×10 until the first success, then bisection) restarts
-    Adam from ``x`` each time. Each sample keeps the smallest-L2 successful image seen;
+    Adam (fresh moments) each round from where the last round ended (``warm_start``; the
+    paper restarts from ``x``, which wastes small budgets: ``docs/minnorm.md``). Each sample keeps the smallest-L2 successful image seen;
     one that never succeeds returns ``x`` with ``success=False``. Reference: Carlini &
     Wagner, "Towards Evaluating the Robustness of Neural Networks", IEEE S&P 2017
     (arXiv:1608.04644).
@@ -67,9 +83,14 @@ def cw_l2(
         y: ``(N,)`` true labels.
         steps: Adam iterations per binary-search step, ``>= 1``.
         lr: Adam learning rate, ``> 0``.
-        initial_const: Starting ``c``, ``> 0``.
+        initial_const: Starting ``c``, ``> 0``; ``None``: ``10 ** max(-3, 2 −
+            binary_search_steps)``, the paper's 1e-3 from 5 rounds on and larger for
+            fewer rounds, so the ×10 growth reaches ``c = 10`` by the last round.
         binary_search_steps: Rounds of the search over ``c``, ``>= 1``.
         kappa: Confidence margin κ ``>= 0``; a success must beat the runner-up logit by κ.
+        warm_start: Start each round's Adam from the previous round's last iterate
+            (``False``: from ``x``, as the paper). Measured better on every split of a
+            standard and an adversarially trained digits CNN (``docs/minnorm.md``).
         abort_early: Stop a sample's round when its loss has not fallen by 0.01% over
             the last ``steps // 10`` iterations (decided per sample, so results do not
             depend on the rest of the batch). Off by default: at equal gradient steps it
@@ -89,8 +110,12 @@ def cw_l2(
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     steps = check_int("steps", steps, minimum=1)
     lr = check_positive("lr", lr)
-    initial_const = check_positive("initial_const", initial_const)
     binary_search_steps = check_int("binary_search_steps", binary_search_steps, minimum=1)
+    if initial_const is None:
+        initial_const = 10.0 ** max(-3, 2 - binary_search_steps)
+    initial_const = check_positive("initial_const", initial_const)
+    if not isinstance(warm_start, bool):
+        raise ValueError(f"warm_start must be a bool, got {warm_start!r}")
     kappa = check_nonnegative("kappa", kappa)
     if not isinstance(abort_early, bool):
         raise ValueError(f"abort_early must be a bool, got {abort_early!r}")
@@ -116,8 +141,9 @@ def cw_l2(
         check_every = max(steps // 10, 1)
         b1, b2 = _ADAM_BETAS
 
+        w_end = w0.clone()
         for _ in range(binary_search_steps):
-            w = w0.clone()
+            w = w_end.clone() if warm_start else w0.clone()
             m, v = torch.zeros_like(w), torch.zeros_like(w)
             prev = torch.full((n,), float("inf"), dtype=wd, device=dev)
             won_round = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -164,6 +190,7 @@ def cw_l2(
                     if active.numel() == 0:
                         break
 
+            w_end = w
             # Binary search on c: shrink after a success, otherwise grow (×10 until a
             # success bounds it from above, then bisect).
             upper = torch.where(won_round, torch.minimum(upper, const), upper)

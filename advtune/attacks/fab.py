@@ -310,9 +310,9 @@ def _jacobian(guard: ModelGuard, x: torch.Tensor) -> tuple[torch.Tensor, torch.T
     """Logits ``(N, K)`` and their input Jacobian ``(N, K, *x.shape[1:])``: one forward.
 
     One backward per class through the same graph (logit *k* summed over the batch, so
-    each sample's gradient is its own); counted as one model call.
+    each sample's gradient is its own); counted as one gradient call.
     """
-    guard.calls += 1
+    guard.count(x.shape[0], gradient=True)
     with torch.enable_grad():
         xr = x.detach().requires_grad_(True)
         out = guard.model(xr)

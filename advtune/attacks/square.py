@@ -38,20 +38,28 @@ __all__ = ["SQUARE_PARAMS", "p_schedule", "square"]
 @dataclass(frozen=True)
 class _Proposal:
     """Square's per-norm proposal: the start and step methods of :class:`_Search` (by
-    name) and the window side for a nominal side ``round(sqrt(p · H · W))``."""
+    name), the window side for a nominal side ``round(sqrt(p · H · W))`` and the number
+    of uniforms one step draws per sample for ``C`` channels."""
 
     start: str
     step: str
     window: Callable[[int, int, int], int]
+    uniforms: Callable[[int], int]
 
 
 #: Square's proposals per threat model (by name); a norm Square supports is a key here.
 _PROPOSALS: dict[str, _Proposal] = {
     # L∞: a window at least 1 pixel wide.
-    "linf": _Proposal("_linf_start", "_linf_step", lambda s, h, w: min(max(s, 1), h, w)),
+    # Uniforms: window position (2) and one sign per channel.
+    "linf": _Proposal(
+        "_linf_start", "_linf_step", lambda s, h, w: min(max(s, 1), h, w), lambda c: 2 + c
+    ),
     # L2: at least 3 and odd, so the two halves of the pattern have a centre.
     "l2": _Proposal(
-        "_l2_start", "_l2_step", lambda s, h, w: min(max(s, 3) + 1 - max(s, 3) % 2, h, w)
+        "_l2_start",
+        "_l2_step",
+        lambda s, h, w: min(max(s, 3) + 1 - max(s, 3) % 2, h, w),
+        lambda c: 5 + c,  # two window positions (4), the pattern's orientation, C signs
     ),
 }
 
@@ -170,6 +178,12 @@ def p_schedule(i: int, *, queries: int | None, p_init: float) -> float:
     """
     it = i if queries is None else int(i / queries * 10000)
     return p_init / 2 ** sum(it > t for t in _HALVINGS)
+
+
+# Queries whose uniforms each sample draws at once: one ``torch.rand`` per sample per
+# block instead of per query. A generator's stream is the same whether drawn k numbers at
+# a time or k·B at once, so every sample sees exactly the numbers it saw query by query.
+_BLOCK = 128
 
 
 def _draws(gens: list[torch.Generator], k: int, device: torch.device) -> torch.Tensor:
@@ -291,39 +305,46 @@ class _Search:
         """Search from ``x_best`` for samples ``idx``; best images and their logits."""
         loss_best, won, logits_best = self.evaluate(x_best, idx)
         x_best = x_best.clone()
-        h, w = xs.shape[2:]
+        c, h, w = xs.shape[1:]
+        k = self.proposal.uniforms(c)  # uniforms per query and sample
         active = (~won).nonzero().flatten()
+        block = torch.empty(0, 0, k, dtype=xs.dtype)
+        rows = active  # row of each active sample in ``block``
         for i in range(queries):
             if active.numel() == 0:
                 break
+            if i % _BLOCK == 0:
+                depth = min(_BLOCK, queries - i)
+                cur_gens = [gens[j] for j in active.tolist()]
+                block = _draws(cur_gens, depth * k, xs.device).to(xs.dtype)
+                block = block.view(active.numel(), depth, k)
+                rows = torch.arange(active.numel(), device=xs.device)
+            u = block[rows, i % _BLOCK]
             p = schedule(i)
             side = round(math.sqrt(p * h * w))
-            cur_gens = [gens[j] for j in active.tolist()]
             xa, xb = xs[active], x_best[active]
             step = getattr(self, self.proposal.step)
-            x_new = step(xa, xb, cur_gens, self.proposal.window(side, h, w))
+            x_new = step(xa, xb, u, self.proposal.window(side, h, w))
             loss, success, logits = self.evaluate(x_new, idx[active])
             better = success | (loss < loss_best[active])
             keep = active[better]
             x_best[keep], loss_best[keep] = x_new[better], loss[better]
             logits_best[keep] = logits[better]
-            active = active[~success]
+            active, rows = active[~success], rows[~success]
         return x_best, logits_best
 
     def _linf_step(
-        self, xa: torch.Tensor, xb: torch.Tensor, gens: list[torch.Generator], s: int
+        self, xa: torch.Tensor, xb: torch.Tensor, u: torch.Tensor, s: int
     ) -> torch.Tensor:
-        c, h, w = xa.shape[1:]
-        u = _draws(gens, 2 + c, xa.device).to(xa.dtype)
+        """One L∞ proposal per sample from its ``2 + C`` uniforms ``u`` ``(M, 2 + C)``."""
+        h, w = xa.shape[2:]
         mask = _window_mask(_offsets(u[:, 0], h, s), _offsets(u[:, 1], w, s), s, h, w)
         step = (2 * self.eps) * _signs(u[:, 2:])[:, :, None, None] * mask
         return self.threat.project(xb + step, xa)
 
-    def _l2_step(
-        self, xa: torch.Tensor, xb: torch.Tensor, gens: list[torch.Generator], s: int
-    ) -> torch.Tensor:
+    def _l2_step(self, xa: torch.Tensor, xb: torch.Tensor, u: torch.Tensor, s: int) -> torch.Tensor:
+        """One L2 proposal per sample from its ``5 + C`` uniforms ``u`` ``(M, 5 + C)``."""
         m, c, h, w = xa.shape
-        u = _draws(gens, 5 + c, xa.device).to(xa.dtype)
         top, left = _offsets(u[:, 0], h, s), _offsets(u[:, 1], w, s)
         top2, left2 = _offsets(u[:, 2], h, s), _offsets(u[:, 3], w, s)
         mask1 = _window_mask(top, left, s, h, w)

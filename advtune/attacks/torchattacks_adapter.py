@@ -94,9 +94,13 @@ class _Counting(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.calls += 1
+        guard = self.__dict__["_guard"]
+        # torchattacks differentiates the loss w.r.t. an input that requires grad; a
+        # pass under no_grad (or on a plain tensor) is an evaluation.
+        guard.count(x.shape[0], gradient=torch.is_grad_enabled() and x.requires_grad)
         out = self.model(x)
         if self.calls == 1:
-            self.__dict__["_guard"].check_logits(out, x.shape[0])
+            guard.check_logits(out, x.shape[0])
         return out
 
 
@@ -181,7 +185,6 @@ class TorchattacksAttack:
                     guard.restore_modes()
             if out.getvalue().strip():
                 logger.debug("torchattacks %s: %s", self.name, out.getvalue().strip())
-            guard.calls = counting.calls
             with torch.no_grad():
                 return finish(guard, x, x_adv.detach(), y, target)
 

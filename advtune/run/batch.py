@@ -25,8 +25,10 @@ __all__ = [
     "TARGET_MODES",
     "BatchOutput",
     "attack_batch",
+    "attack_cost",
     "attack_kwargs",
     "broken_by_names",
+    "merge_cost",
     "row_is_finite",
 ]
 
@@ -45,12 +47,60 @@ class BatchOutput:
         model_calls: forward passes of the batch, attacks plus clean and re-check passes.
         checks: per eps, the attack's gradient-masking checks (``result.checks`` of an
             ensemble; ``{}`` for other attacks), with their ``eps``.
+        cost: model calls by kind (:func:`attack_cost`), JSON-ready; summed over
+            batches with :func:`merge_cost`.
     """
 
     rows: list[dict[str, Any]]
     images: list[torch.Tensor]
     model_calls: int
     checks: list[dict[str, Any]] = field(default_factory=list)
+    cost: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_cost(*parts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Add up ``cost`` entries (batches, sessions, torchrun ranks).
+
+    Numbers add, nested dicts (``"components"``) merge key by key, lists
+    (``"versions"``) become the sorted union.
+    """
+    out: dict[str, Any] = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            if isinstance(value, Mapping):
+                out[key] = merge_cost(out.get(key), value)
+            elif isinstance(value, (list, tuple)):
+                out[key] = sorted({*out.get(key, []), *value})
+            else:
+                out[key] = out.get(key, 0) + value
+    return out
+
+
+def attack_cost(result: Any) -> dict[str, Any]:
+    """An attack result's model calls as ``report.json``'s ``cost`` entry.
+
+    ``{"forward", "gradient", "forward_images", "gradient_images"}`` (calls without and
+    with a backward pass, and the images they processed: :class:`~advtune.attacks.ModelCalls`),
+    plus for an ensemble ``"components"`` (the same per component) and ``"versions"``
+    (``[version]``). A result without a split (built by hand) counts every call as
+    ``"unsplit"``.
+    """
+    calls = getattr(result, "calls", None)
+    if calls is None:
+        cost: dict[str, Any] = {"unsplit": int(result.model_calls)}
+    else:
+        cost = calls.as_dict()
+    names = getattr(result, "components", None)
+    per = getattr(result, "component_cost", None)
+    if names is not None and per:
+        cost["components"] = {
+            name: c.as_dict() if c is not None else {"unsplit": int(n)}
+            for name, c, n in zip(names, per, result.component_calls)
+        }
+    version = getattr(result, "version", None)
+    if isinstance(version, str):
+        cost["versions"] = [version]
+    return cost
 
 
 def row_is_finite(row: Mapping[str, Any]) -> bool:
@@ -245,6 +295,9 @@ def attack_batch(
     seeds = sample_seeds(config.seed, indices)
     target, calls = _targets(model, images, clean_logits, labels, seeds, config.targeted)
     calls += 1
+    # The runner's own passes (clean, least-likely target, one re-check per eps) are
+    # forward-only on the whole batch.
+    costs: list[dict[str, Any]] = [{"forward": calls, "forward_images": calls * n}]
 
     saved: list[torch.Tensor] = []
     per_eps: list[tuple[float | None, dict[str, list[Any]]]] = []
@@ -262,6 +315,7 @@ def attack_batch(
             # exception keeps the traceback for library users.
             raise UserError(f"attack {config.attack!r} rejected its settings: {e}") from e
         calls += int(result.model_calls) + 1
+        costs += [attack_cost(result), {"forward": 1, "forward_images": n}]
         q = quantize_adv(result.x_adv, images, norm=config.norm, eps=eps)
         x_q = q.to(images.dtype) / 255
         with torch.no_grad():
@@ -314,4 +368,6 @@ def attack_batch(
                     "adv_sha256": "",  # OutputDir.save_images fills it in
                 }
             )
-    return BatchOutput(rows=rows, images=saved, model_calls=calls, checks=checks)
+    return BatchOutput(
+        rows=rows, images=saved, model_calls=calls, checks=checks, cost=merge_cost(*costs)
+    )

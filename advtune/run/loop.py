@@ -12,13 +12,13 @@ import logging
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from advtune.run.batch import BatchOutput, attack_batch
+from advtune.run.batch import BatchOutput, attack_batch, merge_cost
 from advtune.run.spec import AttackConfig
 from advtune.runtime import concat_results, register_chunk_result, run_with_oom_backoff
 
@@ -37,6 +37,8 @@ class RunStats:
         wall_s: wall time of the loop, data loading included.
         attack_s: time inside :func:`~advtune.run.batch.attack_batch`.
         model_calls: forward passes of whole batches.
+        cost: model calls by kind and images processed
+            (:func:`advtune.run.batch.attack_cost`, summed).
         peak_memory_bytes: ``torch.cuda.max_memory_allocated`` on CUDA, else ``None``.
         oom_backoffs: out-of-memory errors absorbed by halving the attack batch.
         final_batch_size: images per attack call at the end (smaller than the batch
@@ -48,6 +50,7 @@ class RunStats:
     wall_s: float = 0.0
     attack_s: float = 0.0
     model_calls: int = 0
+    cost: dict[str, Any] = field(default_factory=dict)
     peak_memory_bytes: int | None = None
     oom_backoffs: int = 0
     final_batch_size: int | None = None
@@ -163,6 +166,7 @@ def attack_loader(
             stats.images += n
             stats.batches += 1
             stats.model_calls += out.model_calls
+            stats.cost = merge_cost(stats.cost, out.cost)
             if on_batch is not None:
                 on_batch(out, stats.batches)
     finally:
@@ -201,6 +205,7 @@ def _trim_output(out: BatchOutput, n: int) -> BatchOutput:
         images=[q[:n] for q in out.images],
         model_calls=out.model_calls,
         checks=out.checks,
+        cost=out.cost,
     )
 
 
@@ -215,6 +220,8 @@ def _join_outputs(parts: list[BatchOutput]) -> BatchOutput:
         images=concat_results([part.images for part in parts]),
         model_calls=concat_results([part.model_calls for part in parts]),
         checks=[c for part in parts for c in part.checks],
+        # Images add up over the chunks (disjoint images); so do calls, unlike model_calls.
+        cost=merge_cost(*(part.cost for part in parts)),
     )
 
 

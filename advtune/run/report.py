@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from advtune._version import __version__
+from advtune.run.batch import merge_cost
 from advtune.run.loop import RunStats
 from advtune.run.metrics import compute_metrics
 from advtune.run.spec import AttackConfig, dataset_info
@@ -144,6 +145,27 @@ def merge_checks(*parts: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _cost_line(cost: Mapping[str, Any], images: int) -> str | None:
+    """``model calls per image: 12.3 forward, 456.7 gradient (...)`` for the summary."""
+    if not cost or not images:
+        return None
+    fwd, grad = cost.get("forward_images", 0) / images, cost.get("gradient_images", 0) / images
+    line = f"model calls per image: {fwd:.1f} forward, {grad:.1f} forward+backward"
+    if cost.get("versions"):
+        line = f"autoattack version {', '.join(cost['versions'])} · " + line
+    comps = cost.get("components") or {}
+    if comps:
+        line += (
+            " ("
+            + ", ".join(
+                f"{name} {c.get('forward_images', 0) / images:.1f}+{c.get('gradient_images', 0) / images:.1f}"
+                for name, c in comps.items()
+            )
+            + ")"
+        )
+    return line
+
+
 def aggregate_checks(batch_checks: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Aggregate the per-batch checks of :class:`~advtune.run.batch.BatchOutput`.
 
@@ -256,6 +278,7 @@ def build_report(
         "attack_s": stats.attack_s if stats else 0.0,
         "images_per_s": stats.images_per_s if stats else None,
         "model_calls": stats.model_calls if stats else 0,
+        "cost": dict(stats.cost) if stats else {},
         "oom_backoffs": stats.oom_backoffs if stats else 0,
         "final_batch_size": stats.final_batch_size if stats else None,
     }
@@ -299,6 +322,7 @@ def build_report(
             "resumed": previous is not None,
             "sessions": sessions,
         },
+        "cost": _total_cost(sessions, total_images),
         "peak_memory_bytes": max(peaks) if peaks else None,
         "outputs": dict(outputs or {}),
         "checks": all_checks,
@@ -348,6 +372,17 @@ def robustbench_fields(
             }
         )
     return out
+
+
+def _total_cost(sessions: Sequence[Mapping[str, Any]], images: int) -> dict[str, Any]:
+    """Every session's ``cost`` added up, with ``per_image`` averages of the image counts."""
+    total = merge_cost(*(s.get("cost") for s in sessions))
+    if images and total:
+        total["per_image"] = {
+            k: total.get(k, 0) / images for k in ("forward_images", "gradient_images")
+        }
+        total["images"] = images
+    return total
 
 
 def format_eps(eps: float | None) -> str:
@@ -427,6 +462,9 @@ def format_summary(report: Mapping[str, Any]) -> str:
             random=bool(model.get("random_weights")),
         )
     )
+    cost_line = _cost_line(report.get("cost") or {}, (report.get("cost") or {}).get("images", 0))
+    if cost_line:
+        lines.append(cost_line)
     timings = report.get("timings", {})
     peak = report.get("peak_memory_bytes")
     lines.append(

@@ -30,7 +30,7 @@ from torch import nn
 from advtune.attacks._masking import GradientMaskingWarning
 from advtune.errors import UserError
 from advtune.run import signals
-from advtune.run.batch import BatchOutput
+from advtune.run.batch import BatchOutput, merge_cost
 from advtune.run.callbacks import Progress, RunCallbacks
 from advtune.run.comm import (
     CommunicationError,
@@ -128,6 +128,7 @@ def _rank_summary(comm: Communicator, stats: RunStats, error: BaseException | No
         "attack_s": stats.attack_s,
         "images_per_s": stats.images_per_s,
         "model_calls": stats.model_calls,
+        "cost": stats.cost,
         "oom_backoffs": stats.oom_backoffs,
         "final_batch_size": stats.final_batch_size,
         "peak_memory_bytes": stats.peak_memory_bytes,
@@ -145,6 +146,7 @@ def _merged_stats(ranks: Sequence[dict[str, Any]]) -> RunStats:
         wall_s=max((r["wall_s"] for r in ranks), default=0.0),
         attack_s=sum(r["attack_s"] for r in ranks),
         model_calls=sum(r["model_calls"] for r in ranks),
+        cost=merge_cost(*(r.get("cost") for r in ranks)),
         peak_memory_bytes=max(peaks) if peaks else None,
         oom_backoffs=sum(r["oom_backoffs"] for r in ranks),
         # A rank that backed off attacks in smaller calls from then on; report the smallest.
