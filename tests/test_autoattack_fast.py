@@ -86,7 +86,7 @@ def test_fast_version_components_budgets_and_overrides(monkeypatch):
     y = net(x).argmax(1)
     res = attacks.autoattack(net, x, y, eps=0.0, version="fast", steps=3, queries=5)
     assert res.version == "fast" and res.components == ("apgd-ce", "apgd-malt", "square")
-    common = {"eps": 0.0, "norm": "linf"}
+    common = {"eps": 0.0, "norm": attacks.Linf(0.0)}  # the ensemble hands on its threat object
     assert seen == [
         ("apgd", common | FAST["apgd-ce"] | {"steps": 3, "loss": "ce"}),
         ("apgd_malt", common | FAST["apgd-malt"] | {"steps": 3}),
@@ -120,8 +120,9 @@ def test_fast_from_the_cli_reports_version_and_cost_and_resumes(how, tmp_path, c
     import json
 
     from fakes import write_run_inputs
+    from stophook import installed
 
-    from advtune.cli import STOP_HOOK_ENV, main
+    from advtune.cli import main
     from advtune.storage import read_manifest
 
     data, ckpt = write_run_inputs(tmp_path / "in")
@@ -131,9 +132,8 @@ def test_fast_from_the_cli_reports_version_and_cost_and_resumes(how, tmp_path, c
         "--out", str(out), "--image-size", "32", "--batch-size", "2", "--workers", "0",
         *how, "-p", "steps=2", "-p", "queries=5", "--limit", "4",
     ]  # fmt: skip
-    monkeypatch.setenv(STOP_HOOK_ENV, "1")  # interrupted after the first batch
-    assert main(argv) == 130
-    monkeypatch.delenv(STOP_HOOK_ENV)
+    with installed("1"):  # interrupted after the first batch
+        assert main(argv) == 130
     assert main([*argv, "--resume"]) == 0, capsys.readouterr().err
     captured = capsys.readouterr()
     report = json.loads((out / "report.json").read_text())

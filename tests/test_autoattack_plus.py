@@ -32,7 +32,7 @@ def test_plus_runs_the_official_components_with_their_budgets(monkeypatch):
     res = attacks.autoattack(net, x, y, eps=0.0, version="plus", steps=2, n_targets=2, queries=3)
     assert res.version == "plus"
     assert res.components == ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
-    common = {"eps": 0.0, "norm": "linf"}
+    common = {"eps": 0.0, "norm": attacks.Linf(0.0)}  # the ensemble hands on its threat object
     assert seen == [
         ("apgd", common | {"steps": 2, "restarts": 5, "eot_iter": 1, "loss": "ce"}),
         ("apgd", common | {"steps": 2, "restarts": 5, "eot_iter": 1, "loss": "dlr"}),
