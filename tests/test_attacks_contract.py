@@ -539,15 +539,17 @@ def test_registry_names_get_spec():
     assert pgd.norm_of({"norm": "l2"}) == "l2" and pgd.norm_of({}) == "linf"
     assert pgd.threat({"eps": 0.5, "norm": "l2"}) == attacks.L2(0.5)
     cw = attacks.spec("cw_l2")
-    assert (cw.norm, cw.uses_eps, cw.randomized, cw.declared) == ("l2", False, False, False)
+    # Every built-in attack declares its Params (the signature-derived spec is for adapters).
+    assert (cw.norm, cw.uses_eps, cw.randomized, cw.declared) == ("l2", False, False, True)
     assert cw.threat({}) == attacks.L2(None)
     assert cw.defaults == {
         "steps": 100,
         "lr": 0.01,
-        "initial_const": 1e-3,
+        "initial_const": None,  # chosen from the number of rounds
         "binary_search_steps": 9,
         "kappa": 0.0,
         "abort_early": False,
+        "warm_start": True,
     }
     assert set(cw.cost_keys) == {"steps", "binary_search_steps"}
 
