@@ -114,7 +114,7 @@ def test_under_autocast_losses_are_float32(small):
         ({"p_init": 0.0}, "p_init must be > 0, got 0.0"),
         ({"p_init": 1.5}, r"p_init must lie in \(0, 1\], got 1.5"),
         ({"loss": "dlr"}, "loss must be one of .*got 'dlr'"),
-        ({"norm": "l1"}, "norm must be one of .*got 'l1'"),
+        ({"norm": "l3"}, "norm must be one of .*got 'l3'"),
         ({"rescale_schedule": 1}, "rescale_schedule must be a bool, got 1"),
     ],
 )
