@@ -37,8 +37,8 @@ VARIANTS = {
     ],
     "apgd": [{"norm": "l1"}, {"norm": "l1", "large_eps": True, "loss": "dlr"}],
     "apgd_t": [{"norm": "l1", "large_eps": True}],
-    "fab": [{"norm": "l2"}, {"targeted": False}],
-    "square": [{"norm": "l2"}, {"loss": "ce", "rescale_schedule": True}],
+    "fab": [{"norm": "l2"}, {"targeted": False}, {"norm": "l1"}, {"norm": "l1", "targeted": False}],
+    "square": [{"norm": "l2"}, {"loss": "ce", "rescale_schedule": True}, {"norm": "l1"}],
 }
 # torchattacks classes run through the adapter (registered on first lookup).
 EXTERNAL = (

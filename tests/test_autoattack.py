@@ -391,51 +391,58 @@ def test_bench_worker_measures_both_implementations():
 # --------------------------------------------------------------------------- L1
 
 
-def test_l1_version_runs_the_official_apgd_settings_and_skips_what_has_no_l1(tiny, monkeypatch):
+def test_l1_version_runs_all_four_components_with_the_official_settings(tiny, monkeypatch):
     net, x, y, _ = tiny
     calls = []
-    real = {name: attacks.get(name) for name in ("apgd", "apgd_t")}
+    real = {name: attacks.get(name) for name in ("apgd", "apgd_t", "fab", "square")}
+    keys = ("restarts", "n_targets", "large_eps", "steps", "queries")
 
     def spy(name):
         def run(*args, **kwargs):
-            calls.append(
-                (
-                    name,
-                    {k: kwargs[k] for k in ("restarts", "n_targets", "large_eps") if k in kwargs},
-                )
-            )
+            calls.append((name, {k: kwargs[k] for k in keys if k in kwargs}))
             return real[name](*args, **kwargs)
 
         return run
 
     for name in real:
         monkeypatch.setitem(_registry._ATTACKS, name, (spy(name), attacks.spec(name)))
-    with pytest.warns(MissingComponentWarning, match="'fab-t' has no L1 version"):
-        res = attacks.autoattack(net, x, y, eps=2.0, norm="l1", steps=3,
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MissingComponentWarning)  # nothing is skipped now
+        res = attacks.autoattack(net, x, y, eps=0.5, norm="l1", steps=3, queries=5,
                                  seeds=torch.arange(len(y)))  # fmt: skip
-    assert res.components == ("apgd-ce", "apgd-t")
-    assert res.checks["skipped"] == ["fab-t", "square"]
-    assert calls[0] == ("apgd", {"restarts": 5, "large_eps": True})
-    if len(calls) > 1:
-        assert calls[1] == ("apgd_t", {"restarts": 1, "n_targets": 5, "large_eps": True})
-    assert bool(attacks.L1(2.0).contains(res.x_adv, x).all())
+    assert res.components == ("apgd-ce", "apgd-t", "fab-t", "square")
+    assert "skipped" not in res.checks
+    expected = {
+        "apgd": {"restarts": 5, "large_eps": True, "steps": 3},
+        "apgd_t": {"restarts": 1, "n_targets": 5, "large_eps": True, "steps": 3},
+        "fab": {"restarts": 1, "n_targets": 9, "steps": 3},
+        "square": {"queries": 5},
+    }
+    assert calls and calls[0][0] == "apgd"
+    for name, kw in calls:  # later components run only while samples stay robust
+        assert kw == expected[name], name
+    assert bool(attacks.L1(0.5).contains(res.x_adv, x).all())
+    # FAB-T and Square run on L1 samples on their own too (a custom list).
+    custom = attacks.autoattack(net, x, y, eps=0.5, norm="l1", attacks=["fab-t", "square"],
+                                steps=3, queries=5, seeds=torch.arange(len(y)))  # fmt: skip
+    assert custom.components == ("fab-t", "square")
+    assert bool(attacks.L1(0.5).contains(custom.x_adv, x).all())
     with pytest.raises(ValueError, match="attack 'fgsm' has no L1 version"):
         attacks.autoattack(net, x, y, eps=2.0, norm="l1", attacks=["fgsm"])
 
 
 @pytest.mark.slow
 def test_l1_ensemble_never_weaker_than_official(digits, one_thread):
-    """autoattack(norm="l1") against the official L1 standard version (which also runs
-    FAB-T and Square), 100 images, eps 3: advtune at most 0.5 points above."""
+    """autoattack(norm="l1") against the official L1 standard version (both run APGD-CE,
+    APGD-T, FAB-T and Square), 100 images, eps 3: advtune at most 0.5 points above."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
         pytest.skip("the official AutoAttack (pyautoattack) is not installed")
     model, x, y = digits
     xs, ys = x[:100], y[:100]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", MissingComponentWarning)
-        ours = attacks.autoattack(model, xs, ys, eps=3.0, norm="l1", seeds=torch.arange(100))
+    ours = attacks.autoattack(model, xs, ys, eps=3.0, norm="l1", seeds=torch.arange(100))
+    assert ours.components == ("apgd-ce", "apgd-t", "fab-t", "square")
     ref = AutoAttack(model, norm="L1", eps=3.0, version="standard", seed=0, device="cpu")
     with torch.no_grad():
         adv = ref.run_standard_evaluation(xs, ys, batch_size=100)

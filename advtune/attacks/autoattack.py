@@ -281,9 +281,8 @@ def autoattack(
         norm: ``"linf"``, ``"l2"`` or ``"l1"`` (or a threat object). The official L1
             version runs APGD-CE (5 restarts) and APGD-T (5 targets), both with the
             three-stage eps schedule (:func:`~advtune.attacks.apgd`'s ``large_eps``),
-            then FAB-T and Square, which advtune has no L1 version of: they are
-            skipped with a :class:`MissingComponentWarning`. A custom component
-            without the threat model raises.
+            then FAB-T (L1 projection, 9 targets) and Square (L1 proposal), as the
+            official code does. A custom component without the threat model raises.
         version: ``"standard"``, ``"plus"``, ``"rand"``, ``"fast"``, or ``"custom"`` with ``attacks``
             (``None``: ``"standard"``, or ``"custom"`` when ``attacks`` is given).
         attacks: The custom list of components (see above).

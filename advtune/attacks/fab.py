@@ -11,6 +11,7 @@ image (``beta``), so the search keeps shrinking the perturbation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -33,18 +34,77 @@ from advtune.attacks.threat import ThreatModel, threat_model
 
 __all__ = ["FAB_PARAMS", "fab", "project_hyperplane_box"]
 
+
+def _waterfill(
+    aw: torch.Tensor, room: torch.Tensor, need: torch.Tensor, *, weight: Callable[..., torch.Tensor]
+) -> torch.Tensor:
+    """``min(μ·v, room)`` ``(M, D)`` with ``v = weight(aw)`` and ``Σ aw·min(μ v, room) = need``.
+
+    The gap closed, ``G(μ) = Σ_i |w_i|·min(μ v_i, room_i)``, is piecewise linear and
+    increasing in ``μ``: sorting the breakpoints ``room_i / v_i`` finds ``μ`` exactly.
+    """
+    v = weight(aw)
+    # Breakpoints where a coordinate hits the box; coordinates that cannot move get 0 and
+    # weight 0, so they sort first and change nothing.
+    bp = torch.where(v > 0, room / v.clamp_min(torch.finfo(aw.dtype).tiny), torch.zeros_like(aw))
+    bp, order = bp.sort(dim=1)
+    aw_s, room_s, v_s = aw.gather(1, order), room.gather(1, order), v.gather(1, order)
+    done = (aw_s * room_s).cumsum(dim=1)  # gap closed by the saturated coordinates
+    # Slope from the coordinates at and after each breakpoint (a tail sum: no cancellation).
+    slope_from = (aw_s * v_s).flip(1).cumsum(dim=1).flip(1)
+    slope_after = torch.cat([slope_from[:, 1:], torch.zeros_like(slope_from[:, :1])], dim=1)
+    reached = done + bp * slope_after  # G at each breakpoint
+    k = (reached <= need[:, None]).sum(dim=1).clamp_max(aw.shape[1] - 1)
+    done_before = torch.where(
+        k > 0, done.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0], torch.zeros_like(need)
+    )
+    mu = ((need - done_before) / slope_from.gather(1, k[:, None])[:, 0].clamp_min(1e-30)).clamp_min(
+        0
+    )
+    return torch.minimum(mu[:, None] * v, room)
+
+
+def _greedy_l1(aw: torch.Tensor, room: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """Minimal-L1 magnitudes ``(M, D)`` with ``Σ aw·|d| = need``, ``|d| <= room``.
+
+    Closing gap ``aw_i`` per unit of ``|d_i|``, the cheapest coordinates are those with the
+    largest ``|w_i|``: saturate them in that order (stable sort: ties keep their index
+    order) and move the first one that would overshoot only by what is still needed.
+    """
+    order = aw.argsort(dim=1, descending=True, stable=True)
+    aw_s, room_s = aw.gather(1, order), room.gather(1, order)
+    done = (aw_s * room_s).cumsum(dim=1)  # gap closed once the first k+1 are saturated
+    before = done - aw_s * room_s
+    partial = ((need[:, None] - before) / aw_s.clamp_min(torch.finfo(aw.dtype).tiny)).clamp(
+        min=torch.zeros_like(room_s), max=room_s
+    )
+    # Saturated while the gap is still open after them; the crossing one gets the rest.
+    mag_s = torch.where(
+        done <= need[:, None], room_s, torch.where(before < need[:, None], partial, 0)
+    )
+    return torch.zeros_like(aw).scatter(1, order, mag_s)
+
+
 #: Per threat model (by name), the weight ``v_i`` of coordinate *i* in the minimal move
-#: onto a hyperplane (see :func:`project_hyperplane_box`) from ``|w_i|``. A norm FAB
-#: supports is a key here.
+#: onto a hyperplane (see :func:`project_hyperplane_box`) from ``|w_i|``, for the norms
+#: whose minimal move spreads over coordinates (a water-filling).
 _WEIGHTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "linf": torch.ones_like,
     "l2": lambda aw: aw,
 }
 
+#: Per threat model (by name), the magnitudes ``|d_i|`` ``(M, D)`` of the minimal move onto
+#: a reachable hyperplane from ``(|w|, room, need)`` (see :func:`project_hyperplane_box`).
+#: A norm FAB supports is a key here.
+_MOVES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    **{name: functools.partial(_waterfill, weight=v) for name, v in _WEIGHTS.items()},
+    "l1": _greedy_l1,
+}
+
 #: FAB's hyperparameters, declared once (validation, presets, CLI, tests read them).
 FAB_PARAMS = (
     EPS,
-    Param("norm", str, "linf", choices=tuple(_WEIGHTS), role="norm", help="threat model"),
+    Param("norm", str, "linf", choices=tuple(_MOVES), role="norm", help="threat model"),
     Param("steps", int, 100, low=1, role="budget", cheap=3, help="iterations per run"),
     Param("n_targets", int, 9, low=1, high=1000, role="budget", cheap=2,
           help="FAB-T: runner-up classes tried"),
@@ -77,7 +137,7 @@ def fab(
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
 ) -> AttackResult:
-    """Fast Adaptive Boundary attack (L∞ or L2); by default FAB-T as in AutoAttack.
+    """Fast Adaptive Boundary attack (L∞, L2 or L1); by default FAB-T as in AutoAttack.
 
     With ``targeted=True`` (FAB-T, AutoAttack's "standard" version) the attack runs once
     per class among the ``n_targets`` classes with the highest clean logits other than
@@ -100,7 +160,7 @@ def fab(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Budget (absolute pixel units) a perturbation must fit to count, ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``: the norm minimised and bounded by ``eps``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``: the norm minimised and bounded by ``eps``.
         steps: Iterations per run, ``>= 1`` (two model calls each: a gradient step and
             the adversarial check).
         n_targets: FAB-T only: how many runner-up classes to try, ``>= 1`` (capped at
@@ -177,19 +237,21 @@ def project_hyperplane_box(
 ) -> torch.Tensor:
     """Smallest move ``d`` (in ``norm``) with ``w·(t + d) = b`` and ``t + d`` in [0, 1].
 
-    Moving coordinate *i* in the direction that closes the gap, by at most its room to the
-    box edge, the optimum is ``d_i = s_i·min(μ·v_i, room_i)`` with ``v_i = 1`` (L∞) or
-    ``|w_i|`` (L2; KKT of the least-squares problem): the gap closed,
-    ``G(μ) = Σ |w_i|·min(μ v_i, room_i)``, is piecewise linear and increasing in ``μ``, so
-    sorting the breakpoints ``room_i / v_i`` finds the ``μ`` with ``G(μ) = |w·t − b|``
-    exactly. If even the whole box cannot close the gap, every coordinate goes to its edge
-    (the closest the box allows).
+    Each coordinate *i* moves in the direction ``s_i`` that closes the gap, by at most its
+    room ``room_i`` to the box edge; only the magnitudes depend on the norm
+    (:data:`_MOVES`). L∞ and L2: ``|d_i| = min(μ·v_i, room_i)`` with ``v_i = 1`` (L∞) or
+    ``|w_i|`` (L2; KKT of the least-squares problem), ``μ`` found exactly
+    (:func:`_waterfill`). L1 (a linear programme): the coordinates with the largest
+    ``|w_i|`` close the most gap per unit of norm, so they go to the box edge in that
+    order until the gap is closed, the last one partly (:func:`_greedy_l1`; the FAB
+    paper's L1 projection). If even the whole box cannot close the gap, every coordinate
+    goes to its edge (the closest the box allows).
 
     Args:
         t: ``(M, D)`` points in [0, 1].
         w: ``(M, D)`` hyperplane normals.
         b: ``(M,)`` offsets.
-        norm: ``"linf"`` or ``"l2"``, or a threat model of that name.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``, or a threat model of that name.
 
     Returns:
         ``(M, D)`` moves ``d``.
@@ -199,27 +261,9 @@ def project_hyperplane_box(
     s = -torch.sign(gap)[:, None] * torch.sign(w)
     room = torch.where(s > 0, 1 - t, t).clamp_min(0) * (s != 0)
     aw = w.abs()
-    v = _WEIGHTS[threat_model(norm).name](aw)
     need = gap.abs()
     whole = (aw * room).sum(dim=1)
-    # Breakpoints where a coordinate hits the box; coordinates that cannot move get 0 and
-    # weight 0, so they sort first and change nothing.
-    bp = torch.where(v > 0, room / v.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
-    bp, order = bp.sort(dim=1)
-    aw_s, room_s, v_s = aw.gather(1, order), room.gather(1, order), v.gather(1, order)
-    done = (aw_s * room_s).cumsum(dim=1)  # gap closed by the saturated coordinates
-    # Slope from the coordinates at and after each breakpoint (a tail sum: no cancellation).
-    slope_from = (aw_s * v_s).flip(1).cumsum(dim=1).flip(1)
-    slope_after = torch.cat([slope_from[:, 1:], torch.zeros_like(slope_from[:, :1])], dim=1)
-    reached = done + bp * slope_after  # G at each breakpoint
-    k = (reached <= need[:, None]).sum(dim=1).clamp_max(w.shape[1] - 1)
-    done_before = torch.where(
-        k > 0, done.gather(1, (k - 1).clamp_min(0)[:, None])[:, 0], torch.zeros_like(need)
-    )
-    mu = ((need - done_before) / slope_from.gather(1, k[:, None])[:, 0].clamp_min(1e-30)).clamp_min(
-        0
-    )
-    d = s * torch.minimum(mu[:, None] * v, room)
+    d = s * _MOVES[threat_model(norm).name](aw, room, need)
     # Unreachable hyperplane: go as far as the box allows.
     return torch.where((need >= whole)[:, None], s * room, d)
 

@@ -61,6 +61,13 @@ _PROPOSALS: dict[str, _Proposal] = {
         lambda s, h, w: min(max(s, 3) + 1 - max(s, 3) % 2, h, w),
         lambda c: 5 + c,  # two window positions (4), the pattern's orientation, C signs
     ),
+    # L1: the L2 windows, with a more peaked pattern of unit L1 norm.
+    "l1": _Proposal(
+        "_l1_start",
+        "_l1_step",
+        lambda s, h, w: min(max(s, 3) + 1 - max(s, 3) % 2, h, w),
+        lambda c: 5 + c,  # as L2: two window positions, the orientation, C signs
+    ),
 }
 
 #: Square's hyperparameters, declared once (validation, presets, CLI, tests read them).
@@ -94,13 +101,16 @@ def square(
     generator: torch.Generator | None = None,
     seeds: torch.Tensor | None = None,
 ) -> AttackResult:
-    """Square Attack (L∞ or L2): random search over square windows, model scores only.
+    """Square Attack (L∞, L2 or L1): random search over square windows, model scores only.
 
     L∞: starts from vertical stripes (``±eps`` per column and channel) and each query sets
     one random ``s × s`` window to ``±eps`` per channel (a ``±2·eps`` change, projected
     back into the ball). L2: starts from a grid of windows each holding a centred pattern
     of two halves with opposite signs, and each query moves the perturbation mass of a
     second window into a first one, refilled with a fresh pattern, keeping ``‖δ‖₂ = eps``.
+    L1: the L2 scheme with L1 masses and a more peaked pattern (unit L1 norm), each
+    proposal brought back by the exact projection onto the L1 ball ∩ [0, 1], as in the
+    reference code (the start is the grid of patterns, unscaled, projected).
     ``s`` is ``round(sqrt(p · H · W))`` (at least 1, or 3 and odd for L2), where ``p``
     starts at ``p_init`` and halves after iterations 10, 50, 200, 500, 1000, 2000, 4000,
     6000 and 8000 (the paper's schedule for 10 000 queries, which AutoAttack uses as is
@@ -116,7 +126,7 @@ def square(
         x: ``(N, C, H, W)`` clean images in [0, 1]. Not modified.
         y: ``(N,)`` true labels.
         eps: Radius of the ball (absolute pixel units), ``>= 0``.
-        norm: ``"linf"`` or ``"l2"``.
+        norm: ``"linf"``, ``"l2"`` or ``"l1"``.
         queries: Random-search iterations per sample, ``>= 1``; each is one model query
             on that sample, after one query for the starting point (at most
             ``queries + 1`` per sample, as in the reference implementation).
@@ -211,29 +221,30 @@ def _signs(u: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _half_pattern(a: int, b: int) -> torch.Tensor:
-    """``(a, b)`` float64: mass ``Σ_{k ≥ r} 1/(k+1)²`` at Chebyshev distance ``r`` from the
-    centre ``(a // 2, b // 2)`` (nested rectangles), unit L2 norm."""
+def _half_pattern(a: int, b: int, p: int = 2) -> torch.Tensor:
+    """``(a, b)`` float64: mass ``Σ_{k ≥ r} 1/(k+1)^q`` at Chebyshev distance ``r`` from the
+    centre ``(a // 2, b // 2)`` (nested rectangles), unit Lp norm; ``q = 2`` for ``p = 2``
+    and ``q = 4`` for ``p = 1`` (the L1 pattern is more peaked, as in the reference code)."""
     rows = (torch.arange(a) - a // 2).abs()
     cols = (torch.arange(b) - b // 2).abs()
     r = torch.maximum(rows[:, None], cols[None, :])
     levels = max(a // 2, b // 2) + 1
-    weights = 1.0 / torch.arange(1, levels + 1, dtype=torch.float64) ** 2
-    tail = weights.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{k ≥ r} 1/(k+1)²
+    weights = 1.0 / torch.arange(1, levels + 1, dtype=torch.float64) ** (6 - 2 * p)
+    tail = weights.flip(0).cumsum(0).flip(0)  # tail[r] = Σ_{k ≥ r} 1/(k+1)^q
     out = tail[r]
-    return out / out.norm()
+    return out / out.norm(p=p)
 
 
 @functools.lru_cache(maxsize=64)
-def _l2_pattern(s: int) -> torch.Tensor:
-    """``(s, s)`` float64: upper half positive, lower half negative, unit L2 norm."""
-    out = torch.cat([_half_pattern(s // 2, s), -_half_pattern(s - s // 2, s)])
-    return out / out.norm()
+def _l2_pattern(s: int, p: int = 2) -> torch.Tensor:
+    """``(s, s)`` float64: upper half positive, lower half negative, unit Lp norm."""
+    out = torch.cat([_half_pattern(s // 2, s, p), -_half_pattern(s - s // 2, s, p)])
+    return out / out.norm(p=p)
 
 
-def _patterns(s: int, flip: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(M, 1, s, s)``: the L2 pattern, transposed where ``flip`` (M,) is true."""
-    pat = _l2_pattern(s).to(device=like.device, dtype=like.dtype)
+def _patterns(s: int, flip: torch.Tensor, like: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """``(M, 1, s, s)``: the Lp pattern, transposed where ``flip`` (M,) is true."""
+    pat = _l2_pattern(s, p).to(device=like.device, dtype=like.dtype)
     return torch.where(flip[:, None, None, None], pat.t(), pat)
 
 
@@ -277,6 +288,15 @@ class _Search:
         return clip_unit(xs + self.eps * _signs(u).reshape(m, c, 1, w))
 
     def _l2_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        return clip_unit(xs + self.eps * _unit_l2(self._grid(xs, gens, 2)))
+
+    def _l1_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        # The reference code projects the unscaled grid (unit L1 per window and channel)
+        # onto the ball ∩ box: far outside the ball, it keeps the windows' peaks.
+        return self.threat.project(xs + self._grid(xs, gens, 1), xs)
+
+    def _grid(self, xs: torch.Tensor, gens: list[torch.Generator], p: int) -> torch.Tensor:
+        """A grid of windows of side ``H // 5``, each a random-signed Lp pattern per channel."""
         m, c, h, w = xs.shape
         s = max(h // 5, 1)
         first = (h - 5 * s) // 2
@@ -288,10 +308,10 @@ class _Search:
         u = _draws(gens, len(corners) * (1 + c), xs.device).to(xs.dtype).reshape(m, -1, 1 + c)
         delta = torch.zeros_like(xs)
         for k, (top, left) in enumerate(corners):
-            pat = _patterns(s, u[:, k, 0] < 0.5, xs) * _signs(u[:, k, 1:])[:, :, None, None]
+            pat = _patterns(s, u[:, k, 0] < 0.5, xs, p) * _signs(u[:, k, 1:])[:, :, None, None]
             win = delta[:, :, top : top + s, left : left + s]  # may be cut at the border
             win += pat[:, :, : win.shape[2], : win.shape[3]]
-        return clip_unit(xs + self.eps * _unit_l2(delta))
+        return delta
 
     def run(
         self,
@@ -367,3 +387,29 @@ class _Search:
         delta = delta.masked_fill(mask2, 0.0)
         delta.permute(0, 2, 3, 1)[batch, rows, cols] = new.permute(0, 2, 3, 1)
         return clip_unit(xa + self.eps * _unit_l2(delta))
+
+    def _l1_step(self, xa: torch.Tensor, xb: torch.Tensor, u: torch.Tensor, s: int) -> torch.Tensor:
+        """One L1 proposal per sample from its ``5 + C`` uniforms ``u`` ``(M, 5 + C)``."""
+        # The L2 step with L1 masses: window 1 gets a fresh pattern plus its old content,
+        # scaled per channel to (unused budget / C + what both windows held) · C as in the
+        # reference code (more than the ball holds when C > 1), window 2 is emptied, and
+        # the exact projection onto the ball ∩ box brings the image back.
+        m, c, h, w = xa.shape
+        top, left = _offsets(u[:, 0], h, s), _offsets(u[:, 1], w, s)
+        mask1 = _window_mask(top, left, s, h, w)
+        mask2 = _window_mask(_offsets(u[:, 2], h, s), _offsets(u[:, 3], w, s), s, h, w)
+        delta = xb - xa
+        in_first = (delta * mask1).abs().sum(dim=(2, 3), keepdim=True)
+        in_both = (delta * (mask1 | mask2)).abs().sum(dim=(2, 3), keepdim=True)
+        total = self.threat.norm(delta).reshape(-1, 1, 1, 1)
+        span = torch.arange(s, device=xa.device)
+        rows, cols = (top[:, None] + span)[:, :, None], (left[:, None] + span)[:, None, :]
+        batch = torch.arange(m, device=xa.device)[:, None, None]
+        old = delta.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
+        new = _patterns(s, u[:, 4] < 0.5, xa, 1) * _signs(u[:, 5:])[:, :, None, None]
+        new = new + old / (in_first + 1e-12)
+        budget = ((self.eps - total).clamp_min(0) / c + in_both) * c
+        new = new / (new.abs().sum(dim=(2, 3), keepdim=True) + 1e-12) * budget
+        delta = delta.masked_fill(mask2, 0.0)
+        delta.permute(0, 2, 3, 1)[batch, rows, cols] = new.permute(0, 2, 3, 1)
+        return self.threat.project(xa + delta, xa)
