@@ -18,3 +18,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits(request):
+    """``(model, x, y)``: the trained digits CNN and its held-out set (tests/digits.py).
+
+    Modules that need another view of it (only the correctly classified images, say)
+    define their own ``digits``, which overrides this one.
+    """
+    from advtune._digits import digits_model, digits_test_set
+
+    model = digits_model(getattr(request.config, "cache", None))
+    x, y = digits_test_set()
+    return model, x, y

@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-from digits import digits_model, digits_test_set
 from torch import nn
 
 import advtune
@@ -23,13 +22,6 @@ from advtune.attacks import _masking
 from advtune.attacks.apgd import checkpoints, dlr_loss
 
 F64 = torch.float64
-
-
-@pytest.fixture(scope="session")
-def digits(request):
-    model = digits_model(getattr(request.config, "cache", None))
-    x, y = digits_test_set()
-    return model, x, y
 
 
 def official():

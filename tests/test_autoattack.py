@@ -14,7 +14,6 @@ import warnings
 
 import pytest
 import torch
-from digits import digits_model, digits_test_set
 from fakes import linear_classifier, load_script
 from torch import nn
 
@@ -34,13 +33,6 @@ def tiny():
     with torch.no_grad():
         y = net(x).argmax(1)
     return net, x, y, torch.arange(12)
-
-
-@pytest.fixture(scope="session")
-def digits(request):
-    model = digits_model(getattr(request.config, "cache", None))
-    x, y = digits_test_set()
-    return model, x, y
 
 
 # --------------------------------------------------------------------------- stand-ins

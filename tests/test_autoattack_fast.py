@@ -7,7 +7,6 @@ import importlib
 
 import pytest
 import torch
-from digits import digits_model, digits_test_set
 from fakes import linear_classifier, spy_autoattack_components
 
 from advtune import attacks
@@ -17,13 +16,6 @@ from advtune.attacks.autoattack_fast import FAST, apgd_malt, malt_targets
 
 aa_module = importlib.import_module("advtune.attacks.autoattack")
 F64 = torch.float64
-
-
-@pytest.fixture(scope="module")
-def digits(request):
-    model = digits_model(getattr(request.config, "cache", None))
-    x, y = digits_test_set()
-    return model, x, y
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

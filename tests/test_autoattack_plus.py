@@ -7,20 +7,12 @@ import importlib
 
 import pytest
 import torch
-from digits import digits_model, digits_test_set
 from fakes import linear_classifier, spy_autoattack_components
 
 from advtune import attacks
 
 # The module (``advtune.attacks.autoattack`` the attribute is the function).
 aa_module = importlib.import_module("advtune.attacks.autoattack")
-
-
-@pytest.fixture(scope="module")
-def digits(request):
-    model = digits_model(getattr(request.config, "cache", None))
-    x, y = digits_test_set()
-    return model, x, y
 
 
 def test_plus_runs_the_official_components_with_their_budgets(monkeypatch):

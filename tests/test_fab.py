@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from digits import digits_model, digits_test_set
 from fakes import CountingModel, linear_classifier
 from torch import nn
 
@@ -242,11 +241,6 @@ def test_bad_arguments_name_the_value(small, kw, pattern):
 
 
 # --------------------------------------------------------------------------- official oracle
-
-
-@pytest.fixture(scope="module")
-def digits(request):
-    return digits_model(getattr(request.config, "cache", None)), *digits_test_set()
 
 
 @pytest.mark.slow

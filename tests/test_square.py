@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from digits import digits_model, digits_test_set
 from fakes import CountingModel, linear_classifier
 from torch import nn
 
@@ -138,11 +137,6 @@ def test_bad_arguments_name_the_value(small, kw, pattern):
 
 
 # --------------------------------------------------------------------------- official oracle
-
-
-@pytest.fixture(scope="module")
-def digits(request):
-    return digits_model(getattr(request.config, "cache", None)), *digits_test_set()
 
 
 @pytest.mark.slow
