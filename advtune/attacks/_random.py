@@ -23,6 +23,7 @@ __all__ = [
     "uniform_l2_ball",
     "uniform_l2_radius",
     "uniform_linf_ball",
+    "uniforms",
 ]
 
 # Stream ids: independent random sequences derived from one per-sample seed.
@@ -86,6 +87,15 @@ def sample_generators(seeds: torch.Tensor, stream: int) -> list[torch.Generator]
         g.manual_seed(_splitmix64((s & _MASK64) ^ _splitmix64(stream)))
         gens.append(g)
     return gens
+
+
+def uniforms(
+    gens: list[torch.Generator], k: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``(M, k)`` float64 uniforms in [0, 1), row *i* from ``gens[i]`` (drawn on the CPU,
+    so each sample's numbers do not depend on the device or on the other samples)."""
+    rows = [torch.rand(k, generator=g, dtype=torch.float64) for g in gens]
+    return torch.stack(rows).to(device)
 
 
 def uniform_linf_ball(

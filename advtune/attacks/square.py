@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from advtune.attacks._loop import EPS
-from advtune.attacks._random import STREAM_START, resolve_seeds, sample_generators
+from advtune.attacks._random import STREAM_START, resolve_seeds, sample_generators, uniforms
 from advtune.attacks._registry import Param, register
 from advtune.attacks._result import (
     LOSSES,
@@ -196,12 +196,6 @@ def p_schedule(i: int, *, queries: int | None, p_init: float) -> float:
 _BLOCK = 128
 
 
-def _draws(gens: list[torch.Generator], k: int, device: torch.device) -> torch.Tensor:
-    """``(M, k)`` float64 uniforms in [0, 1), row *i* from ``gens[i]`` (drawn on the CPU)."""
-    rows = [torch.rand(k, generator=g, dtype=torch.float64) for g in gens]
-    return torch.stack(rows).to(device)
-
-
 def _offsets(u: torch.Tensor, size: int, s: int) -> torch.Tensor:
     """Window corners uniform in ``{0, …, size − s}`` from uniforms ``u``."""
     return (u * (size - s + 1)).floor().long().clamp_max(size - s)
@@ -284,7 +278,7 @@ class _Search:
     def _linf_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
         m, c, _, w = xs.shape
         # Vertical stripes: one sign per column and channel.
-        u = _draws(gens, c * w, xs.device).to(xs.dtype)
+        u = uniforms(gens, c * w, xs.device).to(xs.dtype)
         return clip_unit(xs + self.eps * _signs(u).reshape(m, c, 1, w))
 
     def _l2_start(self, xs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
@@ -305,7 +299,7 @@ class _Search:
             for top in range(first, first + (h // s) * s, s)
             for left in range(first, first + (w // s) * s, s)
         ]
-        u = _draws(gens, len(corners) * (1 + c), xs.device).to(xs.dtype).reshape(m, -1, 1 + c)
+        u = uniforms(gens, len(corners) * (1 + c), xs.device).to(xs.dtype).reshape(m, -1, 1 + c)
         delta = torch.zeros_like(xs)
         for k, (top, left) in enumerate(corners):
             pat = _patterns(s, u[:, k, 0] < 0.5, xs, p) * _signs(u[:, k, 1:])[:, :, None, None]
@@ -336,7 +330,7 @@ class _Search:
             if i % _BLOCK == 0:
                 depth = min(_BLOCK, queries - i)
                 cur_gens = [gens[j] for j in active.tolist()]
-                block = _draws(cur_gens, depth * k, xs.device).to(xs.dtype)
+                block = uniforms(cur_gens, depth * k, xs.device).to(xs.dtype)
                 block = block.view(active.numel(), depth, k)
                 rows = torch.arange(active.numel(), device=xs.device)
             u = block[rows, i % _BLOCK]

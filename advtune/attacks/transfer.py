@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from advtune.attacks._loop import EPS, steepest_ascent, step_size_param
-from advtune.attacks._random import sample_generators, uniform_linf_ball
+from advtune.attacks._random import sample_generators, uniform_linf_ball, uniforms
 from advtune.attacks._registry import Param, register
 from advtune.attacks._result import AttackResult, ModelGuard, ce_loss
 from advtune.attacks.threat import Linf
@@ -301,11 +301,8 @@ class _Estimator:
         return out.to(active.device)
 
     def _draws(self, active: torch.Tensor) -> torch.Tensor:
-        """``(n, 4)`` DI uniforms for one copy, from each sample's own stream."""
-        rows = [
-            torch.rand(4, dtype=torch.float64, generator=self.di_gens[i]) for i in active.tolist()
-        ]
-        return torch.stack(rows)
+        """``(n, 4)`` DI uniforms for one copy, from each sample's own stream (CPU)."""
+        return uniforms([self.di_gens[i] for i in active.tolist()], 4)
 
     def _copies_grad(
         self,
