@@ -33,7 +33,7 @@ from advtune.attacks._result import (
     finish,
     success_of,
 )
-from advtune.attacks.autoattack_fast import FAST, FAST_COMPONENTS
+from advtune.attacks.autoattack_fast import FAST, FAST_COMPONENTS, FAST_NORMS
 from advtune.attacks.threat import threat_model
 from advtune.errors import UserError, suggest
 
@@ -305,6 +305,13 @@ def autoattack(
     y, target = check_inputs(model, x, y, target, generator=generator, seeds=seeds)
     threat = threat_model(norm, eps)
     version, plan = _plan(version, attacks)
+    if version == "fast" and threat.name not in FAST_NORMS:
+        # Its budgets were measured against standard for these norms only; for L1 the
+        # official version needs restarts and the eps schedule fast does not have.
+        raise ValueError(
+            f"version 'fast' is for norm {' or '.join(FAST_NORMS)}, got norm {threat.name!r}; "
+            "use version='standard'"
+        )
     n = x.shape[0]
     per_sample = resolve_seeds(n, generator=generator, seeds=seeds).to(x.device)
 

@@ -28,8 +28,9 @@ from torch import nn
 
 from advtune.attacks._registry import NORMS, Param, register
 from advtune.attacks._result import AttackResult, ModelGuard
+from advtune.attacks.threat import ThreatModel, threat_model
 
-__all__ = ["FAST", "FAST_COMPONENTS", "apgd_malt", "malt_targets"]
+__all__ = ["FAST", "FAST_COMPONENTS", "FAST_NORMS", "apgd_malt", "malt_targets"]
 
 #: The fast version's components: label → (registry name, fixed keyword arguments).
 FAST_COMPONENTS: dict[str, tuple[str, dict[str, object]]] = {
@@ -44,6 +45,9 @@ FAST: dict[str, dict[str, int]] = {
     "apgd-malt": {"steps": 100, "n_targets": 2, "restarts": 1, "eot_iter": 1},
     "square": {"queries": 1000},
 }
+
+#: The norms the fast version was measured on (against standard; docs/autoattack.md).
+FAST_NORMS = ("linf", "l2")
 
 #: Classes scored per image (the top logits other than the true class); MALT scores the
 #: top 100 on ImageNet. Each costs one backward pass.
@@ -67,7 +71,7 @@ def malt_targets(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    norm: str,
+    norm: str | ThreatModel,
     n_targets: int,
     candidates: int = _CANDIDATES,
 ) -> torch.Tensor:
@@ -83,7 +87,8 @@ def malt_targets(
         guard: The attack's :class:`ModelGuard` (counts the calls).
         x: ``(N, C, H, W)`` images in the model's dtype.
         y: ``(N,)`` true labels.
-        norm: ``"linf"`` (the gradient's L1 norm) or ``"l2"``.
+        norm: ``"linf"``, ``"l2"``, ``"l1"`` or a threat object (its dual norm of the
+            gradient difference is the denominator).
         n_targets: Targets returned per image (at most ``K − 1``).
         candidates: Classes scored per image (at most ``K − 1``; at least ``n_targets``).
 
@@ -109,9 +114,11 @@ def malt_targets(
     for _ in range(1 + m):
         guard.count(n, gradient=True)
     g_y = grads[0]
-    dual = 1 if norm == "linf" else 2
+    # The threat object's dual norm: ``norm`` may be a name or (inside the ensemble) the
+    # object itself, so comparing it with a string would silently pick the wrong one.
+    threat = threat_model(norm)
     gap = z.gather(1, y[:, None]) - z.gather(1, cand)  # (N, m), > 0 while correct
-    size = torch.stack([(g_y - g).norm(p=dual, dim=1) for g in grads[1:]], dim=1)
+    size = torch.stack([threat.dual_norm(g_y - g) for g in grads[1:]], dim=1)
     score = gap / size.clamp_min(1e-30)
     # NaN scores (non-finite logits) go last; ties keep the logit order (stable sort).
     score = torch.nan_to_num(score, nan=float("inf"))
