@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import inspect
 import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -122,6 +123,28 @@ class Communicator:
     def close(self) -> None:
         """Leave the process group (nothing to leave here)."""
 
+    def describe(self) -> dict[str, Any] | None:
+        """The job's shape for ``report.json`` (``world_size``, ``backend``); ``None``
+        for a single process, whose report has no ``distributed`` block."""
+        return None
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` run by rank 0 only, its result on every rank.
+
+        A :class:`~advtune.errors.UserError` of rank 0's is raised on every rank, so all
+        ranks stop with the same one line (here: ``fn``'s own error).
+        """
+        return fn()
+
+    def require_same(self, value: Any, *, label: str, what: str, hint: str) -> None:
+        """Raise a :class:`~advtune.errors.UserError` unless every rank has ``value``.
+
+        Args:
+            value: compared between ranks (picklable, with ``==``).
+            label: this rank's value for a person (``"5 images"``), shown per rank.
+            what, hint: the message: ``"the ranks list different {what} (...); {hint}"``.
+        """
+
 
 def _collective(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     try:
@@ -171,6 +194,27 @@ class TorchCommunicator(Communicator):
 
     def barrier(self) -> None:
         self.broadcast(None)
+
+    def describe(self) -> dict[str, Any] | None:
+        return {"world_size": self.world_size, "backend": self.backend}
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        value = message = None
+        if self.is_main:
+            try:
+                value = fn()
+            except UserError as e:  # the others wait in broadcast: tell them, all raise
+                message = str(e)
+        value, message = self.broadcast((value, message))
+        if message is not None:
+            raise UserError(message)
+        return value
+
+    def require_same(self, value: Any, *, label: str, what: str, hint: str) -> None:
+        seen = self.all_gather((value, label, socket.gethostname()))
+        if len({repr(v) for v, _, _ in seen}) > 1:
+            shown = ", ".join(f"rank {r} ({host}): {lab}" for r, (_, lab, host) in enumerate(seen))
+            raise UserError(f"the ranks list different {what} ({shown}); {hint}")
 
     def close(self) -> None:
         shutdown()

@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -492,6 +492,48 @@ class OutputDir:
             old = []
         _remove_adv(self.root, old)
         for path in (self.manifest_path, self.report_path, self.plot_path):
+            path.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ shards
+
+    def shard_writer(self, rank: int, world_size: int) -> ManifestWriter:
+        """Where a rank's rows go, batch by batch: ``manifest.csv`` itself for a single
+        process, ``manifest.rank{r}-of-{W}.csv`` for a torchrun rank (what survives a
+        kill -9 of that rank; :meth:`collect_rows` folds them in)."""
+        if world_size == 1:
+            return self.writer
+        return ManifestWriter(
+            self.root / partial_manifest_name(rank, world_size), keep_sorted=False
+        )
+
+    def collect_rows(
+        self, shards: Sequence[Sequence[Mapping[str, Any]]], *, world_size: int, complete: bool
+    ) -> list[dict[str, Any]]:
+        """Rank 0: every row of the run, sorted, also written as ``manifest.csv``.
+
+        Args:
+            shards: the rows each reachable rank sent (none for a single process: its
+                rows are in :attr:`writer` already).
+            world_size: the number of ranks.
+            complete: every rank sent its rows; otherwise the partial manifests on disk
+                are the record of the ranks that could not be reached.
+        """
+        if world_size == 1:
+            return self.writer.rows
+        groups = [self.writer.rows, *shards]
+        if not complete:
+            for path in partial_manifests(self.root):
+                try:
+                    groups.append(read_manifest(path))
+                except ValueError:
+                    warnings.warn(f"ignoring unreadable partial manifest {path}", stacklevel=2)
+        rows = merge_rows(groups, source=str(self.root))
+        atomic_write_text(self.manifest_path, format_manifest(rows))
+        return rows
+
+    def drop_partial_manifests(self) -> None:
+        """Remove the per-rank manifests once ``manifest.csv`` holds every rank's rows."""
+        for path in partial_manifests(self.root):
             path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ writes

@@ -1,19 +1,27 @@
-"""The run: one loop for one process or every rank of a torchrun job.
+"""The run session: one loop for one process or every rank of a torchrun job.
 
 :func:`run` is the one entry point. Every process calls it with the same arguments and
-its :class:`~advtune.run.comm.Communicator` (the single-process one by default):
+its :class:`~advtune.run.comm.Communicator` (the single-process one by default), and the
+session goes through four steps, each a method of :class:`_Session`, in this order:
 
-1. the ranks check they list the same dataset;
-2. rank 0 locks and prepares the output folder (resume check, ``--overwrite``, folding in
-   per-rank manifests a killed torchrun run left) and tells the others what is done;
-3. rank *r* attacks ``remaining[r::W]`` (no padding across ranks: no duplicates, no
-   gaps), saving after every batch: a single process straight into ``manifest.csv``, a
-   torchrun rank into ``manifest.rank{r}-of-{W}.csv`` (what survives a kill -9);
-4. after every batch the ranks sum a few counts (:meth:`Communicator.sum`): the global
-   progress, and a rank's failure is known to all at the next batch;
-5. rank 0 gathers the rows and timings in memory, merges them (reading a rank's
-   manifest from disk only when that rank could not be reached), writes ``manifest.csv``,
-   computes the metrics once from the rows and writes ``report.json``.
+1. :meth:`~_Session.prepare_outputs` — the ranks check they list the same dataset; rank
+   0 locks the output folder and prepares it (resume check, ``--overwrite``, folding in
+   per-rank manifests a killed torchrun run left), writes a ``running`` report, and every
+   rank learns which images are done.
+2. :meth:`~_Session.attack_shard` — rank *r* attacks ``remaining[r::W]`` (no padding
+   across ranks: no duplicates, no gaps), saving after every batch
+   (:meth:`OutputDir.shard_writer`); after every batch the ranks sum a few counts (the
+   global progress; a rank's failure is known to all at the next batch). It never
+   raises: what went wrong is kept in the :class:`_Shard` it returns.
+3. :meth:`~_Session.gather` — rank 0 receives every rank's rows, timings and checks.
+4. :meth:`~_Session.finish_report` — rank 0 merges the rows
+   (:meth:`OutputDir.collect_rows`), computes the metrics once and writes
+   ``report.json``; then :meth:`_Shard.raise_failure` re-raises this process's failure
+   or names the rank that failed.
+
+Everything that differs between one process and N lives in the communicator
+(``on_main``, ``require_same``, ``describe``; collectives that are the identity for a
+single process) and in the output folder's shard layout, not in these steps.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -41,13 +50,7 @@ from advtune.run.comm import (
 )
 from advtune.run.loop import RunStats, attack_loader, model_device
 from advtune.run.metrics import success_counts
-from advtune.run.outputs import (
-    OutputDir,
-    adv_relpaths,
-    merge_rows,
-    partial_manifest_name,
-    partial_manifests,
-)
+from advtune.run.outputs import OutputDir, adv_relpaths
 from advtune.run.report import (
     aggregate_checks,
     build_report,
@@ -59,9 +62,325 @@ from advtune.run.report import (
     plural,
 )
 from advtune.run.spec import RunSpec
-from advtune.storage import ManifestWriter, atomic_write_text, format_manifest, read_manifest
+from advtune.storage import ManifestWriter
 
 __all__ = ["run"]
+
+
+def run(
+    spec: RunSpec,
+    model: nn.Module,
+    dataset: Any,
+    *,
+    comm: Communicator | None = None,
+    callbacks: Sequence[RunCallbacks] = (),
+) -> dict[str, Any] | None:
+    """Attack ``dataset`` as ``spec`` says, write the outputs and return the report.
+
+    Args:
+        spec: the run specification.
+        model: classifier on [0, 1] images (an ``advtune.models.ImageClassifier``), on
+            ``comm.device``.
+        dataset: an ``advtune.data.ImageDataset`` (``paths``, ``labeled``, ``skipped``);
+            every rank must list the same one.
+        comm: :func:`advtune.run.comm.init_comm`'s communicator; default: a single
+            process on the model's device.
+        callbacks: progress bars, hooks (:class:`~advtune.run.callbacks.RunCallbacks`).
+
+    Returns:
+        The report (also in ``out_dir/report.json``) on rank 0; ``None`` on other ranks.
+
+    Raises:
+        UserError: bad output folder or settings (the same on every rank); a model
+            whose every clean logit is non-finite.
+        DistributedRunError: another rank failed; this rank stopped after its current
+            batch (its rows are saved; rerun with ``--resume``).
+        KeyboardInterrupt, Exception: this process's own failure, re-raised after the
+            results so far were saved and the report marked ``interrupted``/``failed``.
+    """
+    if comm is None:
+        comm = Communicator(str(model_device(model)))
+    session = _Session(spec, model, dataset, comm, callbacks)
+    with session.prepare_outputs():
+        result = session.attack_shard()
+        gathered = session.gather(result)
+        try:
+            report = session.finish_report(result, gathered)
+        finally:
+            if result.comm_error is None:
+                # Nobody exits before rank 0 has written the merged files (torchrun stops
+                # the other ranks as soon as one exits with an error).
+                with contextlib.suppress(CommunicationError):
+                    comm.barrier()
+    result.raise_failure(comm, str(session.out.root))
+    if report is not None:
+        _check_finite(report)
+    return report
+
+
+@dataclass
+class _Shard:
+    """What one rank's attack left: its writer, stats and checks, and what went wrong."""
+
+    writer: ManifestWriter
+    stats: RunStats
+    checks: list[dict[str, Any]]
+    error: BaseException | None = None
+    comm_error: CommunicationError | None = None
+    failed: frozenset[int] = frozenset()  # ranks that failed (known after the drain)
+
+    def keep(self, error: BaseException) -> None:
+        """Remember ``error``; the first one is the cause."""
+        self.error = self.error or error
+        if isinstance(error, CommunicationError):
+            self.comm_error = self.comm_error or error
+
+    def raise_failure(self, comm: Communicator, root: str) -> None:
+        """This rank's own failure re-raised, or the failed ranks named; nothing if none."""
+        error = self.error
+        if self.comm_error is not None:
+            raise DistributedRunError(
+                f"rank {comm.rank} of {comm.world_size} lost contact with the other ranks "
+                f"({self.comm_error}); one probably crashed (see its error). Finished batches "
+                f"are saved in {root!r}: rerun the same command with --resume to continue"
+            ) from error
+        if error is not None and not isinstance(error, PeerFailed):
+            raise error
+        if self.failed or isinstance(error, PeerFailed):
+            others = sorted(self.failed - {comm.rank})
+            many = len(others) > 1
+            raise DistributedRunError(
+                f"rank{'s' if many else ''} {', '.join(map(str, others))} of "
+                f"{comm.world_size} failed (see {'their errors' if many else 'its error'}); "
+                f"rank {comm.rank} stopped after its current batch. Finished batches are "
+                f"saved in {root!r}: rerun the same command with --resume to continue"
+            )
+
+
+class _Session:
+    """One run on one rank: the four steps of :func:`run`, in the order they run."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        model: nn.Module,
+        dataset: Any,
+        comm: Communicator,
+        callbacks: Sequence[RunCallbacks],
+    ) -> None:
+        self.spec, self.model, self.dataset = spec, model, dataset
+        self.comm, self.callbacks = comm, callbacks
+        self.device = torch.device(comm.device)
+        self.key = spec.resume_key(dataset)
+        self.out = OutputDir(spec.out_dir)
+        self.paths = list(dataset.paths)
+        self.done: set[str] = set()
+        # Never pad beyond the dataset: 5 images with --batch-size 32 are attacked as 5.
+        # The dataset's size (not what is left) keeps the call shape, and so the results,
+        # the same on --resume and on every rank.
+        self.batch_size = max(1, min(spec.batch_size, len(self.paths)))
+        self.settings: dict[str, Any] = {
+            **dict(spec.settings),
+            "batch_size": spec.batch_size,
+            "num_workers": spec.num_workers,
+            "final_batch_size": self.batch_size,
+            "oom_backoffs": 0,
+            **(comm.describe() or {}),
+        }
+        self.convbn = convbn_info(model)
+
+    # ------------------------------------------------------------ 1. prepare outputs
+
+    @contextlib.contextmanager
+    def prepare_outputs(self) -> Iterator[None]:
+        """Lock and prepare the folder (rank 0), learn what is done; unlock at the end."""
+        info = self.key["data"]
+        self.comm.require_same(
+            (info["num_images"], info["paths_sha256"]),
+            label=plural(info["num_images"], "image"),
+            what="datasets",
+            hint="check --data on every node",
+        )
+        self.done = set(self.comm.on_main(self._start_folder))
+        try:
+            if self.comm.is_main and self.out.previous_report is None:
+                # Written first, so a run killed at any point can be resumed and checked.
+                self.out.write_report(self._report(self.out.writer.rows, "running", None, []))
+            # Nobody writes before rank 0 has prepared the folder (it deletes partial files).
+            self.comm.barrier()
+            yield
+        finally:
+            self.out.unlock()
+
+    def _start_folder(self) -> list[str]:
+        self.out.lock()
+        try:
+            self.out.start(self.key, resume=self.spec.resume, overwrite=self.spec.overwrite)
+        except BaseException:
+            self.out.unlock()
+            raise
+        return sorted(self.out.writer.done_paths())
+
+    # ------------------------------------------------------------ 2. attack the shard
+
+    def attack_shard(self) -> _Shard:
+        """Attack this rank's share of what is left, saving after every batch."""
+        from advtune.data import make_loader
+
+        spec, comm = self.spec, self.comm
+        remaining = [i for i, path in enumerate(self.paths) if path not in self.done]
+        mine = shard(remaining, comm.rank, comm.world_size)
+        writer = self.out.shard_writer(comm.rank, comm.world_size)
+        result = _Shard(writer, RunStats(), [])
+        rounds = _Rounds(comm, self.callbacks, len(remaining))
+        eps_count = len(spec.attack.eps_values())
+        targeted = spec.attack.targeted is not None
+        for cb in self.callbacks:
+            cb.on_start(total=len(remaining), desc=spec.attack.attack, is_main=comm.is_main)
+
+        def save(batch: BatchOutput) -> None:
+            with signals.deferred():  # a signal waits until the batch is on disk
+                if spec.save_images:
+                    self.out.save_images(batch)
+                writer.extend(batch.rows)
+                result.checks.extend(batch.checks)
+
+        try:
+            if mine:
+                # A list of indices is a valid sampler (DataLoader iterates it).
+                loader = make_loader(
+                    self.dataset, batch_size=self.batch_size, num_workers=spec.num_workers,
+                    device=str(self.device), sampler=mine,  # type: ignore[arg-type]
+                )  # fmt: skip
+                with warnings.catch_warnings():
+                    # Per batch they would repeat: aggregated into report.json's checks and
+                    # warned once each at the end (check_warnings).
+                    warnings.simplefilter("ignore", GradientMaskingWarning)
+                    attack_loader(
+                        self.model, loader, spec.attack, sink=save, device=self.device,
+                        adv_paths=adv_relpaths(self.paths) if spec.save_images else None,
+                        stats=result.stats, pad_to=self.batch_size,
+                        on_batch=lambda o, b: rounds.batch_done(
+                            o, len(o.rows) // eps_count, b, targeted=targeted
+                        ),
+                    )  # fmt: skip
+        except BaseException as e:
+            result.keep(e)
+        try:
+            with signals.deferred():
+                writer.close()  # sorted on disk again if a batch came out of order
+        except BaseException as e:
+            result.keep(e)
+        if result.comm_error is None:
+            try:
+                own = result.error is not None and not isinstance(result.error, PeerFailed)
+                result.failed = frozenset(rounds.finish(failed=own))
+            except BaseException as e:  # a lost peer, or a second Ctrl-C while draining
+                result.keep(e)
+        for cb in self.callbacks:
+            cb.on_end()
+        return result
+
+    # ------------------------------------------------------------ 3. gather
+
+    def gather(self, result: _Shard) -> list[dict[str, Any]] | None:
+        """Every rank's payload on rank 0 (``None`` elsewhere, or when a rank was lost)."""
+        payload = self._payload(result)
+        if result.comm_error is not None:
+            return [payload] if self.comm.is_main else None
+        try:
+            gathered = self.comm.gather(payload)
+        except CommunicationError as e:
+            result.keep(e)
+            return [payload] if self.comm.is_main else None
+        return gathered
+
+    def _payload(self, result: _Shard) -> dict[str, Any]:
+        return {
+            # Rank 0's own rows are in its folder's writer; a single process has no other.
+            "rows": result.writer.rows if self.comm.is_distributed else [],
+            "summary": _rank_summary(self.comm, result.stats, result.error),
+            "skipped": list(getattr(self.dataset, "skipped", [])),
+            "checks": aggregate_checks(result.checks),
+        }
+
+    # ------------------------------------------------------------ 4. finish the report
+
+    def finish_report(
+        self, result: _Shard, payloads: list[dict[str, Any]] | None
+    ) -> dict[str, Any] | None:
+        """Rank 0: merge the rows, write ``manifest.csv``, ``report.json`` and the plot."""
+        if not self.comm.is_main or payloads is None:
+            return None
+        out, spec = self.out, self.spec
+        complete = result.comm_error is None
+        rows = out.collect_rows(
+            [p["rows"] for p in payloads], world_size=self.comm.world_size, complete=complete
+        )
+        order = {p: i for i, p in enumerate(self.paths)}
+        skipped = sorted(
+            {tuple(s) for p in payloads for s in p["skipped"]}, key=lambda s: order.get(s[0], -1)
+        )
+        ranks = sorted((p["summary"] for p in payloads), key=lambda s: s["rank"])
+        stats = _merged_stats(ranks)
+        statuses = {r["status"] for r in ranks}
+        if result.error is None and not result.failed and complete:
+            status = "complete"
+        elif statuses <= {"complete", "interrupted", "stopped"} and "interrupted" in statuses:
+            status = "interrupted"
+        else:
+            status = "failed"
+        checks = merge_checks(*(p["checks"] for p in payloads))
+        final = self._report(rows, status, stats, skipped, ranks, checks=checks)
+        for line in check_warnings(final["checks"]):
+            warnings.warn(line, GradientMaskingWarning, stacklevel=2)
+        final["settings"]["oom_backoffs"] = stats.oom_backoffs
+        final["settings"]["final_batch_size"] = stats.final_batch_size or final["settings"].get(
+            "final_batch_size"
+        )
+        if not complete and final.get("distributed"):
+            final["distributed"]["note"] = "other ranks unreachable: only rank 0's timings"
+        metrics = final["metrics"] or {}
+        if status == "complete" and metrics and metrics.get("mean_clean_confidence") is None:
+            final["status"] = status = "failed"  # every clean logit non-finite: _check_finite
+        if status == "complete" and spec.want_plot and metrics:
+            name = final["model"].get("name") or ""
+            title = f"{name} · {spec.attack.attack} {spec.attack.norm}"
+            if final["model"].get("random_weights"):
+                title += " · RANDOM WEIGHTS (untrained; not a result)"
+            if plot_curve(final["metrics"], out.plot_path, title=title):
+                final["outputs"]["plot"] = str(out.plot_path)
+        out.write_report(final)
+        if complete and self.comm.is_distributed:
+            # Every rank's rows are in manifest.csv now; the partial files are redundant. A
+            # rank that could not be reached may still be writing, so keep them then.
+            out.drop_partial_manifests()
+        return final
+
+    def _report(
+        self,
+        rows: list[dict[str, Any]],
+        status: str,
+        stats: RunStats | None,
+        skipped: list[Any],
+        ranks: list[dict[str, Any]] | None = None,
+        checks: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        shape = self.comm.describe()
+        out = self.out
+        return build_report(
+            command=self.spec.command, status=status, config=self.key, attack=self.spec.attack,
+            rows=rows, model=self.model, dataset=self.dataset, device=self.device,
+            settings=self.settings, stats=stats, previous=out.previous_report,
+            outputs={
+                "manifest": str(out.manifest_path),
+                "report": str(out.report_path),
+                "adv_dir": str(out.adv_dir) if self.spec.save_images else None,
+            },
+            convbn=self.convbn, skipped=skipped,
+            distributed=None if shape is None else {**shape, "ranks": ranks or []},
+            checks=checks,
+        )  # fmt: skip
 
 
 class _Rounds:
@@ -154,311 +473,6 @@ def _merged_stats(ranks: Sequence[dict[str, Any]]) -> RunStats:
             (r["final_batch_size"] for r in ranks if r["final_batch_size"]), default=None
         ),
     )
-
-
-def run(
-    spec: RunSpec,
-    model: nn.Module,
-    dataset: Any,
-    *,
-    comm: Communicator | None = None,
-    callbacks: Sequence[RunCallbacks] = (),
-) -> dict[str, Any] | None:
-    """Attack ``dataset`` as ``spec`` says, write the outputs and return the report.
-
-    Args:
-        spec: the run specification.
-        model: classifier on [0, 1] images (an ``advtune.models.ImageClassifier``), on
-            ``comm.device``.
-        dataset: an ``advtune.data.ImageDataset`` (``paths``, ``labeled``, ``skipped``);
-            every rank must list the same one.
-        comm: :func:`advtune.run.comm.init_comm`'s communicator; default: a single
-            process on the model's device.
-        callbacks: progress bars, hooks (:class:`~advtune.run.callbacks.RunCallbacks`).
-
-    Returns:
-        The report (also in ``out_dir/report.json``) on rank 0; ``None`` on other ranks.
-
-    Raises:
-        UserError: bad output folder or settings (the same on every rank); a model
-            whose every clean logit is non-finite.
-        DistributedRunError: another rank failed; this rank stopped after its current
-            batch (its rows are saved; rerun with ``--resume``).
-        KeyboardInterrupt, Exception: this process's own failure, re-raised after the
-            results so far were saved and the report marked ``interrupted``/``failed``.
-    """
-    if comm is None:
-        comm = Communicator(str(model_device(model)))
-    device = torch.device(comm.device)
-    key = spec.resume_key(dataset)
-    info = key["data"]
-    if comm.is_distributed:
-        digests = comm.all_gather((info["num_images"], info["paths_sha256"], socket.gethostname()))
-        if len({d[:2] for d in digests}) > 1:
-            shown = ", ".join(f"rank {r} ({d[2]}): {d[0]} images" for r, d in enumerate(digests))
-            raise UserError(
-                f"the ranks list different datasets ({shown}); check --data on every node"
-            )
-
-    out = OutputDir(spec.out_dir)
-    done: list[str] = []
-    message = None
-    if comm.is_main:
-        try:
-            out.lock()
-            out.start(key, resume=spec.resume, overwrite=spec.overwrite)
-            done = sorted(out.writer.done_paths())
-        except UserError as e:
-            out.unlock()
-            if not comm.is_distributed:
-                raise
-            message = str(e)
-    done, message = comm.broadcast((done, message))
-    if message is not None:
-        raise UserError(message)
-    try:
-        return _run_locked(spec, model, dataset, comm, callbacks, out, key, set(done), device)
-    finally:
-        out.unlock()
-
-
-def _run_locked(
-    spec: RunSpec,
-    model: nn.Module,
-    dataset: Any,
-    comm: Communicator,
-    callbacks: Sequence[RunCallbacks],
-    out: OutputDir,
-    key: dict[str, Any],
-    done: set[str],
-    device: torch.device,
-) -> dict[str, Any] | None:
-    from advtune.data import make_loader
-
-    config = spec.attack
-    paths = list(dataset.paths)
-    remaining = [i for i in range(len(paths)) if paths[i] not in done]
-    mine = shard(remaining, comm.rank, comm.world_size)
-    writer = (
-        ManifestWriter(
-            out.root / partial_manifest_name(comm.rank, comm.world_size), keep_sorted=False
-        )
-        if comm.is_distributed
-        else out.writer
-    )
-    # Never pad beyond the dataset: 5 images with --batch-size 32 are attacked as 5. The
-    # dataset's size (not what is left) keeps the call shape, and so the results, the
-    # same on --resume and on every rank.
-    batch_size = max(1, min(spec.batch_size, len(paths)))
-    settings: dict[str, Any] = {
-        **dict(spec.settings),
-        "batch_size": spec.batch_size,
-        "num_workers": spec.num_workers,
-        "final_batch_size": batch_size,
-        "oom_backoffs": 0,
-    }
-    if comm.is_distributed:
-        settings.update(world_size=comm.world_size, backend=comm.backend)
-    outputs = {
-        "manifest": str(out.manifest_path),
-        "report": str(out.report_path),
-        "adv_dir": str(out.adv_dir) if spec.save_images else None,
-    }
-    convbn = convbn_info(model)
-
-    def report(rows, status, stats, skipped, ranks=None, checks=None):
-        return build_report(
-            command=spec.command, status=status, config=key, attack=config, rows=rows,
-            model=model, dataset=dataset, device=device, settings=settings, stats=stats,
-            previous=out.previous_report, outputs=outputs, convbn=convbn, skipped=skipped,
-            distributed=(
-                {"world_size": comm.world_size, "backend": comm.backend, "ranks": ranks}
-                if comm.is_distributed else None
-            ),
-            checks=checks,
-        )  # fmt: skip
-
-    if comm.is_main and out.previous_report is None:
-        # Written first, so a run killed at any point can be resumed and checked.
-        out.write_report(report(out.writer.rows, "running", None, [], []))
-    # Nobody writes before rank 0 has prepared the folder (it deletes partial files).
-    comm.barrier()
-
-    adv_paths = adv_relpaths(paths) if spec.save_images else None
-    targeted = config.targeted is not None
-    eps_count = len(config.eps_values())
-    rounds = _Rounds(comm, callbacks, len(remaining))
-    for cb in callbacks:
-        cb.on_start(total=len(remaining), desc=config.attack, is_main=comm.is_main)
-
-    batch_checks: list[dict[str, Any]] = []
-
-    def save(batch: BatchOutput) -> None:
-        with signals.deferred():  # a signal waits until the batch is on disk
-            if spec.save_images:
-                out.save_images(batch)
-            writer.extend(batch.rows)
-            batch_checks.extend(batch.checks)
-
-    stats = RunStats()
-    error: BaseException | None = None
-    comm_error: CommunicationError | None = None
-    try:
-        if mine:
-            # A list of indices is a valid sampler (DataLoader iterates it).
-            loader = make_loader(
-                dataset, batch_size=batch_size, num_workers=spec.num_workers,
-                device=str(device), sampler=mine,  # type: ignore[arg-type]
-            )  # fmt: skip
-            with warnings.catch_warnings():
-                # Per batch they would repeat: aggregated into report.json's checks and
-                # warned once each at the end (check_warnings).
-                warnings.simplefilter("ignore", GradientMaskingWarning)
-                attack_loader(
-                    model, loader, config, sink=save, adv_paths=adv_paths, device=device,
-                    stats=stats, pad_to=batch_size,
-                    on_batch=lambda o, b: rounds.batch_done(
-                        o, len(o.rows) // eps_count, b, targeted=targeted
-                    ),
-                )  # fmt: skip
-    except CommunicationError as e:
-        error = comm_error = e
-    except BaseException as e:
-        error = e
-    try:
-        with signals.deferred():
-            writer.close()  # sorted on disk again if a batch came out of order
-    except BaseException as e:
-        error = error or e
-    failed: set[int] = set()
-    if comm_error is None:
-        try:
-            failed = rounds.finish(failed=error is not None and not isinstance(error, PeerFailed))
-        except CommunicationError as e:
-            comm_error = e
-            error = error or e
-        except BaseException as e:  # e.g. a second Ctrl-C while draining
-            error = error or e
-    for cb in callbacks:
-        cb.on_end()
-
-    payload = {
-        "rows": writer.rows if comm.is_distributed else [],
-        "summary": _rank_summary(comm, stats, error),
-        "skipped": list(getattr(dataset, "skipped", [])),
-        "checks": aggregate_checks(batch_checks),
-    }
-    gathered = None
-    if comm_error is None:
-        try:
-            gathered = comm.gather(payload)
-        except CommunicationError as e:
-            comm_error = e
-            error = error or e
-
-    final = None
-    try:
-        if comm.is_main:
-            final = _finish_main(
-                spec, comm, out, dataset, gathered, payload, error, failed, model, report
-            )
-    finally:
-        if comm_error is None and comm.is_distributed:
-            # Nobody exits before rank 0 has written the merged files (torchrun stops the
-            # other ranks as soon as one exits with an error).
-            with contextlib.suppress(CommunicationError):
-                comm.barrier()
-    if comm_error is not None:
-        raise DistributedRunError(
-            f"rank {comm.rank} of {comm.world_size} lost contact with the other ranks "
-            f"({comm_error}); one probably crashed (see its error). Finished batches are "
-            f"saved in {str(out.root)!r}: rerun the same command with --resume to continue"
-        ) from error
-    if error is not None and not isinstance(error, PeerFailed):
-        raise error
-    if failed or isinstance(error, PeerFailed):
-        others = sorted(failed - {comm.rank})
-        raise DistributedRunError(
-            f"rank{'s' if len(others) > 1 else ''} {', '.join(map(str, others))} of "
-            f"{comm.world_size} failed (see {'their errors' if len(others) > 1 else 'its error'}); "
-            f"rank {comm.rank} stopped after its current batch. Finished batches are saved "
-            f"in {str(out.root)!r}: rerun the same command with --resume to continue"
-        )
-    if final is not None:
-        _check_finite(final)
-    return final
-
-
-def _finish_main(
-    spec: RunSpec,
-    comm: Communicator,
-    out: OutputDir,
-    dataset: Any,
-    gathered: list[Any] | None,
-    payload: dict[str, Any],
-    error: BaseException | None,
-    failed: set[int],
-    model: nn.Module,
-    report: Callable[..., dict[str, Any]],
-) -> dict[str, Any]:
-    """Rank 0: merge rows and timings in memory, write ``manifest.csv`` and the report."""
-    payloads = gathered if gathered is not None else [payload]
-    if comm.is_distributed:
-        groups = [out.writer.rows, *(p["rows"] for p in payloads)]
-        # Only when a rank could not send its rows (it died): its manifest is the record.
-        manifests = partial_manifests(out.root)
-        if gathered is None:
-            for path in manifests:
-                try:
-                    groups.append(read_manifest(path))
-                except ValueError:
-                    warnings.warn(f"ignoring unreadable partial manifest {path}", stacklevel=2)
-        rows = merge_rows(groups, source=str(out.root))
-        atomic_write_text(out.manifest_path, format_manifest(rows))
-    else:
-        rows = out.writer.rows
-    order = {p: i for i, p in enumerate(dataset.paths)}
-    skipped = sorted(
-        {tuple(s) for p in payloads for s in p["skipped"]}, key=lambda s: order.get(s[0], -1)
-    )
-    ranks = sorted((p["summary"] for p in payloads), key=lambda s: s["rank"])
-    stats = _merged_stats(ranks)
-    statuses = {r["status"] for r in ranks}
-    if error is None and not failed and gathered is not None:
-        status = "complete"
-    elif statuses <= {"complete", "interrupted", "stopped"} and "interrupted" in statuses:
-        status = "interrupted"
-    else:
-        status = "failed"
-    final = report(
-        rows, status, stats, skipped, ranks, checks=merge_checks(*(p["checks"] for p in payloads))
-    )
-    for line in check_warnings(final["checks"]):
-        warnings.warn(line, GradientMaskingWarning, stacklevel=2)
-    final["settings"]["oom_backoffs"] = stats.oom_backoffs
-    final["settings"]["final_batch_size"] = stats.final_batch_size or final["settings"].get(
-        "final_batch_size"
-    )
-    if comm.is_distributed and gathered is None:
-        final["distributed"]["note"] = "other ranks unreachable: only rank 0's timings"
-    metrics = final["metrics"] or {}
-    if status == "complete" and metrics and metrics.get("mean_clean_confidence") is None:
-        final["status"] = status = "failed"  # every clean logit non-finite: see _check_finite
-    config = spec.attack
-    if status == "complete" and spec.want_plot and final["metrics"]:
-        name = final["model"].get("name") or ""
-        title = f"{name} · {config.attack} {config.norm}"
-        if final["model"].get("random_weights"):
-            title += " · RANDOM WEIGHTS (untrained; not a result)"
-        if plot_curve(final["metrics"], out.plot_path, title=title):
-            final["outputs"]["plot"] = str(out.plot_path)
-    out.write_report(final)
-    if comm.is_distributed and gathered is not None:
-        # Every rank's rows are in manifest.csv now; the partial files are redundant. A
-        # rank that could not be reached may still be writing, so keep them then.
-        for path in partial_manifests(out.root):
-            path.unlink(missing_ok=True)
-    return final
 
 
 def _check_finite(report: dict[str, Any]) -> None:
