@@ -10,7 +10,6 @@ current write and say how to resume. See ``docs/cli.md``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import os
 import re
@@ -364,55 +363,49 @@ def _bounded_ints(parser: argparse.ArgumentParser | None) -> None:
 # --------------------------------------------------------------------------- handlers
 
 
-def _attack_config(args: argparse.Namespace) -> Any:
-    """``resolve_attack`` with the attack's own spec typing every ``-p`` value."""
-    from advtune import attacks
-    from advtune.presets import load_preset, resolve_attack
+def _plan(args: argparse.Namespace, *, command: str) -> Any:
+    """The flags as a :class:`~advtune.run.plan.RunPlan` (checked; nothing loaded)."""
+    from advtune.run.plan import DataPlan, ModelPlan, RunPlan, plan_attack
 
-    preset = load_preset(args.preset) if args.preset is not None else None
-    name = args.attack if args.attack is not None else getattr(preset, "attack", None)
-    if name is None and getattr(args, "command", None) == "evaluate":
-        # A robustness number needs a strong attack: AutoAttack (standard version) unless
-        # one is named. PGD at its defaults overstates robust accuracy (docs/attacks.md).
-        name = "autoattack"
+    model = ModelPlan(
+        names=tuple(_model_names(args)), weights=args.weights, convbn=args.convbn,
+        recompute=args.recompute, seed=args.seed,
+        ensemble_weights=tuple(args.ensemble_weights) if args.ensemble_weights else None,
+        ensemble_combine=args.ensemble_combine, amp=args.amp,
+        channels_last=args.channels_last, compile=args.compile, progress=not args.quiet,
+    )  # fmt: skip
     overrides: dict[str, Any] = dict(args.param)
     for flag in _PARAM_FLAGS:
-        value = getattr(args, flag.strip("-").replace("-", "_"))
-        if value is not None:
-            overrides[flag.strip("-").replace("-", "_")] = value
-    if args.norm is not None and args.norm not in attacks.threat_names():
-        from advtune.errors import suggest
-
-        raise UserError(suggest(args.norm, attacks.threat_names(), what="--norm threat model"))
-    if args.norm is not None and name is not None:
-        spec = attacks.spec(name)  # UserError suggesting close names if unknown
-        if spec.norm_key is not None:
-            overrides[spec.norm_key] = args.norm
-        elif args.norm != spec.norm:
-            raise UserError(f"attack {name!r} is {spec.norm} only, got --norm {args.norm}")
-    return resolve_attack(
-        name,
-        preset=preset,
-        eps=args.eps,
-        targeted=args.targeted,
-        overrides=overrides,
-        seed=args.seed,
-    )
+        dest = flag.strip("-").replace("-", "_")
+        if getattr(args, dest) is not None:
+            overrides[dest] = getattr(args, dest)
+    attack = plan_attack(
+        attack=args.attack, preset=args.preset, eps=args.eps, norm=args.norm,
+        targeted=args.targeted, overrides=overrides, seed=args.seed, command=command,
+    )  # fmt: skip
+    data = DataPlan(
+        root=args.data, limit=args.limit, subset=args.subset, shuffle_seed=args.shuffle_seed,
+        labels=args.labels, image_size=args.image_size,
+    )  # fmt: skip
+    return RunPlan(
+        command=command, attack=attack, model=model, data=data,
+        out_dir=Path(args.out or args.default_out), device=args.device,
+        batch_size=args.batch_size, num_workers=args.workers, resume=args.resume,
+        overwrite=args.overwrite, quiet=args.quiet,
+    )  # fmt: skip
 
 
-def _check_eps_fits_8bit(config: Any) -> None:
-    """Budgets below one 8-bit level cannot survive saving as 8-bit images."""
-    from advtune.attacks import threat_model
+def _run(args: argparse.Namespace, *, command: str) -> int:
+    from advtune.run import format_summary
+    from advtune.run.session import execute
 
-    for eps in config.eps or ():
-        if eps > 0 and not threat_model(config.norm, eps).survives_quantization:
-            from advtune.run.report import format_eps
-
-            raise UserError(
-                f"eps {format_eps(eps)} is below 1/255: 8-bit images cannot hold a "
-                f"{threat_model(config.norm).label} perturbation smaller than one level, so "
-                "every saved image would equal the clean one; use --eps 1/255 or more"
-            )
+    plan = _plan(args, command=command)
+    if not args.quiet and os.environ.get("RANK", "0") == "0":
+        _note_out_in_data(args.data, plan.out_dir)
+    report = execute(plan)
+    if report is not None and not args.quiet:  # rank 0 prints the merged summary
+        print(format_summary(report))
+    return 0
 
 
 def _note_out_in_data(data: str | None, out_dir: Path) -> None:
@@ -429,163 +422,6 @@ def _note_out_in_data(data: str | None, out_dir: Path) -> None:
         )
 
 
-def _dataset_and_model(
-    args: argparse.Namespace, *, convbn: str, device: str, out_dir: Path
-) -> tuple:
-    """The model's card (nothing built), the dataset with the card's preprocessing (data
-    errors before the slow model load), then the model, seeded by ``--seed``."""
-    from advtune.data import build_dataset
-    from advtune.models import load_model, model_card
-    from advtune.run.inputs import image_size_preprocess
-
-    # An ensemble's images are prepared once, with its first member's preprocessing.
-    names = _model_names(args)
-    card = model_card(names[0], weights=args.weights, seed=args.seed)
-    transform = image_size_preprocess(card.preprocess, args.image_size)
-    dataset = build_dataset(
-        args.data,
-        transform=transform,
-        limit=args.limit,
-        subset=args.subset,
-        shuffle_seed=args.shuffle_seed,
-        labels=args.labels,
-        exclude=[out_dir],  # a run never reads its own outputs back as input
-    )
-    if getattr(dataset, "labeled", True):  # ImageNet labels: hf: classes must be ours
-        from advtune.models.hf_source import require_imagenet
-
-        require_imagenet(card)
-    model: Any
-    if len(names) > 1:
-        from advtune.models.ensemble import load_ensemble
-
-        model = load_ensemble(
-            names, weights=args.weights, member_weights=getattr(args, "ensemble_weights", None),
-            combine=getattr(args, "ensemble_combine", None) or "logits", convbn=convbn, device=device,
-            progress=not args.quiet, seed=args.seed, recompute=args.recompute,
-        )  # fmt: skip
-        return dataset, model, transform
-    model = load_model(
-        names[0], weights=args.weights, convbn=convbn, device=device,
-        progress=not args.quiet, seed=args.seed, recompute=args.recompute,
-    )  # fmt: skip
-    return dataset, model, transform
-
-
-def _run(args: argparse.Namespace, *, command: str) -> int:
-    from advtune import models
-    from advtune.run import RunSpec, init_comm
-    from advtune.run.outputs import OutputDir
-
-    # Cheap checks first: a typo should not cost a model load.
-    if len(_model_names(args)) == 1 and (args.ensemble_weights or args.ensemble_combine):
-        raise UserError("--ensemble-weights and --ensemble-combine need two or more --model")
-    config = _attack_config(args)
-    _check_eps_fits_8bit(config)
-    spec = RunSpec(  # validates itself; completed once the model is known
-        attack=config,
-        out_dir=Path(args.out or args.default_out),
-        command=command,
-        num_workers=args.workers,
-        resume=args.resume,
-        overwrite=args.overwrite,
-    )
-    out_dir = spec.out_dir
-    # Under torchrun (WORLD_SIZE > 1): join the process group, one device per rank.
-    comm = init_comm(args.device)
-    device = comm.device
-    if device.startswith("cuda:") and not comm.is_distributed:
-        import torch
-
-        # The current device is what the loader's pin-memory thread and any unindexed
-        # "cuda" tensor use; without this a run on cuda:1 also opens a context on GPU 0.
-        torch.cuda.set_device(torch.device(device))
-    convbn = args.convbn if args.convbn is not None else models.DEFAULT_CONVBN
-    from advtune.convbn import check_mode
-
-    check_mode(convbn, recompute=args.recompute, names=("--convbn", "--recompute"))
-    created = not out_dir.exists()
-    OutputDir(out_dir)  # fails early if the folder is not writable
-    try:
-        return _run_in(args, command, config, spec, comm, convbn)
-    except BaseException:
-        if created and comm.is_main:
-            _remove_if_empty(out_dir)  # a failed start leaves no empty advtune-out/ behind
-        raise
-
-
-def _remove_if_empty(folder: Path) -> None:
-    """Remove ``folder`` if it holds nothing (or only the run's lock file)."""
-    from advtune.run.outputs import LOCK_NAME
-
-    try:
-        entries = list(folder.iterdir())
-        if all(e.name == LOCK_NAME for e in entries):
-            for e in entries:
-                e.unlink()
-            folder.rmdir()
-    except OSError:
-        pass  # another process wrote into it meanwhile: it is not empty, keep it
-
-
-def _run_in(
-    args: argparse.Namespace, command: str, config: Any, spec: Any, comm: Any, convbn: str
-) -> int:
-    """:func:`_run` once the output folder exists: data, model, then the run itself."""
-    from advtune.run import TqdmProgress, format_summary, run
-
-    out_dir, device = spec.out_dir, comm.device
-    if args.subset is not None:
-        from advtune.data import resolve_subset_path
-
-        resolve_subset_path(args.subset)  # a typo costs no model load; any cwd works
-    dataset, model, transform = _dataset_and_model(
-        args, convbn=convbn, device=device, out_dir=out_dir
-    )
-    if comm.is_main and not args.quiet:
-        _note_out_in_data(args.data, out_dir)
-    card = getattr(model, "card", None)  # an ensemble has none: its members do
-    if args.amp or args.channels_last or args.compile:
-        from advtune.runtime import prepare
-
-        model = prepare(model, channels_last=args.channels_last, amp=args.amp, compile=args.compile)
-    if len(dataset) == 0:
-        raise UserError(f"no images found in {str(dataset.root)!r}")
-    batch_size = args.batch_size
-    if batch_size == "auto":
-        batch_size = _auto_batch_size(args, model, config, dataset, transform, device, convbn)
-        if comm.is_distributed:
-            # Every rank must attack with the same batch shape (results depend on it).
-            batch_size = min(comm.all_gather(batch_size))
-    spec = dataclasses.replace(
-        spec,
-        batch_size=batch_size,
-        context=_model_context(
-            card,
-            model,
-            convbn=convbn,
-            preprocess=transform,
-            amp=args.amp,
-            channels_last=args.channels_last,
-        ),
-        settings={
-            "device": device,
-            "compile": args.compile,
-            "recompute": args.recompute,
-            "batch_size_requested": args.batch_size,
-        },
-    )
-    callbacks = [] if args.quiet else [TqdmProgress()]
-    report = run(spec, model, dataset, comm=comm, callbacks=callbacks)
-    if report is not None and not args.quiet:  # rank 0 prints the merged summary
-        print(format_summary(report))
-    if report is not None:  # rank 0: the page of the finished run
-        from advtune.run.html import write_html
-
-        write_html(out_dir)
-    return 0
-
-
 def _report(args: argparse.Namespace) -> int:
     from advtune.run.html import write_html
 
@@ -596,44 +432,6 @@ def _report(args: argparse.Namespace) -> int:
 def _model_names(args: argparse.Namespace) -> list[str]:
     """The ``--model`` values (repeatable: an ensemble, or --adv-from's targets)."""
     return [args.model] if isinstance(args.model, str) else list(args.model)
-
-
-def _model_context(card: Any, model: Any, **kwargs: Any) -> dict[str, Any]:
-    """The resume key's model part; an ensemble's names every member."""
-    from advtune.run.spec import model_context
-
-    if card is None:
-        from advtune.models.ensemble import ModelEnsemble, ensemble_context
-        from advtune.run.report import unwrap_model
-
-        ensemble = unwrap_model(model)
-        if isinstance(ensemble, ModelEnsemble):
-            return ensemble_context(ensemble, **kwargs)
-    return model_context(card=card, **kwargs)
-
-
-def _auto_batch_size(
-    args: argparse.Namespace,
-    model: Any,
-    config: Any,
-    dataset: Any,
-    transform: Any,
-    device: str,
-    convbn: str,
-) -> int:
-    """``--batch-size auto``: probed on CUDA (and cached), the CPU default otherwise."""
-    from advtune.run.probe import dataset_batch_size
-
-    key = {
-        "model": "+".join(_model_names(args)),
-        "convbn": convbn,
-        "amp": args.amp,
-        "channels_last": args.channels_last,
-        "compile": args.compile,
-    }
-    return dataset_batch_size(
-        model, config, dataset=dataset, transform=transform, device=device, key=key
-    )
 
 
 def _generate(args: argparse.Namespace) -> int:

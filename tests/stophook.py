@@ -4,7 +4,7 @@ itself after some batches, as the environment variable :data:`STOP_HOOK_ENV` say
 ``N`` raises KeyboardInterrupt after N batches were written; ``N:kill`` makes the process
 SIGKILL itself instead (no clean-up at all), ``N:term`` sends itself SIGTERM; ``N@R`` /
 ``N:kill@R`` do so on torchrun rank ``R`` only (the other ranks keep going). It lives
-here, not in the CLI: the hook wraps :func:`advtune.run.run` and adds a callback.
+here, not in the CLI: the hook wraps :func:`advtune.run.runner.run` and adds a callback.
 Also usable in-process: :func:`installed` (a context manager) for ``advtune.cli.main``.
 """
 
@@ -42,20 +42,20 @@ def stop_hook(value: str):
 
 @contextlib.contextmanager
 def installed(value: str) -> Iterator[None]:
-    """Every :func:`advtune.run.run` inside the block gets the stop hook ``value``."""
-    import advtune.run
+    """Every :func:`advtune.run.runner.run` inside the block gets the stop hook ``value``."""
+    import advtune.run.runner
 
-    original = advtune.run.run
+    original = advtune.run.runner.run
     hook = stop_hook(value)
 
     def run(*args, callbacks=(), **kwargs):
         return original(*args, callbacks=[*callbacks, *([hook] if hook else [])], **kwargs)
 
-    advtune.run.run = run
+    advtune.run.runner.run = run
     try:
         yield
     finally:
-        advtune.run.run = original
+        advtune.run.runner.run = original
 
 
 if __name__ == "__main__":

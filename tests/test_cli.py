@@ -223,10 +223,9 @@ def test_torchattacks_attack_runs_from_the_cli(imagenet, checkpoint, tmp_path, c
 def test_dataset_gets_the_cards_preprocessing_before_the_model_is_built(
     imagenet, tmp_path, monkeypatch
 ):
-    import argparse
-
     import advtune.models
-    from advtune import cli
+    from advtune.run.plan import DataPlan, ModelPlan, RunPlan, plan_attack
+    from advtune.run.session import build_inputs
 
     seen = []
 
@@ -244,12 +243,15 @@ def test_dataset_gets_the_cards_preprocessing_before_the_model_is_built(
         "build_dataset",
         lambda *a, **k: built.append(k["transform"]) or original(*a, **k),
     )
-    args = argparse.Namespace(
-        model="resnet18", weights="random", seed=7, image_size=None, data=str(imagenet),
-        limit=None, subset=None, shuffle_seed=None, labels=None, quiet=True, recompute=False,
-    )  # fmt: skip
+    plan = RunPlan(
+        command="generate",
+        attack=plan_attack(attack="fgsm", eps=[4 / 255], seed=7),
+        model=ModelPlan(names=("resnet18",), weights="random", seed=7, progress=False),
+        data=DataPlan(root=str(imagenet)),
+        out_dir=tmp_path / "o",
+    )
     with pytest.raises(RuntimeError, match="stop here"):
-        cli._dataset_and_model(args, convbn=DEFAULT_CONVBN, device="cpu", out_dir=tmp_path / "o")
+        build_inputs(plan, device="cpu")
     expected = advtune.models.model_card("resnet18", weights="random", seed=7).preprocess
     assert built == [expected]  # the real transform, before any model is built
     assert seen == [("resnet18", 7)]  # --seed seeds random weights
