@@ -1,7 +1,8 @@
 """The ``advtune`` command line: ``generate``, ``evaluate``, ``list`` and ``bench``.
 
-A thin layer over :mod:`advtune.run`: it parses arguments, resolves the attack
-(presets < flags), loads the model and the data, and prints the summary. Errors a user
+A thin layer over :mod:`advtune.run`: it parses arguments into a
+:class:`~advtune.run.plan.RunPlan`, hands it to :func:`advtune.run.session.execute`, and
+prints the summary. Errors a user
 can fix (:class:`advtune.errors.UserError`) become one line ``advtune: error: ...`` on
 stderr and exit code 2; SIGINT (Ctrl-C) and SIGTERM exit with 130 and 143 after the
 current write and say how to resume. See ``docs/cli.md``.

@@ -30,6 +30,14 @@ FOLLOWED = ("RunPlan", "RunSpec", "AttackConfig")
 
 #: Every advtune module that ran a Python function during the last :func:`walk`.
 TOUCHED: set[str] = set()
+#: The modules whose functions the run layer (:func:`_in_run_layer`) called directly:
+#: what a reader of the run has to open.
+CALLED_BY_RUN: set[str] = set()
+
+
+def _in_run_layer(module: str) -> bool:
+    return module == "advtune.cli" or module.startswith("advtune.run")
+
 
 _ROOT = Path(advtune.__file__).resolve().parent
 
@@ -63,14 +71,21 @@ def walk(argv: list[str], *, methods: bool = False) -> list[tuple[str, str]]:
 
     calls: list[tuple[str, str]] = []
     TOUCHED.clear()
+    CALLED_BY_RUN.clear()
 
     def profile(frame: Any, event: str, arg: Any) -> None:
         if event != "call":
             return
         module = _module(frame.f_code.co_filename)
-        if module is not None:
-            TOUCHED.add(module)
-        if module is not None and _carries_spec(frame, methods=methods):
+        if module is None or frame.f_code.co_name == "<module>":  # imports are not the run
+            return
+        TOUCHED.add(module)
+        caller = frame.f_back
+        if caller is not None:
+            from_module = _module(caller.f_code.co_filename)
+            if from_module is not None and _in_run_layer(from_module):
+                CALLED_BY_RUN.add(module)
+        if _carries_spec(frame, methods=methods):
             calls.append((module, frame.f_code.co_name))
 
     sys.setprofile(profile)
@@ -113,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         mark = "  (return)" if back else ""
         print(f"{i:3d}. {module}: {', '.join(fns)}{mark}")
     print(f"{len(walked)} stays in {len(seen)} modules, {returns} returns")
-    print(f"{len(TOUCHED)} advtune modules ran code: {', '.join(sorted(TOUCHED))}")
+    print(f"{len(TOUCHED)} advtune modules ran a function")
+    print(
+        f"{len(CALLED_BY_RUN)} modules called directly by advtune.cli and advtune.run.*: "
+        + ", ".join(sorted(CALLED_BY_RUN))
+    )
     return 0
 
 

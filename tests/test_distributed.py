@@ -306,3 +306,59 @@ def test_killed_run_resumes_per_rank(setup, reference, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed, _ = assert_same_results(out, reference / "evaluate")
     assert [r["images"] for r in resumed["distributed"]["ranks"]] == [1, 1]
+
+
+class _RankOf2(distributed.TorchCommunicator):
+    """Rank ``rank`` of 2 whose collectives answer from ``peer`` (no process group)."""
+
+    def __init__(self, rank, peer):
+        super().__init__(
+            rank=rank, world_size=2, local_rank=rank, device="cpu", backend="gloo", group=None
+        )
+        self.peer = peer
+
+    def broadcast(self, obj):
+        return obj if self.is_main else self.peer
+
+    def all_gather(self, obj):
+        return [obj, self.peer] if self.is_main else [self.peer, obj]
+
+
+def test_on_main_runs_once_and_raises_rank0s_user_error_on_every_rank():
+    calls = []
+    assert _RankOf2(0, None).on_main(lambda: calls.append(0) or ["a"]) == ["a"]
+    assert _RankOf2(1, (["a"], None)).on_main(lambda: calls.append(1)) == ["a"]
+    assert calls == [0]  # rank 1 never ran it: it got rank 0's result
+    with pytest.raises(UserError, match="already holds results"):
+        _RankOf2(1, (None, "already holds results")).on_main(lambda: calls.append(1))
+
+    def refuse():
+        raise UserError("already holds results")
+
+    comm = _RankOf2(0, None)
+    comm.broadcast = lambda obj: obj  # rank 0 sends (value, message) to the others
+    with pytest.raises(UserError, match="already holds results"):
+        comm.on_main(refuse)
+    # One process: the function's own error, unchanged.
+    with pytest.raises(UserError, match="already holds results"):
+        distributed.Communicator().on_main(refuse)
+
+
+def test_require_same_names_every_rank_and_its_value():
+    distributed.Communicator().require_same(1, label="1 image", what="datasets", hint="h")
+    same = ((5, "abc"), "5 images", "host-b")
+    _RankOf2(0, same).require_same((5, "abc"), label="5 images", what="datasets", hint="h")
+    other = ((4, "abd"), "4 images", "host-b")
+    with pytest.raises(UserError) as e:
+        _RankOf2(0, other).require_same(
+            (5, "abc"), label="5 images", what="datasets", hint="check --data on every node"
+        )
+    message = str(e.value)
+    assert "the ranks list different datasets" in message
+    assert "rank 0 (" in message and "5 images" in message
+    assert "rank 1 (host-b): 4 images" in message and message.endswith("check --data on every node")
+
+
+def test_describe_is_the_jobs_shape_only_when_distributed():
+    assert distributed.Communicator().describe() is None
+    assert _RankOf2(0, None).describe() == {"world_size": 2, "backend": "gloo"}

@@ -21,7 +21,10 @@ Modules, each named for what it holds:
 * :mod:`~advtune.run.report` — ``report.json``, the summary table, the plot.
 * :mod:`~advtune.run.callbacks` — progress and hooks.
 * :mod:`~advtune.run.signals` — SIGINT/SIGTERM after the current write.
-* :mod:`~advtune.run.runner` — :func:`run`.
+* :mod:`~advtune.run.plan` — :class:`RunPlan`: what a command asks for, checked.
+* :mod:`~advtune.run.session` — :func:`execute`: a plan to a report (what the CLI runs).
+* :mod:`~advtune.run.runner` — :func:`run`: prepare outputs, attack the shard, gather,
+  finish the report.
 """
 
 from __future__ import annotations
@@ -35,9 +38,12 @@ _EXPORTS = {
     "AttackConfig": "spec",
     "BatchOutput": "batch",
     "Communicator": "comm",
+    "DataPlan": "plan",
     "DistributedRunError": "comm",
+    "ModelPlan": "plan",
     "Progress": "callbacks",
     "RunCallbacks": "callbacks",
+    "RunPlan": "plan",
     "RunSpec": "spec",
     "RunStats": "loop",
     "TorchCommunicator": "comm",
@@ -49,11 +55,13 @@ _EXPORTS = {
     "build_report": "report",
     "compute_metrics": "metrics",
     "dataset_info": "spec",
+    "execute": "session",
     "format_eps": "report",
     "format_summary": "report",
     "image_size_preprocess": "inputs",
     "init_comm": "comm",
     "parse_device": "comm",
+    "plan_attack": "plan",
     "plot_curve": "report",
     "quantize_adv": "quantize",
     "run": "runner",

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from advtune.errors import UserError
-from advtune.run.quantize import quantize_adv
 from advtune.run.spec import AttackConfig, sample_seeds
 
 __all__ = [
@@ -316,7 +315,7 @@ def attack_batch(
             raise UserError(f"attack {config.attack!r} rejected its settings: {e}") from e
         calls += int(result.model_calls) + 1
         costs += [attack_cost(result), {"forward": 1, "forward_images": n}]
-        q = quantize_adv(result.x_adv, images, norm=config.norm, eps=eps)
+        q = config.threat(eps).quantize(result.x_adv, images)
         x_q = q.to(images.dtype) / 255
         with torch.no_grad():
             adv_logits = model(x_q).float()

@@ -214,14 +214,12 @@ class RunPlan:
 
 def _check_eps_fits_8bit(config: AttackConfig) -> None:
     """Budgets below one 8-bit level cannot survive saving as 8-bit images."""
-    from advtune.attacks import threat_model
-
     for eps in config.eps or ():
-        if eps > 0 and not threat_model(config.norm, eps).survives_quantization:
+        if eps > 0 and not config.threat(eps).survives_quantization:
             from advtune.run.report import format_eps
 
             raise UserError(
                 f"eps {format_eps(eps)} is below 1/255: 8-bit images cannot hold a "
-                f"{threat_model(config.norm).label} perturbation smaller than one level, so "
+                f"{config.threat().label} perturbation smaller than one level, so "
                 "every saved image would equal the clean one; use --eps 1/255 or more"
             )

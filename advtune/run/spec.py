@@ -66,6 +66,14 @@ class AttackConfig:
         """The budgets to run, ``(None,)`` for an attack without one."""
         return self.eps if self.eps else (None,)
 
+    def threat(self, eps: float | None = None) -> Any:
+        """The threat model of the saved images, with radius ``eps``: the one object the
+        run asks for geometry (8-bit fitting, the one-level check). ``norm`` stays a name
+        here because it is what ``report.json`` and the resume key record."""
+        from advtune.attacks import threat_model
+
+        return threat_model(self.norm, eps)
+
     def effective_params(self) -> dict[str, Any]:
         """Every hyperparameter's value in this run: the given ones over the attack's
         declared defaults (the radius excluded: it is ``eps``; the norm switch, if the
