@@ -54,8 +54,9 @@ __all__ = [
 #: make rows self-describing (dataset index, eps, target, confidences, pre-quantisation
 #: success, where the PNG went, and for an ensemble attack the component that broke the
 #: sample: its name, ``"clean"`` if the clean image already counted as a success, ``""``
-#: if none did or the attack is no ensemble), and the sha256 of the PNG's bytes, which
-#: ``--resume`` checks before it trusts a finished row).
+#: if none did or the attack is no ensemble), the sha256 of the PNG's bytes, which
+#: ``--resume`` checks before it trusts a finished row, and the saved perturbation's L1
+#: norm, ``""`` in rows written before that column).
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "path",
     "label",
@@ -73,19 +74,21 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
     "adv_path",
     "broken_by",
     "adv_sha256",
+    "l1",
 )
 
 #: Columns added after the first release: a manifest written before them (which a resume
 #: reads) lacks them, and its rows get ``""`` there. A resumed run's first write rewrites
 #: the whole file (:meth:`ManifestWriter.extend`), so it then has every column.
-_LATER_COLUMNS = frozenset({"broken_by", "adv_sha256"})
+_LATER_COLUMNS = frozenset({"broken_by", "adv_sha256", "l1"})
 
 # Column types for parsing. Optional columns hold "" for None.
 _INT_COLUMNS = frozenset({"label", "clean_pred", "adv_pred", "index"})
 _OPT_INT_COLUMNS = frozenset({"target"})
 _BOOL_COLUMNS = frozenset({"success", "attack_success"})
 _FLOAT_COLUMNS = frozenset({"linf", "l2", "clean_conf", "adv_conf"})
-_OPT_FLOAT_COLUMNS = frozenset({"eps"})
+# ``l1`` is optional: a manifest written before the column existed has no value there.
+_OPT_FLOAT_COLUMNS = frozenset({"eps", "l1"})
 # Bounds of the numeric columns: predictions and labels are class indices (-1: unknown
 # or non-finite logits), distances and budgets are finite and >= 0, a confidence is a
 # probability or NaN (the row's logits were not finite). A value outside them was not

@@ -588,6 +588,28 @@ def test_autoattack_from_the_cli_logs_each_component(how, imagenet, checkpoint, 
     assert after["square"] == sum(r["broken_by"] == "" for r in rows) / len(rows)
 
 
+def test_l1_autoattack_preset_runs_the_four_l1_components(imagenet, checkpoint, tmp_path, capsys):
+    out = tmp_path / "o"
+    budget = ["-p", "steps=3", "-p", "n_targets=2", "-p", "queries=10"]
+    args = ["evaluate", *base_args(imagenet, checkpoint, out), "--preset", "autoattack-imagenet-l1"]
+    rc = main([*args, *budget, "--limit", "2"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "mean l1" in captured.out  # the budget's own norm in the summary
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["l1_mean"] is not None
+    assert report["config"]["attack"]["norm"] == "l1"
+    assert report["config"]["attack"]["eps"] == [255.0]
+    assert list(report["metrics"]["robust_after"]) == [
+        "clean",
+        "apgd-ce",
+        "apgd-t",
+        "fab-t",
+        "square",
+    ]
+    assert all(r["l1"] <= 255.0 + 1e-6 for r in read_manifest(out / "manifest.csv"))
+
+
 def test_broken_pipe_is_a_quiet_exit(monkeypatch, tmp_path):
     """`advtune list models | head`: the reader leaving is not an error (no traceback)."""
 

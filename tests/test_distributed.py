@@ -180,7 +180,7 @@ def _row(index, eps=None, **changes):
         "path": f"img{index}.JPEG", "label": 1, "clean_pred": 1, "adv_pred": 2,
         "success": True, "linf": 0.01, "l2": 0.1, "index": index, "eps": eps, "target": None,
         "clean_conf": 0.5, "adv_conf": 0.4, "attack_success": True,
-        "adv_path": f"img{index}.png", "broken_by": "", "adv_sha256": "",
+        "adv_path": f"img{index}.png", "broken_by": "", "adv_sha256": "", "l1": 0.5,
     }  # fmt: skip
     return {**row, **changes}
 

@@ -252,7 +252,7 @@ def _row(index, label, clean, adv, *, eps=0.1, success=None, target=None, linf=0
         "success": (adv != label) if success is None else success, "linf": linf, "l2": l2,
         "index": index, "eps": eps, "target": target, "clean_conf": 0.5, "adv_conf": 0.25,
         "attack_success": (adv != label) if success is None else success, "adv_path": "",
-        "broken_by": "", "adv_sha256": "",
+        "broken_by": "", "adv_sha256": "", "l1": 0.5,
     }  # fmt: skip
 
 
@@ -770,14 +770,17 @@ def test_other_attacks_leave_broken_by_empty_and_old_manifests_read():
     )
     assert [r["broken_by"] for r in out.rows] == ["", "", ""]
     assert "robust_after" not in compute_metrics(out.rows, config)
-    # A manifest written before the broken_by column (and adv_sha256 after it): its rows
-    # read back with "".
+    # A manifest written before the broken_by column (and adv_sha256 and l1 after it): its
+    # rows read back with "", and the L1 figures are unknown rather than partial.
     text = format_manifest(out.rows).splitlines()
-    old = "\n".join(line.rsplit(",", 2)[0] for line in text) + "\n"
+    old = "\n".join(line.rsplit(",", 3)[0] for line in text) + "\n"
     assert not old.splitlines()[0].endswith("broken_by")
     back = parse_manifest(old)
     assert [r["broken_by"] for r in back] == ["", "", ""]
-    assert compute_metrics(back, config) == compute_metrics(out.rows, config)
+    now, then = compute_metrics(out.rows, config), compute_metrics(back, config)
+    assert now["l1_mean"] > 0 and then["l1_mean"] is None and then["l1_median"] is None
+    unknown = {"l1_mean": None, "l1_median": None}
+    assert then == {**now, **unknown, "per_eps": [{**e, **unknown} for e in now["per_eps"]]}
 
 
 def test_robust_after_and_check_warnings_by_hand():

@@ -99,7 +99,7 @@ def test_resume_of_an_old_manifest_checks_the_files_it_lists(setup, finished, tm
     # A manifest written before adv_sha256 existed, and a report before defaults were
     # recorded: still resumable; a row whose PNG is gone is redone.
     lines = (out / "manifest.csv").read_text().splitlines()
-    old = "\n".join(line.rsplit(",", 1)[0] for line in lines) + "\n"
+    old = "\n".join(line.rsplit(",", 2)[0] for line in lines) + "\n"  # no adv_sha256, l1
     (out / "manifest.csv").write_text(old)
     report = json.loads((out / "report.json").read_text())
     report["config"]["attack"]["params"] = {}
@@ -112,7 +112,7 @@ def test_resume_of_an_old_manifest_checks_the_files_it_lists(setup, finished, tm
     rows, expected = read_manifest(out / "manifest.csv"), read_manifest(finished / "manifest.csv")
     # The old rows keep their empty hash; the redone row has its own.
     assert [r["adv_sha256"] for r in rows] == [expected[0]["adv_sha256"]] + [""] * 5
-    strip = lambda rs: [{**r, "adv_sha256": ""} for r in rs]  # noqa: E731
+    strip = lambda rs: [{**r, "adv_sha256": "", "l1": ""} for r in rs]  # noqa: E731
     assert strip(rows) == strip(expected)
 
 

@@ -64,7 +64,7 @@ def test_plan_refuses_what_it_can_check_without_loading(change, message):
 def test_model_plan_checks_ensemble_flags_and_the_convbn_mode():
     with pytest.raises(UserError, match="need two or more --model"):
         ModelPlan(names=("resnet18",), ensemble_combine="probs")
-    with pytest.raises(UserError, match="unknown ConvBN mode .nosuch."):
+    with pytest.raises(UserError, match=r"unknown ConvBN mode 'nosuch'"):
         ModelPlan(names=("resnet18",), convbn="nosuch")
     with pytest.raises(UserError, match="no model given"):
         ModelPlan(names=())

@@ -112,6 +112,7 @@ ROWS = st.lists(
             "adv_sha256": st.one_of(
                 st.just(""), st.text("0123456789abcdef", min_size=64, max_size=64)
             ),
+            "l1": st.one_of(st.none(), NONNEG),
         }
     ),
     max_size=8,
@@ -198,6 +199,7 @@ BAD_VALUES = {
     "index": st.sampled_from(["-1", "nan"]),
     "target": st.sampled_from(["-1", "2.5"]),
     "adv_sha256": st.sampled_from(["xyz", "0" * 63, "G" * 64]),
+    "l1": st.sampled_from(["nan", "inf", "-1", "x"]),
 }
 
 

@@ -29,7 +29,7 @@ def row(index: int, eps: float | None = 4 / 255, **changes) -> dict:
         "path": f"dir/img{index}.png", "label": index % 7, "clean_pred": 3, "adv_pred": 5,
         "success": index % 2 == 0, "linf": 0.015686274509803921, "l2": 1.0 / (index + 3),
         "index": index, "eps": eps, "target": None, "clean_conf": 0.75, "adv_conf": 0.125,
-        "attack_success": True, "adv_path": f"dir/img{index}.png", "broken_by": "", "adv_sha256": "",
+        "attack_success": True, "adv_path": f"dir/img{index}.png", "broken_by": "", "adv_sha256": "", "l1": 0.5,
     }  # fmt: skip
     return {**base, **changes}
 
@@ -179,10 +179,10 @@ def test_torn_quoted_field_is_dropped(tmp_path):
         (b"", "missing columns"),
         (b"path,label\nx,1\n", "missing columns"),
         (format_manifest(rows([0])).replace(",1,0.0156", ",yes,0.0156").encode(), "line 2"),
-        (format_manifest(rows([0, 1]))[:-1].encode() + b",extra\n", "line 3: expected 16"),
+        (format_manifest(rows([0, 1]))[:-1].encode() + b",extra\n", "line 3: expected 17"),
         (format_manifest(rows([0]) + rows([0])).encode(), "line 3: duplicate row.*line 2"),
         (format_manifest(rows([0])).replace(",0,0.0", ",-1,0.0").encode(), "'index' must be"),
-        (format_manifest(rows([0, 1])).encode() + b"\xff\xfe\n", "line 4: expected 16 fields"),
+        (format_manifest(rows([0, 1])).encode() + b"\xff\xfe\n", "line 4: expected 17 fields"),
         (format_manifest(rows([0])).encode() + b'p,"x"y\n', "line 3"),
     ],
 )

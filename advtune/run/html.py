@@ -188,7 +188,7 @@ def _accuracy(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> s
     if not per_eps:
         return "<h2>Accuracy</h2><p>No results yet.</p>"
     table = _table(
-        ["eps", "images", "clean acc", "robust acc", "success", "mean L∞", "mean L2"],
+        ["eps", "images", "clean acc", "robust acc", "success", "mean L∞", "mean L2", "mean L1"],
         [
             [
                 format_eps(e.get("eps")),
@@ -198,6 +198,7 @@ def _accuracy(report: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> s
                 _pct(e.get("success_rate")),
                 _num(e.get("linf_mean")),
                 _num(e.get("l2_mean")),
+                _num(e.get("l1_mean")),
             ]
             for e in per_eps
         ],

@@ -38,6 +38,15 @@ def _median(values: Sequence[float]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
+def _l1(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    """The rows' L1 norms; none at all when a row has none (written before the ``l1``
+    column): a mean over only the newer rows of a resumed run would pass for all of them."""
+    values = [r.get("l1") for r in rows]
+    if any(v is None or v == "" for v in values):
+        return []
+    return [float(v) for v in values]  # type: ignore[arg-type]
+
+
 def _rate(flags: Sequence[bool]) -> float | None:
     return sum(flags) / len(flags) if flags else None
 
@@ -130,7 +139,7 @@ def compute_metrics(
         (untargeted: over the images the model classified correctly; targeted: target
         hit rate over all), ``success_rate_all``, ``num_correct``, ``num_nonfinite``,
         ``quantization_flips``, ``linf_mean``, ``linf_median``, ``l2_mean``,
-        ``l2_median``, ``mean_adv_confidence``, ``per_class`` (by label: ``name``,
+        ``l2_median``, ``l1_mean``, ``l1_median``, ``mean_adv_confidence``, ``per_class`` (by label: ``name``,
         ``num_images``, ``clean_accuracy``, ``robust_accuracy``, ``success_rate``) and,
         for an ensemble attack, ``robust_after`` (:func:`robust_after`). With a single
         eps its entries are also copied to the top level.
@@ -159,6 +168,8 @@ def compute_metrics(
                 "linf_median": _median([r["linf"] for r in group]),
                 "l2_mean": _mean([r["l2"] for r in group]),
                 "l2_median": _median([r["l2"] for r in group]),
+                "l1_mean": _mean(_l1(group)),
+                "l1_median": _median(_l1(group)),
                 "mean_adv_confidence": _mean([r["adv_conf"] for r in finite]),
             }
         )

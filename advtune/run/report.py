@@ -437,12 +437,14 @@ def format_summary(report: Mapping[str, Any]) -> str:
     if report["data"]["label_source"] != "dataset":
         lines.append("labels: the model's clean predictions (unlabeled images)")
     header = f"{'eps':>10}  {'clean acc':>9}  {'robust acc':>10}  {'success':>8}  {'mean linf':>9}  {'mean l2':>8}"
-    lines.append(header)
+    l1 = attack["norm"] == "l1"  # the budget's own norm, shown for L1 runs
+    lines.append(header + (f"  {'mean l1':>8}" if l1 else ""))
     for entry in metrics.get("per_eps", []):
         lines.append(
             f"{format_eps(entry['eps']):>10}  {_pct(entry['clean_accuracy']):>9}  "
             f"{_pct(entry['robust_accuracy']):>10}  {_pct(entry['success_rate']):>8}  "
             f"{_num(entry['linf_mean']):>9}  {_num(entry['l2_mean']):>8}"
+            + (f"  {_num(entry.get('l1_mean')):>8}" if l1 else "")
         )
     for entry in metrics.get("per_eps", []):
         after = entry.get("robust_after")
