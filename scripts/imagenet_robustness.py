@@ -214,7 +214,9 @@ def _weights_for(model: str, text: str) -> str:
 
 
 def _finished(cell: Path, spec: Any, dataset: Any) -> bool:
-    """Whether ``cell`` holds a complete run with the resume key of ``spec``."""
+    """Whether ``cell`` holds a complete run with the resume key of ``spec`` (compared as
+    ``--resume`` compares it: a report written before defaults were recorded matches)."""
+    from advtune.run.outputs import stored_run_matches
     from advtune.storage import read_json
 
     try:
@@ -222,7 +224,7 @@ def _finished(cell: Path, spec: Any, dataset: Any) -> bool:
     except (OSError, ValueError):
         return False
     key = json.loads(json.dumps(spec.resume_key(dataset)))
-    return report.get("status") == "complete" and report.get("config") == key
+    return report.get("status") == "complete" and stored_run_matches(report.get("config"), key)
 
 
 def _cell_spec(args: argparse.Namespace, cell: Path, config: Any, context: Any, device: str):

@@ -77,3 +77,17 @@ def test_model_plan_checks_ensemble_flags_and_the_convbn_mode():
 
 def test_data_plan_defaults_to_the_bundled_sample():
     assert DataPlan().root is None
+
+
+def test_a_stored_run_without_recorded_defaults_still_matches():
+    """``scripts/imagenet_robustness.py`` skips a finished cell by this comparison; a
+    report written before every default was recorded must still count as finished."""
+    from advtune.run.outputs import stored_run_matches
+
+    current = {"attack": plan_attack(attack="pgd", eps=[4 / 255]).to_dict(), "data": {"n": 2}}
+    older = {**current, "attack": {**current["attack"], "params": {}}}
+    assert stored_run_matches(current, current) and stored_run_matches(older, current)
+    changed = {**current, "attack": {**current["attack"], "params": {"steps": 3}}}
+    assert not stored_run_matches(changed, current)
+    assert not stored_run_matches({**current, "data": {"n": 3}}, current)
+    assert not stored_run_matches(None, current) and not stored_run_matches([1], current)

@@ -49,6 +49,7 @@ __all__ = [
     "merge_rows",
     "partial_manifest_name",
     "partial_manifests",
+    "stored_run_matches",
 ]
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,14 @@ def config_differences(stored: Mapping[str, Any], current: Mapping[str, Any]) ->
         elif a != b:
             out.append(key)
     return out
+
+
+def stored_run_matches(stored: Any, current: Mapping[str, Any]) -> bool:
+    """Whether a stored ``report["config"]`` is the run ``current`` describes, compared
+    as ``--resume`` compares them (older reports' missing defaults filled in)."""
+    if not isinstance(stored, Mapping):
+        return False
+    return not config_differences(_with_default_params(stored), current)
 
 
 def _lookup(d: Mapping[str, Any], dotted: str) -> Any:
