@@ -132,7 +132,7 @@ def build_inputs(plan: RunPlan, *, device: str) -> tuple[Any, Any, Any]:
 
 
 def _load(spec: ModelPlan, *, device: str) -> Any:
-    common = dict(
+    common: dict[str, Any] = dict(
         weights=spec.weights, convbn=spec.convbn, device=device, progress=spec.progress,
         seed=spec.seed, recompute=spec.recompute,
     )  # fmt: skip
