@@ -201,3 +201,14 @@ def test_imagenet_robustness_under_torchrun_equals_single_process(imagenet, chec
         assert a.read_text() == b.read_text()
     strip = lambda p: [r[:11] for r in csv.reader(p.open())]  # noqa: E731 (no timings)
     assert strip(single / "results.csv") == strip(multi / "results.csv")
+
+
+def test_walk_run_merges_consecutive_calls_into_stays():
+    walk = load_script("walk_run")
+    calls = [("a", "f"), ("a", "g"), ("a", "f"), ("b", "h"), ("a", "k")]
+    assert walk.stays(calls) == [("a", ["f", "g"]), ("b", ["h"]), ("a", ["k"])]
+    assert walk._module(walk.__file__) is None  # scripts/ is not the package
+    import advtune.run.plan
+
+    assert walk._module(advtune.run.plan.__file__) == "advtune.run.plan"
+    assert walk._module(advtune.run.__file__) == "advtune.run"
