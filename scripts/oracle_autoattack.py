@@ -116,8 +116,10 @@ def table(path: Path) -> str:
         "| agreement | official-only | advtune-only |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    order = {n: i for i, n in enumerate(CONFIGS)} | {r: i for i, r in enumerate(ROWS)}
-    for key in sorted(groups, key=lambda k: (order.get(k[0], 99), order.get(k[1], 99), k[2])):
+    # "standard" is both a model and a row: two orders.
+    model_order = {n: i for i, n in enumerate(CONFIGS)}
+    row_order = {r: i for i, r in enumerate(ROWS)}
+    for key in sorted(groups, key=lambda k: (model_order[k[0]], row_order[k[1]], k[2])):
         recs = sorted(groups[key], key=lambda r: r["seed"])
         s = summarise(
             torch.tensor([r["advtune"] for r in recs], dtype=torch.bool),

@@ -20,8 +20,11 @@ from advtune import _oracle
 
 SCRIPT = load_script("oracle_autoattack")
 
-#: Images per row: the APGD rows are cheap, the ensembles are not.
-IMAGES = {"apgd-ce": 200, "apgd-t": 200, "standard": 200, "plus": 100, "l1": 100}
+#: Images per row (the first n held-out ones): the APGD rows are cheap, the ensembles are
+#: not (on one CPU core a seed of ``plus`` on 20 images takes minutes). These are the
+#: counts of the table in ``docs/autoattack.md``.
+IMAGES = {"apgd-ce": 200, "apgd-t": 200, "standard": 50, "plus": 20, "l1": 25}
+IMAGES_OF = {("standard", "standard"): 100, ("standard", "l1"): 50}
 SEEDS = 3
 
 
@@ -79,7 +82,7 @@ def test_oracle_core_on_a_tiny_budget(digits, one_thread, tmp_path):
 def test_never_weaker_than_official(models, name, row, one_thread):
     """Mean over 3 seeds ≤ official + 0.5 points; official-only breaks ≤ 1 % of images."""
     pytest.importorskip("pyautoattack")
-    x, y = _oracle_images(IMAGES[row])
+    x, y = _oracle_images(IMAGES_OF.get((name, row), IMAGES[row]))
     norm, eps = SCRIPT.threat(name, row)
     out = _oracle.measure(models[name], x, y, row=row, norm=norm, eps=eps, seeds=SEEDS)
     print(
@@ -87,8 +90,11 @@ def test_never_weaker_than_official(models, name, row, one_thread):
         f"{out['official']:.4f} agreement {out['agreement']:.3f} official-only "
         f"{out['official_only']} advtune-only {out['advtune_only']}"
     )
-    assert out["delta_points"] <= 0.5
-    assert out["official_only"] <= 0.01 * len(y)
+    # In image counts, so that exactly 0.5 points passes: robust (seed, image) pairs.
+    robust_ours = SEEDS * len(y) - sum(map(sum, out["advtune_broken"]))
+    robust_ref = SEEDS * len(y) - sum(map(sum, out["official_broken"]))
+    assert 1000 * (robust_ours - robust_ref) <= 5 * SEEDS * len(y)  # ≤ 0.5 points
+    assert 100 * out["official_only"] <= len(y)  # ≤ 1 % of the images
 
 
 def _oracle_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
