@@ -60,8 +60,13 @@ def test_plus_not_weaker_than_official_plus(digits, norm, eps, one_thread):
         model, device="cpu", eps=eps, seed=0, norm={"linf": "Linf", "l2": "L2"}[norm],
         version="plus",
     )  # fmt: skip
-    for a in (ref.apgd, ref.apgd_targeted, ref.fab):
-        a.n_iter = 10
+    from advtune._oracle import _set_official_apgd_steps
+
+    # The official APGD derives its step-size checkpoints from n_iter when built: setting
+    # n_iter alone would keep the 100-step schedule (never halving within 10 steps).
+    for a in (ref.apgd, ref.apgd_targeted):
+        _set_official_apgd_steps(a, 10)
+    ref.fab.n_iter = 10
     ref.apgd_targeted.n_target_classes = ref.fab.n_target_classes = 3
     ref.square.n_queries = 100
     assert ref.attacks_to_run == ["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
