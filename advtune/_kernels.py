@@ -57,9 +57,9 @@ class KernelPolicy:
             size. Below 2^17 elements (512 KiB in float32) the native op's saved tensors
             are at most about that per layer (a 2x2 max-pool's int64 indices add half as
             much again). On the digits CNN lean layers at every size made a gradient
-            step 1.4-2.9x the eval model's at batch 1-8, and at 2^16 the two lean layers
-            at batch 8 still cost about 0.6 ms (CPU time) of a 2.2 ms deploy step:
-            frozen 1.12x eval, 0.93x with 2^17. The price, ResNet-50 at 224 px (weights
+            step 1.4-2.9x the eval model's at batch 1-8, and at 2^16 its two lean layers
+            at batch 8 still cost about 0.6 ms of CPU time more than native (deploy's
+            whole step: 2.2 ms): frozen 1.12x eval, 0.93x with 2^17. The price, ResNet-50 at 224 px (weights
             excluded): 4.1 MiB more saved at batch 1, 0.46 MiB/img more at batch 4
             (``docs/performance.md``). ``0``: always lean.
     """
