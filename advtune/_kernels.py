@@ -54,9 +54,13 @@ class KernelPolicy:
             tensor, batch included) run the native op under autograd instead. A lean
             layer costs a fixed 30-150 us per call on CPU (a Python autograd Function,
             mask kernels) whatever the size, while what it saves is proportional to the
-            size; below 2^16 elements (256 KiB in float32) the native op's saved tensors
-            are at most a few hundred KiB per layer, and on the digits CNN at batch 1-8
-            the lean layers made a gradient step 1.4-2.9x the eval model's
+            size. Below 2^17 elements (512 KiB in float32) the native op's saved tensors
+            are at most about that per layer (a 2x2 max-pool's int64 indices add half as
+            much again). On the digits CNN lean layers at every size made a gradient
+            step 1.4-2.9x the eval model's at batch 1-8, and at 2^16 its two lean layers
+            at batch 8 still cost about 0.6 ms of CPU time more than native (deploy's
+            whole step: 2.2 ms): frozen 1.12x eval, 0.93x with 2^17. The price, ResNet-50 at 224 px (weights
+            excluded): 4.1 MiB more saved at batch 1, 0.46 MiB/img more at batch 4
             (``docs/performance.md``). ``0``: always lean.
     """
 
@@ -64,7 +68,7 @@ class KernelPolicy:
     fold_channels: int = 4
     numpy_max_threads: int = 2
     mask_chunk: int = 1 << 20
-    native_below: int = 1 << 16
+    native_below: int = 1 << 17
 
     def __post_init__(self) -> None:
         if not isinstance(self.onednn_1x1, bool):

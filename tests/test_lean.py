@@ -315,15 +315,38 @@ def test_linear_matches_native_and_saves_only_weight():
     ids=repr,
 )
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_masked_activations_match_native_with_one_bit(act, channels_last):
+@pytest.mark.parametrize("chunk", [None, 8], ids=["one-chunk", "chunked"])
+def test_masked_activations_match_native_with_one_bit(act, channels_last, chunk):
+    # One chunk and contiguous: the short numpy path; several chunks: advtune.masks'.
     torch.manual_seed(0)
     x = torch.randn(3, 5, 7, 9) * 4
     x[0, 0, 0, :3] = torch.tensor([0.0, -3.0, 3.0])  # boundaries of every mask
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    saved = _compare(act, x, tol=0)
+    with kernels(**({} if chunk is None else {"mask_chunk": chunk})):
+        saved = _compare(act, x, tol=0)
     assert len(saved) == 1
     assert saved[0].dtype == torch.uint8 and saved[0].numel() == (x.numel() + 7) // 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_chunk_mask_path_equals_the_masks_kernels_bit_for_bit(dtype):
+    from advtune.lean.activations import _keep_one_chunk, _pack_one_chunk
+
+    torch.manual_seed(0)
+    specials = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0, 0.0, 3.0, -3.0])
+    x = torch.cat([torch.randn(50) * 4, specials]).to(dtype)
+    grad = torch.cat([specials, torch.randn(50)]).to(dtype)
+    for low, high in ((0.0, None), (-3.0, 3.0), (-0.5, 1.5)):
+        packed = _pack_one_chunk(x.numpy(), low, high)
+        assert torch.equal(packed, masks.pack_between(x, low, high))
+        out = torch.empty_like(grad)
+        masks.keep_where(grad, packed, out)
+        for in_place in (False, True):
+            g = grad.clone()
+            result = _keep_one_chunk(g, packed, in_place=in_place)
+            assert (result.data_ptr() == g.data_ptr()) is in_place
+            assert torch.equal(result.view(torch.uint8), out.view(torch.uint8))
 
 
 def test_inplace_relu_modifies_input_like_native():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,26 @@ def _wants_graph(x: torch.Tensor) -> bool:
     large enough for the lean layer to pay (else the native op runs, under autograd if it
     records: :attr:`KernelPolicy.native_below <advtune.lean.KernelPolicy>`)."""
     return torch.is_grad_enabled() and x.requires_grad and x.numel() >= kernel_policy().native_below
+
+
+#: float dtype -> the numpy integer type of the same width (gradient masking on the bits).
+_NUMPY_INT_OF = {torch.float64: np.int64, torch.float32: np.int32}
+
+
+def _numpy_one_chunk(t: torch.Tensor) -> bool:
+    """Whether ``t`` takes the lean layers' short numpy path: a contiguous float32/64 CPU
+    tensor of at most one mask chunk, with the policy's numpy mask kernels in force.
+
+    The general path (:mod:`advtune.masks`) makes the same result in 20-odd Python and
+    dispatcher calls per layer; on the digits CNN at batch 8 (two lean layers at 2^16
+    elements) those calls, not the kernels, were most of what the lean layers cost
+    (``docs/performance.md``). This path makes one numpy view per operand and no chunk
+    loop.
+    """
+    if t.device.type != "cpu" or t.dtype not in _NUMPY_INT_OF or not t.is_contiguous():
+        return False
+    policy = kernel_policy()
+    return t.numel() <= policy.mask_chunk and torch.get_num_threads() <= policy.numpy_max_threads
 
 
 def _check_frozen(module: nn.Module, *names: str) -> None:

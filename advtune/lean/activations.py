@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from advtune.lean._common import _layout, _wants_graph
+from advtune.lean._common import _NUMPY_INT_OF, _layout, _numpy_one_chunk, _wants_graph
 from advtune.masks import (
     dense_order,
     flat_in,
@@ -43,9 +44,13 @@ class _MaskedFn(torch.autograd.Function):
             low, high = a, b
         else:
             low, high = -3.0, 3.0
-        # Packed in the input's memory order (channels_last packs without a copy).
-        order = dense_order(x)
-        packed = pack_between(flat_in(x, order), low, high)
+        if _numpy_one_chunk(x):
+            order = None
+            packed = _pack_one_chunk(x.detach().numpy().reshape(-1), low, high)
+        else:
+            # Packed in the input's memory order (channels_last packs without a copy).
+            order = dense_order(x)
+            packed = pack_between(flat_in(x, order), low, high)
         if kind == "relu":
             out = torch.relu_(x) if inplace else torch.relu(x)
         elif kind == "leaky":
@@ -76,6 +81,8 @@ class _MaskedFn(torch.autograd.Function):
             return torch.where(mask, grad, grad * a), None
         # The native hardsigmoid backward scales first (by float32 1/6), then masks.
         g = grad * _ONE_SIXTH if kind == "hardsigmoid" else grad
+        if ctx.order is None and _numpy_one_chunk(g):
+            return _keep_one_chunk(g, packed, in_place=kind == "hardsigmoid"), None
         # The result is a tensor of its own, not a view: autograd sums a gradient in place
         # only into a non-view (else every residual branch point allocates a new sum).
         if (
@@ -94,6 +101,32 @@ class _MaskedFn(torch.autograd.Function):
         # flat_in(g) is a view when grad has the forward's layout (else a copy).
         keep_where(flat_in(g, ctx.order), packed, flat_in(result, ctx.order))
         return result, None
+
+
+def _pack_one_chunk(source: np.ndarray, low: float, high: float | None) -> torch.Tensor:
+    """:func:`advtune.masks.pack_between` of a flat array of at most one mask chunk, in
+    the fewest calls (see :func:`~advtune.lean._common._numpy_one_chunk`); the bool
+    flags live in a buffer torch allocates, so memory trackers see them."""
+    hits = torch.empty(source.shape, dtype=torch.bool).numpy()
+    np.greater(source, low, out=hits)
+    if high is not None:
+        hits &= source < high
+    packed = torch.empty((source.size + 7) // 8, dtype=torch.uint8)
+    packed.numpy()[:] = np.packbits(hits, bitorder="little")
+    return packed
+
+
+def _keep_one_chunk(g: torch.Tensor, packed: torch.Tensor, *, in_place: bool) -> torch.Tensor:
+    """:func:`advtune.masks.keep_where` of a contiguous gradient of at most one chunk:
+    ``g & (0 or -1)`` on its bits, into a new tensor, or into ``g`` when ``in_place``
+    (a tensor the backward made itself)."""
+    result = g if in_place else torch.empty_like(g, memory_format=torch.contiguous_format)
+    itype = _NUMPY_INT_OF[g.dtype]
+    flags = np.unpackbits(packed.numpy(), count=g.numel(), bitorder="little").view(np.int8)
+    np.negative(flags, out=flags)  # 0/1 -> 0/-1: int8 -1 widens to all ones in the and
+    source = (g.detach() if g.requires_grad else g).numpy().reshape(-1).view(itype)
+    np.bitwise_and(source, flags, out=result.numpy().reshape(-1).view(itype))
+    return result
 
 
 def _masked(input: torch.Tensor, spec: tuple[str, float, float, bool]) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -26,6 +27,23 @@ def _window_origins(spec: Any, out: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return h0, w0
 
 
+@functools.lru_cache(maxsize=64)
+def _flat_origins(
+    stride: tuple[int, int], padding: tuple[int, int], width: int, ho: int, wo: int,
+    device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """Flat input index ``(Ho, Wo)`` (int64) of each window's top-left position.
+
+    Cached per geometry: forward and backward of a lean max-pool each subtract or add
+    it, and building it costs five small tensor ops per call, which at the digits CNN's
+    2^16-element pool were a measurable part of the layer's cost. Read-only (shared).
+    """
+    (sh, sw), (ph, pw) = stride, padding
+    h0 = torch.arange(ho, device=device) * sh - ph
+    w0 = torch.arange(wo, device=device) * sw - pw
+    return (h0.view(ho, 1) * width + w0.view(1, wo)).contiguous()
+
+
 class _MaxPool2dFn(torch.autograd.Function):
     """Max pooling that saves the argmax as a uint8 offset inside its window.
 
@@ -39,14 +57,15 @@ class _MaxPool2dFn(torch.autograd.Function):
             x, [kh, kw], [sh, sw], [ph, pw], [dh, dw], ceil_mode
         )
         width = x.shape[-1]
-        h0, w0 = _window_origins(spec, out)
         # Flat index minus the window origin's flat index fits a uint8 when the window
         # spans < 256 flat positions (ResNet's 3x3 pool on 112 columns: 226): one
         # subtraction. Otherwise decompose into (row, column) inside the window.
         ctx.flat = (kh - 1) * dh * width + (kw - 1) * dw < 256
         if ctx.flat:
-            offset = indices.sub_(h0 * width + w0)
+            origins = _flat_origins((sh, sw), (ph, pw), width, *out.shape[-2:], out.device)
+            offset = indices.sub_(origins)
         else:
+            h0, w0 = _window_origins(spec, out)
             # In place and in int32 (a plane index fits): the int64 indices and one int32
             # temporary are the only output-sized buffers alive at once.
             plane = x.shape[-2] * width
@@ -72,11 +91,12 @@ class _MaxPool2dFn(torch.autograd.Function):
         (_, kw), _, _, (dh, dw), _ = ctx.spec
         width = ctx.input_shape[-1]
         ho, wo = offset.shape[-2:]
-        h0, w0 = _window_origins(ctx.spec, offset)
         off = offset.long()
         if ctx.flat:
-            indices = off.add_(h0 * width + w0)
+            _, (sh, sw), (ph, pw), _, _ = ctx.spec
+            indices = off.add_(_flat_origins((sh, sw), (ph, pw), width, ho, wo, offset.device))
         else:
+            h0, w0 = _window_origins(ctx.spec, offset)
             wi = torch.div(off, kw, rounding_mode="floor")
             indices = (h0 + wi * dh) * width + (w0 + (off - wi * kw) * dw)
             del wi
@@ -86,7 +106,7 @@ class _MaxPool2dFn(torch.autograd.Function):
         lead = tuple(grad.shape[:-2])
         grad_input = grad.new_zeros(ctx.input_shape)
         grad_input.view(*lead, -1).scatter_add_(
-            -1, indices.expand(*lead, ho, wo).reshape(*lead, -1), grad.reshape(*lead, -1)
+            -1, indices.reshape(*lead, -1), grad.reshape(*lead, -1)
         )
         return grad_input, None
 
