@@ -18,7 +18,7 @@ Prints a Markdown table (the one in ``docs/autoattack.md``) and writes ``--json`
 Example (the command behind the table in ``docs/autoattack.md``)::
 
     OMP_NUM_THREADS=1 python scripts/bench_autoattack_fast.py --images 200 \\
-        --timing-images 32 --repeats 3 --json fast.json
+        --timing-images 24 --repeats 3 --json fast.json
 """
 
 from __future__ import annotations
