@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable
 
-__all__ = ["UserError", "suggest"]
+__all__ = ["UserError", "first_line", "suggest"]
 
 
 class UserError(ValueError):
@@ -26,3 +26,9 @@ def suggest(name: str, choices: Iterable[str], *, what: str) -> str:
         else f"; choose from: {', '.join(sorted(choices)[:20])}{' ...' if len(choices) > 20 else ''}"
     )
     return f"unknown {what} {name!r}{hint}"
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of ``str(error)``, at most ``limit`` characters: a third-party
+    error (a hub download, a checkpoint load) quoted inside a one-line message."""
+    return (str(error).splitlines() or [""])[0][:limit]

@@ -40,7 +40,7 @@ from typing import Any
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from advtune.errors import UserError
+from advtune.errors import UserError, first_line
 from advtune.models.cards import ModelCard, Preprocess
 from advtune.models.checkpoints import checkpoint_path, load_checkpoint, load_strict
 
@@ -99,7 +99,7 @@ def _read_json(inner: str, filename: str) -> dict[str, Any]:
         try:
             path = Path(hf_hub_download(inner, filename))
         except Exception as err:  # offline, unknown repo, gated repo: many types
-            first = (str(err).splitlines() or [""])[0][:200]
+            first = first_line(err)
             raise UserError(
                 f"could not fetch {filename} of hf:{inner} ({type(err).__name__}: {first}). "
                 "Offline? Use a local folder saved with save_pretrained: --model hf:/path"
@@ -343,7 +343,7 @@ def build_arch(card: ModelCard) -> nn.Module:
         config = transformers.AutoConfig.from_pretrained(os.path.expanduser(inner))
         model = transformers.AutoModelForImageClassification.from_config(config)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        first = (str(err).splitlines() or [""])[0][:200]
+        first = first_line(err)
         raise UserError(f"{card.name}: cannot build the architecture ({first})") from err
     return _finish(model)
 
@@ -364,7 +364,7 @@ def build(card: ModelCard, *, progress: bool) -> nn.Module:
     try:
         model = transformers.AutoModelForImageClassification.from_pretrained(source)
     except (OSError, ValueError, RuntimeError) as err:  # offline hub, bad files
-        first = (str(err).splitlines() or [""])[0][:200]
+        first = first_line(err)
         raise UserError(
             f"could not load {card.name} ({type(err).__name__}: {first}). Offline? Use a "
             "local folder saved with save_pretrained (--model hf:/path/to/folder)"

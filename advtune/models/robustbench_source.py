@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from advtune.errors import UserError, suggest
+from advtune.errors import UserError, first_line, suggest
 from advtune.models import cards, timm_source, torchvision_source
 from advtune.models.cards import ModelCard, Preprocess
 from advtune.models.checkpoints import checkpoint_path, load_checkpoint, load_strict
@@ -255,7 +255,7 @@ def build(card: ModelCard, *, progress: bool) -> nn.Module:
             name, model_dir=directory, dataset=card.dataset, threat_model=card.threat_model
         )
     except Exception as err:  # the package raises many types for failed downloads
-        first = (str(err).splitlines() or [""])[0][:200]
+        first = first_line(err)
         target = directory / card.dataset / str(card.threat_model) / f"{name}.pt"
         raise UserError(
             f"robustbench could not load {name} ({type(err).__name__}: {first}). "

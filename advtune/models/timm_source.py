@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from torchvision.transforms import InterpolationMode
 
-from advtune.errors import UserError, suggest
+from advtune.errors import UserError, first_line, suggest
 from advtune.models.cards import ModelCard, Preprocess
 from advtune.models.checkpoints import (
     CHECKPOINT_SUFFIXES,
@@ -140,7 +140,7 @@ def build(card: ModelCard, *, progress: bool) -> nn.Module:
     try:
         return timm.create_model(tagged, pretrained=True)
     except (OSError, RuntimeError, ValueError) as err:  # offline hub, bad cache file
-        first = (str(err).splitlines() or [""])[0][:200]
+        first = first_line(err)
         raise UserError(
             f"could not download timm weights {tagged!r} ({type(err).__name__}: {first}). "
             "Offline? Pass a local checkpoint (--weights /path/to/file.safetensors) or "
