@@ -398,10 +398,11 @@ def _plan(args: argparse.Namespace, *, command: str) -> Any:
 
 def _run(args: argparse.Namespace, *, command: str) -> int:
     from advtune.run import format_summary
+    from advtune.run.comm import env_world
     from advtune.run.session import execute
 
     plan = _plan(args, command=command)
-    if not args.quiet and os.environ.get("RANK", "0") == "0":
+    if not args.quiet and env_world()[0] == 0:  # rank 0 only, as the summary
         _note_out_in_data(args.data, plan.out_dir)
     report = execute(plan)
     if report is not None and not args.quiet:  # rank 0 prints the merged summary

@@ -324,6 +324,7 @@ def attack_batch(
         if target is not None:  # no hit claimed on a sample whose clean logits were broken
             success = success & clean_finite
         delta = (q.double() - torch.round(images.double() * 255)).flatten(1) / 255
+        size = delta.abs()
         saved.append(q)
         checks.append({"eps": eps, **dict(getattr(result, "checks", None) or {})})
         per_eps.append(
@@ -333,9 +334,9 @@ def attack_batch(
                     "adv_pred": adv_pred.tolist(),
                     "success": success.tolist(),
                     "attack_success": result.success.tolist(),
-                    "linf": delta.abs().amax(dim=1).tolist() if n else [],
+                    "linf": size.amax(dim=1).tolist() if n else [],
                     "l2": delta.norm(dim=1).tolist(),
-                    "l1": delta.abs().sum(dim=1).tolist(),
+                    "l1": size.sum(dim=1).tolist(),
                     "adv_conf": adv_conf.tolist(),
                     "broken_by": broken_by_names(result),
                 },

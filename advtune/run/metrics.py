@@ -157,6 +157,7 @@ def compute_metrics(
     for eps, group in by_eps.items():
         group = sorted(group, key=lambda r: r["index"])
         finite = [r for r in group if row_is_finite(r)]
+        l1 = _l1(group)
         entry = {"eps": eps, **_group_metrics(group, targeted)}
         entry.update(
             {
@@ -168,8 +169,8 @@ def compute_metrics(
                 "linf_median": _median([r["linf"] for r in group]),
                 "l2_mean": _mean([r["l2"] for r in group]),
                 "l2_median": _median([r["l2"] for r in group]),
-                "l1_mean": _mean(_l1(group)),
-                "l1_median": _median(_l1(group)),
+                "l1_mean": _mean(l1),
+                "l1_median": _median(l1),
                 "mean_adv_confidence": _mean([r["adv_conf"] for r in finite]),
             }
         )

@@ -21,7 +21,6 @@ never costs a model load). Scripts and notebooks can build one directly::
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,20 +195,18 @@ class RunPlan:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out_dir", Path(self.out_dir))
-        if self.batch_size != "auto":
-            self.spec(batch_size=self.batch_size)  # validates
-        else:
-            self.spec()
+        # The run spec validates itself; "auto" is resolved by the session (spec default).
+        self.spec(**({} if self.batch_size == "auto" else {"batch_size": self.batch_size}))
         _check_eps_fits_8bit(self.attack)
 
     def spec(self, **completed: Any) -> RunSpec:
         """The run spec, completed with what is known once the model is built
         (``batch_size``, ``context``, ``settings``)."""
-        spec = RunSpec(
+        return RunSpec(
             attack=self.attack, out_dir=self.out_dir, command=self.command,
             num_workers=self.num_workers, resume=self.resume, overwrite=self.overwrite,
+            **completed,
         )  # fmt: skip
-        return dataclasses.replace(spec, **completed) if completed else spec
 
 
 def _check_eps_fits_8bit(config: AttackConfig) -> None:

@@ -286,14 +286,13 @@ class _Session:
     def gather(self, result: _Shard) -> list[dict[str, Any]] | None:
         """Every rank's payload on rank 0 (``None`` elsewhere, or when a rank was lost)."""
         payload = self._payload(result)
-        if result.comm_error is not None:
-            return [payload] if self.comm.is_main else None
-        try:
-            gathered = self.comm.gather(payload)
-        except CommunicationError as e:
-            result.keep(e)
-            return [payload] if self.comm.is_main else None
-        return gathered
+        if result.comm_error is None:
+            try:
+                return self.comm.gather(payload)
+            except CommunicationError as e:
+                result.keep(e)
+        # A rank was lost: rank 0 finishes with its own payload (and the partial files).
+        return [payload] if self.comm.is_main else None
 
     def _payload(self, result: _Shard) -> dict[str, Any]:
         return {

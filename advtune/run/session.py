@@ -156,13 +156,13 @@ def _model_context(spec: ModelPlan, model: Any, transform: Any) -> dict[str, Any
     options = dict(
         convbn=spec.convbn, preprocess=transform, amp=spec.amp, channels_last=spec.channels_last
     )
-    card = getattr(unwrap_model(model), "card", None)  # an ensemble has none: its members do
+    inner = unwrap_model(model)
+    card = getattr(inner, "card", None)  # an ensemble has none: its members do
     if card is None:
         from advtune.models.ensemble import ModelEnsemble, ensemble_context
 
-        ensemble = unwrap_model(model)
-        if isinstance(ensemble, ModelEnsemble):
-            return ensemble_context(ensemble, **options)
+        if isinstance(inner, ModelEnsemble):
+            return ensemble_context(inner, **options)
     return model_context(card=card, **options)
 
 
